@@ -1,0 +1,123 @@
+"""The persistent block cache: fixed-size pieces of objects on local disk, under a hard size cap.
+
+Keys carry the object's ETag, so a changed object gets new blocks and can never be served from old
+ones.  Each stored block starts with a header (magic, CRC-32 of the payload, payload length and a
+digest of the block's identity); a block that fails any check on read is deleted and reported as
+missing, so the caller fetches it again instead of returning wrong bytes.
+
+The cap: diskcache culls least-recently-used entries before every insert once its volume reaches its
+limit; the limit is set one block below the configured size, so the cache never exceeds the cap
+even right after an insert.  There is no periodic sweep to fall behind.
+
+A full disk or any storage error on insert is logged and reported (the read still succeeds from the
+fetched bytes); it never raises into the read path.
+
+Threads: every method blocks and is safe to call from many threads at once (diskcache keeps one
+SQLite connection per thread).  Knows nothing of FUSE or of the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sqlite3
+import struct
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import diskcache
+
+log = logging.getLogger(__name__)
+
+_MAGIC = b"CFB1"
+_HEADER = struct.Struct("<4sII16s")  # magic, crc32, payload length, identity digest
+_CULL_PER_INSERT = 16
+"""Entries diskcache may evict per insert: more than a fetch chunk's worth of blocks is never
+needed because every insert adds one block."""
+
+
+@dataclass(frozen=True, slots=True)
+class BlockId:
+    """One block of one version of one object."""
+
+    key: str
+    etag: str
+    index: int
+
+    def cache_key(self, block_size: int) -> str:
+        return f"{self.etag}|{block_size}|{self.index}|{self.key}"
+
+
+class BlockCache:
+    def __init__(self, directory: Path, size_limit: int, block_size: int) -> None:
+        self.block_size = block_size
+        self.size_limit = size_limit
+        self._store = diskcache.Cache(
+            str(directory),
+            size_limit=max(size_limit - block_size - _HEADER.size, block_size),
+            eviction_policy="least-recently-used",
+            cull_limit=_CULL_PER_INSERT,
+            statistics=False,
+        )
+        self.corrupt_blocks = 0
+        self.failed_inserts = 0
+        self._last_failure_log = 0.0
+
+    def _identity(self, block: BlockId) -> tuple[str, bytes]:
+        name = block.cache_key(self.block_size)
+        return name, hashlib.blake2b(name.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+    def get(self, block: BlockId) -> memoryview | None:
+        """The verified payload of ``block``, or None if absent or found corrupt (then deleted)."""
+        name, digest = self._identity(block)
+        try:
+            value = self._store.get(name, default=None)
+        except (OSError, sqlite3.Error) as exc:
+            log.warning("block cache read failed for %s: %s", block.key, exc)
+            return None
+        if value is None:
+            return None
+        if isinstance(value, bytes) and len(value) >= _HEADER.size:
+            magic, crc, length, identity = _HEADER.unpack_from(value)
+            payload = memoryview(value)[_HEADER.size :]
+            if (
+                magic == _MAGIC
+                and identity == digest
+                and length == len(payload)
+                and zlib.crc32(payload) == crc
+            ):
+                return payload
+        self.corrupt_blocks += 1
+        log.warning("corrupt block %d of %s dropped; fetching it again", block.index, block.key)
+        self._store.delete(name)
+        return None
+
+    def contains(self, block: BlockId) -> bool:
+        return self._identity(block)[0] in self._store
+
+    def put(self, block: BlockId, payload: bytes | memoryview) -> bool:
+        """Store a block; False (logged, rate-limited) if the disk refused it."""
+        name, digest = self._identity(block)
+        header = _HEADER.pack(_MAGIC, zlib.crc32(payload), len(payload), digest)
+        try:
+            self._store.set(name, header + payload)
+            return True
+        except (OSError, sqlite3.Error) as exc:
+            self.failed_inserts += 1
+            now = time.monotonic()
+            if now - self._last_failure_log > 60:
+                self._last_failure_log = now
+                log.error("block cache insert failed (%s); serving without caching", exc)
+            return False
+
+    def volume(self) -> int:
+        """Bytes the cache occupies on disk (blocks and its index)."""
+        return int(self._store.volume())
+
+    def block_count(self) -> int:
+        return len(self._store)
+
+    def close(self) -> None:
+        self._store.close()

@@ -1,0 +1,350 @@
+"""The namespace index: every object of the store as a node in a persistent SQLite tree.
+
+``ls`` and ``stat`` are answered from here, never by a request per file, and a remount starts from
+the catalog left by the last run.  A sync walks the store's listing and the catalog side by side,
+both in UTF-8 key order, and writes only what differs, so relisting a million unchanged objects
+writes nothing.
+
+Inode numbers are row ids of an AUTOINCREMENT table: stable across remounts and never reused, so
+the kernel can never confuse a deleted file with a new one.
+
+Keys that cannot be paths are kept out of the tree and recorded in ``rejected`` with the reason:
+
+* empty segments (``a//b``, a leading ``/``), ``.`` or ``..`` segments, NUL, names over 255
+  bytes;
+* a key that is also a prefix (``a`` and ``a/b``): the directory is shown, the file is not.
+
+Threads: every method blocks; each thread gets its own connection (WAL lets readers run during a
+sync).  Only one sync runs at a time; the caller guarantees it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .store import ObjectInfo
+
+log = logging.getLogger(__name__)
+
+ROOT = 1
+NAME_MAX = 255
+_BATCH = 1000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS nodes (
+    ino INTEGER PRIMARY KEY AUTOINCREMENT,
+    parent INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    is_dir INTEGER NOT NULL,
+    key TEXT UNIQUE,
+    size INTEGER NOT NULL DEFAULT 0,
+    mtime_ns INTEGER NOT NULL DEFAULT 0,
+    etag TEXT,
+    storage_class TEXT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS nodes_by_name ON nodes(parent, name);
+CREATE INDEX IF NOT EXISTS nodes_by_parent ON nodes(parent, ino);
+CREATE TABLE IF NOT EXISTS rejected (key TEXT PRIMARY KEY, reason TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+_NODE_COLUMNS = "ino, parent, name, is_dir, key, size, mtime_ns, etag, storage_class"
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    ino: int
+    parent: int
+    name: str
+    is_dir: bool
+    key: str | None
+    size: int
+    mtime_ns: int
+    etag: str | None
+    storage_class: str | None
+
+
+@dataclass
+class SyncReport:
+    added: int = 0
+    changed: int = 0
+    removed: int = 0
+    rejected: int = 0
+    seconds: float = 0.0
+
+
+def _node(row: tuple) -> Node:
+    ino, parent, name, is_dir, key, size, mtime_ns, etag, storage_class = row
+    return Node(ino, parent, name, bool(is_dir), key, size, mtime_ns, etag, storage_class)
+
+
+def key_problem(key: str) -> str | None:
+    """Why ``key`` cannot be a path under the mount, or None if it can."""
+    if "\0" in key:
+        return "contains NUL"
+    parts = key[:-1].split("/") if key.endswith("/") else key.split("/")
+    for part in parts:
+        if part == "":
+            return "has an empty path segment (leading '/' or '//')"
+        if part in (".", ".."):
+            return f"has a '{part}' path segment"
+        if len(part.encode("utf-8")) > NAME_MAX:
+            return f"has a name longer than {NAME_MAX} bytes"
+    return None
+
+
+class Catalog:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._local = threading.local()
+        with self._db() as db:
+            db.executescript(_SCHEMA)
+            db.execute(
+                "INSERT OR IGNORE INTO nodes(ino, parent, name, is_dir) VALUES (?, 0, '', 1)",
+                (ROOT,),
+            )
+
+    def _db(self) -> sqlite3.Connection:
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA busy_timeout=10000")
+            self._local.db = db
+        return db
+
+    # -- meta ------------------------------------------------------------------------------
+
+    def get_meta(self, name: str) -> str | None:
+        row = self._db().execute("SELECT value FROM meta WHERE name=?", (name,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, name: str, value: str) -> None:
+        self._db().execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (name, value))
+
+    # -- reads -----------------------------------------------------------------------------
+
+    def _one(self, where: str, *args: object) -> Node | None:
+        row = (
+            self._db().execute(f"SELECT {_NODE_COLUMNS} FROM nodes WHERE {where}", args).fetchone()
+        )
+        return _node(row) if row else None
+
+    def get(self, ino: int) -> Node | None:
+        return self._one("ino=?", ino)
+
+    def lookup(self, parent: int, name: str) -> Node | None:
+        return self._one("parent=? AND name=?", parent, name)
+
+    def by_key(self, key: str) -> Node | None:
+        return self._one("key=?", key)
+
+    def children(self, parent: int, after: int, limit: int) -> list[Node]:
+        """Entries of a directory with inode above ``after``: readdir offsets survive changes."""
+        rows = (
+            self._db()
+            .execute(
+                f"SELECT {_NODE_COLUMNS} FROM nodes WHERE parent=? AND ino>? AND ino!=? "
+                "ORDER BY ino LIMIT ?",
+                (parent, after, ROOT, limit),
+            )
+            .fetchall()
+        )
+        return [_node(row) for row in rows]
+
+    def counts(self) -> dict[str, int]:
+        db = self._db()
+        files, size = db.execute(
+            "SELECT count(*), total(size) FROM nodes WHERE is_dir=0"
+        ).fetchone()
+        dirs = db.execute("SELECT count(*) FROM nodes WHERE is_dir=1").fetchone()[0]
+        rejected = db.execute("SELECT count(*) FROM rejected").fetchone()[0]
+        return {"files": files, "directories": dirs, "bytes": int(size), "rejected_keys": rejected}
+
+    def rejected(self, limit: int = 20) -> list[tuple[str, str]]:
+        rows = self._db().execute("SELECT key, reason FROM rejected LIMIT ?", (limit,)).fetchall()
+        return [(key, reason) for key, reason in rows]
+
+    # -- sync ------------------------------------------------------------------------------
+
+    def _cataloged(self) -> Iterator[tuple[str, str, int, int, str]]:
+        """The catalog's keys in order, from a separate connection: one SELECT is one snapshot,
+        so the rows the sync writes meanwhile never show up in this walk."""
+        reader = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            yield from reader.execute(
+                "SELECT key, etag, size, mtime_ns, storage_class FROM nodes "
+                "WHERE key IS NOT NULL ORDER BY key"
+            )
+        finally:
+            reader.close()
+
+    def sync(self, listing: Iterable[ObjectInfo]) -> SyncReport:
+        """Make the catalog match a complete listing; raises (leaving the catalog consistent,
+        with the batches written so far) if the listing fails part way."""
+        started = time.monotonic()
+        report = SyncReport()
+        writer = _Writer(self._db(), report)
+        old = self._cataloged()
+        current = next(old, None)
+        writer.begin()
+        writer.db.execute("DELETE FROM rejected")
+        for info in listing:
+            while current is not None and current[0] < info.key:
+                writer.remove(current[0])
+                current = next(old, None)
+            if current is not None and current[0] == info.key:
+                if current[1:] != (info.etag, info.size, info.mtime_ns, info.storage_class):
+                    writer.update(info)
+                current = next(old, None)
+            else:
+                writer.add(info)
+            writer.maybe_commit()
+        while current is not None:
+            writer.remove(current[0])
+            current = next(old, None)
+            writer.maybe_commit()
+        writer.commit()
+        self.set_meta("synced_at", str(time.time()))
+        report.seconds = time.monotonic() - started
+        return report
+
+    def refresh_object(self, info: ObjectInfo | None, key: str) -> None:
+        """Record one object's new state (``None``: it is gone), as learned from a HEAD."""
+        writer = _Writer(self._db(), SyncReport())
+        writer.begin()
+        existing = self.by_key(key)
+        if info is None:
+            if existing is not None:
+                writer.remove(key)
+        elif existing is None:
+            writer.add(info)
+        else:
+            writer.update(info)
+        writer.commit()
+
+
+class _Writer:
+    """Applies listing differences inside batched transactions, keeping the tree well formed."""
+
+    def __init__(self, db: sqlite3.Connection, report: SyncReport) -> None:
+        self.db = db
+        self.report = report
+        self.pending = 0
+        self.dirs: dict[tuple[int, str], int] = {}
+
+    def begin(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def commit(self) -> None:
+        self.db.execute("COMMIT")
+        self.pending = 0
+
+    def maybe_commit(self) -> None:
+        self.pending += 1
+        if self.pending >= _BATCH:
+            self.commit()
+            self.begin()
+
+    def reject(self, key: str, reason: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO rejected VALUES (?, ?)", (key, reason))
+        self.report.rejected += 1
+
+    def _directory(self, parent: int, name: str) -> int:
+        """The inode of directory ``name`` in ``parent``, created if missing.  A file of the same
+        name gives way: a key that is also a prefix shows as the directory."""
+        cached = self.dirs.get((parent, name))
+        if cached is not None:
+            return cached
+        row = self.db.execute(
+            "SELECT ino, is_dir, key FROM nodes WHERE parent=? AND name=?", (parent, name)
+        ).fetchone()
+        if row is not None and not row[1]:
+            self.db.execute("DELETE FROM nodes WHERE ino=?", (row[0],))
+            self.reject(row[2], "is also a directory prefix; the directory is shown")
+            row = None
+        if row is None:
+            now = time.time_ns()
+            ino = self.db.execute(
+                "INSERT INTO nodes(parent, name, is_dir, mtime_ns) VALUES (?, ?, 1, ?)",
+                (parent, name, now),
+            ).lastrowid
+            assert ino is not None
+        else:
+            ino = row[0]
+        if len(self.dirs) > 100_000:
+            self.dirs.clear()
+        self.dirs[(parent, name)] = ino
+        return ino
+
+    def add(self, info: ObjectInfo) -> None:
+        problem = key_problem(info.key)
+        if problem:
+            self.reject(info.key, problem)
+            return
+        marker = info.key.endswith("/")
+        parts = info.key.rstrip("/").split("/")
+        parent = ROOT
+        for name in parts[:-1]:
+            parent = self._directory(parent, name)
+        if marker:
+            ino = self._directory(parent, parts[-1])
+            self.db.execute("UPDATE nodes SET key=? WHERE ino=?", (info.key, ino))
+            self.report.added += 1
+            return
+        clash = self.db.execute(
+            "SELECT is_dir FROM nodes WHERE parent=? AND name=?", (parent, parts[-1])
+        ).fetchone()
+        if clash is not None:
+            self.reject(info.key, "is also a directory prefix; the directory is shown")
+            return
+        self.db.execute(
+            "INSERT INTO nodes(parent, name, is_dir, key, size, mtime_ns, etag, storage_class) "
+            "VALUES (?, ?, 0, ?, ?, ?, ?, ?)",
+            (parent, parts[-1], info.key, info.size, info.mtime_ns, info.etag, info.storage_class),
+        )
+        self.report.added += 1
+
+    def update(self, info: ObjectInfo) -> None:
+        self.db.execute(
+            "UPDATE nodes SET size=?, mtime_ns=?, etag=?, storage_class=? WHERE key=?",
+            (info.size, info.mtime_ns, info.etag, info.storage_class, info.key),
+        )
+        self.report.changed += 1
+
+    def remove(self, key: str) -> None:
+        row = self.db.execute(
+            "SELECT ino, parent, is_dir FROM nodes WHERE key=?", (key,)
+        ).fetchone()
+        if row is None:
+            return
+        ino, parent, is_dir = row
+        self.report.removed += 1
+        if is_dir:
+            # A directory marker went away; the directory stays while it has children.
+            self.db.execute("UPDATE nodes SET key=NULL WHERE ino=?", (ino,))
+            parent = ino
+        else:
+            self.db.execute("DELETE FROM nodes WHERE ino=?", (ino,))
+        self._prune(parent)
+
+    def _prune(self, ino: int) -> None:
+        """Remove implicit directories left empty, walking up towards the root."""
+        while ino != ROOT:
+            row = self.db.execute(
+                "SELECT parent, name, key FROM nodes WHERE ino=?", (ino,)
+            ).fetchone()
+            if row is None or row[2] is not None:
+                return
+            if self.db.execute("SELECT 1 FROM nodes WHERE parent=? LIMIT 1", (ino,)).fetchone():
+                return
+            self.db.execute("DELETE FROM nodes WHERE ino=?", (ino,))
+            self.dirs.pop((row[0], row[1]), None)
+            ino = row[0]

@@ -1,0 +1,418 @@
+"""The ``cloudfs`` command: mount, unmount, status, refresh and the demo archive.
+
+``mount`` without ``--foreground`` starts the daemon as a detached child and returns once the mount
+answers (as mount(8) and fstab expect), or prints the child's one-line error and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import logging.handlers
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+from .config import CacheOptions, Config, MountOptions, S3Options, format_size, parse_size
+from .errors import ConfigError
+from .fs import REFRESH_XATTR, STATUS_XATTR
+from .mount import mounted_cloudfs, serve
+
+log = logging.getLogger("cloudfs")
+
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class SizeType(click.ParamType):
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+SIZE = SizeType()
+
+
+def default_cache_dir(source: str) -> Path:
+    """Per-source cache directory: /var/cache/cloudfs for root, the XDG cache dir otherwise."""
+    if os.geteuid() == 0:
+        base = Path("/var/cache/cloudfs")
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cloudfs"
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", source.split("://", 1)[-1]).strip("_")[:60]
+    digest = hashlib.sha256(source.encode()).hexdigest()[:8]
+    return base / f"{slug}-{digest}"
+
+
+def setup_logging(level: str, log_file: Path | None) -> None:
+    handler: logging.Handler
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.handlers.RotatingFileHandler(
+            log_file, maxBytes=20 * 1024 * 1024, backupCount=5
+        )
+    else:
+        handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="cloudfs")
+def main() -> None:
+    """cloudfs: an S3 (or local) archive of medical images mounted as ordinary directories.
+
+    Reads are served from a persistent local block cache; missing blocks are fetched with ranged
+    GETs and sequential readers get read-ahead.  Run `cloudfs COMMAND --help` for each command.
+    """
+
+
+@main.command()
+@click.argument("source")
+@click.argument("mountpoint", type=click.Path(path_type=Path))
+@click.option(
+    "--cache-dir",
+    type=click.Path(path_type=Path),
+    help="Block cache and catalog directory [default: /var/cache/cloudfs/<source> for "
+    "root, ~/.cache/cloudfs/<source> otherwise].",
+)
+@click.option(
+    "--cache-size",
+    type=SIZE,
+    default="10G",
+    show_default=True,
+    help="Hard cap on the block cache (units K, M, G, T).",
+)
+@click.option(
+    "--block-size",
+    type=SIZE,
+    default="1M",
+    show_default=True,
+    help="Cache block and minimum GET size.",
+)
+@click.option(
+    "--read-ahead",
+    "read_ahead",
+    type=SIZE,
+    default="64M",
+    show_default=True,
+    help="Largest read-ahead window per open file.",
+)
+@click.option(
+    "--read-ahead-memory",
+    type=SIZE,
+    default="128M",
+    show_default=True,
+    help="Read-ahead bytes in flight across all open files together.",
+)
+@click.option(
+    "--refresh-interval",
+    type=float,
+    default=600.0,
+    show_default=True,
+    help="Seconds between relists of the store into the catalog.",
+)
+@click.option(
+    "--attr-timeout",
+    type=float,
+    default=60.0,
+    show_default=True,
+    help="Seconds the kernel may cache attributes and names.",
+)
+@click.option(
+    "--io-timeout",
+    type=float,
+    default=60.0,
+    show_default=True,
+    help="Seconds a read may wait for the cloud before failing with EIO.",
+)
+@click.option("--read-only", is_flag=True, help="Mount read-only.")
+@click.option("--endpoint-url", help="S3-compatible endpoint [default: AWS_ENDPOINT_URL or AWS].")
+@click.option("--region", help="S3 region [default: AWS_REGION or the profile's].")
+@click.option("--profile", help="AWS profile [default: AWS_PROFILE or the default chain].")
+@click.option("--path-style", is_flag=True, help="Use path-style S3 addressing.")
+@click.option(
+    "-o",
+    "fuse_options",
+    multiple=True,
+    metavar="OPT[,OPT...]",
+    help="FUSE mount options, e.g. -o allow_other (ro is the same as --read-only).",
+)
+@click.option(
+    "-f",
+    "--foreground",
+    is_flag=True,
+    help="Stay attached and log to stderr (for systemd); otherwise return once mounted.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+)
+@click.option(
+    "--log-file",
+    type=click.Path(path_type=Path),
+    help="Log file [default: stderr in the foreground, CACHE_DIR/cloudfs.log otherwise].",
+)
+@click.option("--ready-fd", type=int, hidden=True)
+def mount(
+    source: str,
+    mountpoint: Path,
+    cache_dir: Path | None,
+    cache_size: int,
+    block_size: int,
+    read_ahead: int,
+    read_ahead_memory: int,
+    refresh_interval: float,
+    attr_timeout: float,
+    io_timeout: float,
+    read_only: bool,
+    endpoint_url: str | None,
+    region: str | None,
+    profile: str | None,
+    path_style: bool,
+    fuse_options: tuple[str, ...],
+    foreground: bool,
+    log_level: str,
+    log_file: Path | None,
+    ready_fd: int | None,
+) -> None:
+    """Mount SOURCE (s3://bucket[/prefix] or file:///path) at MOUNTPOINT.
+
+    S3 credentials, region and endpoint follow the standard AWS configuration (environment,
+    AWS_PROFILE, ~/.aws, instance roles, AWS_ENDPOINT_URL); the options here override it.
+    """
+    cache_dir = (cache_dir or default_cache_dir(source)).absolute()
+    extra = tuple(o for group in fuse_options for o in group.split(",") if o)
+    read_only = read_only or "ro" in extra
+    config = Config(
+        source=source,
+        mountpoint=mountpoint.absolute(),
+        cache=CacheOptions(
+            directory=cache_dir,
+            size_limit=cache_size,
+            block_size=block_size,
+            readahead_max=read_ahead,
+            readahead_budget=read_ahead_memory,
+            io_timeout=io_timeout,
+        ),
+        mount=MountOptions(
+            read_only=read_only,
+            attr_timeout=attr_timeout,
+            refresh_interval=refresh_interval,
+            fuse_options=tuple(o for o in extra if o not in ("ro", "rw")),
+        ),
+        s3=S3Options(
+            endpoint_url=endpoint_url, region=region, profile=profile, path_style=path_style
+        ),
+    )
+    try:
+        config.check()
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    if not foreground:
+        _start_daemon(sys.argv[1:], cache_dir, log_file)
+        return
+    setup_logging(log_level, log_file)
+
+    def ready() -> None:
+        log.info("ready: %s is mounted at %s", source, config.mountpoint)
+        if ready_fd is not None:
+            os.write(ready_fd, b"ready\n")
+            os.close(ready_fd)
+
+    try:
+        serve(config, ready)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        if ready_fd is not None:
+            os.write(ready_fd, f"error: {exc}\n".encode())
+        raise click.ClickException(str(exc)) from None
+
+
+def _start_daemon(args: list[str], cache_dir: Path, log_file: Path | None) -> None:
+    """Run the mount command ``args`` detached with --foreground; wait for its ready or error."""
+    log_file = (log_file or cache_dir / "cloudfs.log").absolute()
+    log_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    read_end, write_end = os.pipe()
+    command = [
+        sys.executable,
+        "-m",
+        "cloudfs",
+        *args,
+        "--foreground",
+        "--ready-fd",
+        str(write_end),
+        "--log-file",
+        str(log_file),
+    ]
+    child = subprocess.Popen(
+        command,
+        pass_fds=(write_end,),
+        start_new_session=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        answer = pipe.readline().strip()
+    if answer == "ready":
+        click.echo(f"cloudfs: mounted (pid {child.pid}, log {log_file})", err=True)
+        return
+    if answer.startswith("error: "):
+        raise click.ClickException(answer.removeprefix("error: "))
+    code = child.wait()
+    raise click.ClickException(
+        f"the daemon exited with status {code} before mounting; see {log_file}"
+    )
+
+
+def _read_status(mountpoint: Path) -> dict[str, Any]:
+    if not mounted_cloudfs(mountpoint):
+        raise click.ClickException(f"{mountpoint}: not a cloudfs mount")
+    try:
+        return dict(json.loads(os.getxattr(mountpoint, STATUS_XATTR)))
+    except OSError as exc:
+        raise click.ClickException(f"{mountpoint}: status unavailable ({exc.strerror})") from None
+
+
+@main.command()
+@click.argument("mountpoint", type=click.Path(path_type=Path))
+@click.option(
+    "--timeout",
+    type=float,
+    default=30.0,
+    show_default=True,
+    help="Seconds to wait for the daemon to finish after the unmount.",
+)
+def unmount(mountpoint: Path, timeout: float) -> None:
+    """Unmount MOUNTPOINT cleanly and wait for its daemon to exit."""
+    pid = _read_status(mountpoint)["pid"]
+    result = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise click.ClickException(result.stderr.strip() or f"cannot unmount {mountpoint}")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    raise click.ClickException(f"unmounted, but daemon pid {pid} is still running")
+
+
+@main.command()
+@click.argument("mountpoint", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
+def status(mountpoint: Path, as_json: bool) -> None:
+    """Show cache use, hit ratio, bytes fetched and requests in flight of a mount."""
+    facts = _read_status(mountpoint)
+    if as_json:
+        click.echo(json.dumps(facts, indent=2))
+        return
+    cache, reads, catalog = facts["cache"], facts["reads"], facts["catalog"]
+    ratio = reads["hit_ratio"]
+    synced = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(catalog["synced_at"]))
+    lines = [
+        f"source:            {facts['source']}",
+        f"mountpoint:        {facts['mountpoint']} (pid {facts['pid']}, "
+        f"up {facts['uptime_seconds']:.0f}s)",
+        f"cache:             {format_size(cache['bytes'])} of {format_size(cache['limit'])}, "
+        f"{cache['blocks']} blocks of {format_size(cache['block_size'])} in {cache['directory']}",
+        f"hit ratio:         {'n/a' if ratio is None else f'{ratio:.1%}'} "
+        f"(memory {reads['memory_hits']}, disk {reads['disk_hits']}, "
+        f"fetched {reads['blocks_fetched_on_demand']}, read ahead {reads['blocks_read_ahead']})",
+        f"fetched:           {format_size(reads['bytes_fetched'])} "
+        f"in {reads['requests']} requests, "
+        f"{reads['requests_in_flight']} in flight, {reads['fetch_errors']} errors",
+        f"catalog:           {catalog['files']} files, {catalog['directories']} directories, "
+        f"{format_size(catalog['bytes'])}, refreshed {synced}",
+        f"open files:        {facts['open_files']}",
+    ]
+    if reads["last_error"]:
+        lines.append(f"last cloud error:  {reads['last_error']}")
+    if catalog["last_refresh_error"]:
+        lines.append(f"last refresh error: {catalog['last_refresh_error']}")
+    if catalog["rejected_keys"]:
+        lines.append(f"keys not shown:    {catalog['rejected_keys']} (see --json for examples)")
+    click.echo("\n".join(lines))
+
+
+@main.command()
+@click.argument("mountpoint", type=click.Path(path_type=Path))
+def refresh(mountpoint: Path) -> None:
+    """Relist the store now, so objects added, changed or deleted by others show at once."""
+    _read_status(mountpoint)
+    try:
+        os.setxattr(mountpoint, REFRESH_XATTR, b"1")
+    except OSError as exc:
+        raise click.ClickException(f"refresh failed: {exc.strerror}") from None
+    catalog = _read_status(mountpoint)["catalog"]
+    click.echo(f"catalog: {catalog['files']} files, {catalog['directories']} directories")
+
+
+@main.command()
+@click.option(
+    "--mountpoint",
+    type=click.Path(path_type=Path),
+    default=lambda: str(Path.home() / "cloudfs-demo"),
+    show_default="~/cloudfs-demo",
+)
+@click.option(
+    "--archive",
+    type=click.Path(path_type=Path),
+    default=lambda: str(_demo_home() / "archive"),
+    show_default=True,
+    help="Where the sample archive is generated (once).",
+)
+def demo(mountpoint: Path, archive: Path) -> None:
+    """Mount the embedded default: a local sample archive, generated on first run."""
+    from .demo import generate_samples
+
+    created = generate_samples(archive)
+    if created:
+        click.echo(f"cloudfs: generated {created} sample files in {archive}", err=True)
+    mountpoint = mountpoint.absolute()
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    if mounted_cloudfs(mountpoint):
+        click.echo(f"cloudfs: the demo is already mounted at {mountpoint}", err=True)
+    else:
+        cache_dir = _demo_home() / "cache"
+        source = f"file://{archive.absolute()}"
+        _start_daemon(
+            ["mount", source, str(mountpoint), "--cache-dir", str(cache_dir), "--cache-size", "2G"],
+            cache_dir,
+            None,
+        )
+    me = sys.argv[0]
+    click.echo(
+        f"\nThe demo archive is mounted at {mountpoint}\n"
+        f"  look:   ls -l {mountpoint}; cat {mountpoint}/README.txt\n"
+        f"  status: {me} status {mountpoint}\n"
+        f"  stop:   {me} unmount {mountpoint}"
+    )
+
+
+def _demo_home() -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/lib/cloudfs/demo")
+    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local/share")) / "cloudfs/demo"

@@ -1,0 +1,69 @@
+"""One error taxonomy for every layer: each error knows the errno a reader sees.
+
+Stores raise these instead of transport exceptions, so the filesystem core maps any failure to an
+errno without knowing whether S3 or a local directory produced it.
+"""
+
+from __future__ import annotations
+
+import errno
+
+
+class CloudfsError(Exception):
+    """Base of every expected failure; ``errno`` is what a FUSE caller receives."""
+
+    errno: int = errno.EIO
+
+
+class NotFound(CloudfsError):
+    errno = errno.ENOENT
+
+
+class AccessDenied(CloudfsError):
+    errno = errno.EACCES
+
+
+class NeedsRestore(CloudfsError):
+    """The object is in an archive storage class (GLACIER, DEEP_ARCHIVE) and not restored.
+
+    EACCES, as mountpoint-s3 does: an immediate, permanent-looking failure is better than EAGAIN,
+    which some readers retry forever and Python's ``read()`` reports as a silent ``None``.
+    """
+
+    errno = errno.EACCES
+
+
+class StaleObject(CloudfsError):
+    """The object changed under an open file (ETag mismatch); never serve a mix of versions."""
+
+    errno = errno.ESTALE
+
+
+class Unavailable(CloudfsError):
+    """The store could not be reached or kept failing after the configured retries."""
+
+    errno = errno.EIO
+
+
+class ConfigError(CloudfsError):
+    """A setting or the source cannot work; reported before anything is mounted."""
+
+    errno = errno.EINVAL
+
+
+# S3 error codes (and HTTP statuses, for HEAD responses that carry no code) to our errors.
+S3_ERRORS: dict[str, type[CloudfsError]] = {
+    "NoSuchKey": NotFound,
+    "NoSuchBucket": NotFound,
+    "404": NotFound,
+    "NotFound": NotFound,
+    "AccessDenied": AccessDenied,
+    "403": AccessDenied,
+    "Forbidden": AccessDenied,
+    "InvalidAccessKeyId": AccessDenied,
+    "SignatureDoesNotMatch": AccessDenied,
+    "ExpiredToken": AccessDenied,
+    "InvalidObjectState": NeedsRestore,
+    "PreconditionFailed": StaleObject,
+    "412": StaleObject,
+}

@@ -1,0 +1,331 @@
+"""The filesystem core on inode numbers: plain values in, plain values out, no pyfuse3.
+
+It joins the catalog (names and attributes), the block reader (bytes) and read-ahead (what to
+fetch next), and keeps per-open-file state.  Tests drive it directly, without a kernel.
+
+Open files are pinned to the object version (ETag) they were opened on; a changed object is seen by
+the next open, never mixed into an open file.  The kernel may keep its page cache across opens
+(``keep_cache``) only while the version is unchanged.
+
+Concurrency: every catalog and store call runs in a worker thread under a named limiter; tables of
+handles are changed on the trio thread only.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import stat
+import time
+from dataclasses import dataclass, field
+from itertools import count
+from typing import Any
+
+import trio
+
+from .cache import BlockCache
+from .catalog import ROOT, Catalog, Node, SyncReport
+from .config import Config
+from .errors import CloudfsError, NeedsRestore, NotFound, Unavailable
+from .prefetch import ReadAhead
+from .reader import BlockReader, Cancelled, ObjectVersion
+from .store import ARCHIVE_CLASSES, ObjectStore
+
+log = logging.getLogger(__name__)
+
+STATUS_XATTR = "user.cloudfs.status"
+"""Read on the mount's root: the daemon's status as JSON (no socket to find, permissions apply)."""
+REFRESH_XATTR = "user.cloudfs.refresh"
+"""Written on the mount's root: relist the store now and return when the catalog matches."""
+
+_READDIR_BATCH = 1000
+_REMEMBERED_VERSIONS = 100_000
+
+
+class FsError(CloudfsError):
+    """A POSIX-level refusal with an explicit errno (EISDIR, EROFS, ...)."""
+
+    def __init__(self, code: int, message: str = "") -> None:
+        super().__init__(message or os.strerror(code))
+        self.errno = code
+
+
+@dataclass(frozen=True, slots=True)
+class Attributes:
+    ino: int
+    mode: int
+    size: int
+    mtime_ns: int
+    uid: int
+    gid: int
+    block_size: int
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+
+@dataclass
+class OpenFile:
+    version: ObjectVersion
+    read_ahead: ReadAhead
+    cancelled: Cancelled = field(default_factory=Cancelled)
+
+
+class ArchiveFS:
+    def __init__(
+        self, config: Config, store: ObjectStore, catalog: Catalog, cache: BlockCache
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.catalog = catalog
+        self.cache = cache
+        self.reader = BlockReader(store, cache, config.cache)
+        self.uid, self.gid = os.getuid(), os.getgid()
+        self._handles: dict[int, OpenFile] = {}
+        self._next_handle = count(1)
+        self._opened_versions: dict[int, str] = {}
+        self._catalog_threads = trio.CapacityLimiter(4)
+        self._store_threads = trio.CapacityLimiter(4)
+        self._refresh_wanted = trio.Event()
+        self._refresh_done = trio.Event()
+        self._last_sync: SyncReport | None = None
+        self._last_sync_error = ""
+        self._warned_archived: set[str] = set()
+        self._started = time.time()
+
+    async def _catalog(self, function: Any, *args: Any) -> Any:
+        return await trio.to_thread.run_sync(function, *args, limiter=self._catalog_threads)
+
+    # -- attributes ------------------------------------------------------------------------
+
+    def attributes(self, node: Node) -> Attributes:
+        writable = 0 if self.config.mount.read_only else 0o200
+        kind = stat.S_IFDIR | 0o555 if node.is_dir else stat.S_IFREG | 0o444
+        mode = kind | writable
+        return Attributes(
+            node.ino, mode, node.size, node.mtime_ns, self.uid, self.gid, self.cache.block_size
+        )
+
+    async def _node(self, ino: int) -> Node:
+        node: Node | None = await self._catalog(self.catalog.get, ino)
+        if node is None:
+            raise NotFound(f"inode {ino}")
+        return node
+
+    async def lookup(self, parent: int, name: str) -> Attributes | None:
+        """Attributes of ``name`` in ``parent``, or None when it does not exist."""
+        node = await self._catalog(self.catalog.lookup, parent, name)
+        return None if node is None else self.attributes(node)
+
+    async def getattr(self, ino: int) -> Attributes:
+        return self.attributes(await self._node(ino))
+
+    async def opendir(self, ino: int) -> None:
+        if not (await self._node(ino)).is_dir:
+            raise FsError(errno.ENOTDIR)
+
+    async def readdir(self, ino: int, after: int) -> list[tuple[str, Attributes]]:
+        """One batch of entries with inode numbers above ``after`` (the readdir offset)."""
+        nodes = await self._catalog(self.catalog.children, ino, after, _READDIR_BATCH)
+        return [(node.name, self.attributes(node)) for node in nodes]
+
+    # -- files -----------------------------------------------------------------------------
+
+    async def open(self, ino: int, flags: int) -> tuple[int, bool]:
+        """Open for reading; returns the handle and whether the kernel may keep cached pages."""
+        node = await self._node(ino)
+        if node.is_dir:
+            raise FsError(errno.EISDIR)
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise FsError(errno.EROFS, "this mount serves the archive read-only")
+        assert node.key is not None and node.etag is not None
+        if node.storage_class in ARCHIVE_CLASSES:
+            await self._check_restored(node.key)
+        version = ObjectVersion(node.key, node.etag, node.size)
+        keep_cache = self._opened_versions.get(ino) == node.etag
+        if len(self._opened_versions) >= _REMEMBERED_VERSIONS:
+            self._opened_versions.clear()
+        self._opened_versions[ino] = node.etag
+        handle = next(self._next_handle)
+        options = self.config.cache
+        self._handles[handle] = OpenFile(
+            version,
+            ReadAhead(self.cache.block_size, options.readahead_initial, options.readahead_max),
+        )
+        return handle, keep_cache
+
+    async def _check_restored(self, key: str) -> None:
+        """Archived objects need a restore before a GET: fail at open with one log line."""
+        info = await trio.to_thread.run_sync(self.store.head, key, limiter=self._store_threads)
+        if info.needs_restore:
+            if key not in self._warned_archived:
+                self._warned_archived.add(key)
+                log.warning(
+                    "%s is in storage class %s and not restored; restore it before reading",
+                    key,
+                    info.storage_class,
+                )
+            raise NeedsRestore(f"{key}: in {info.storage_class}, needs a restore")
+
+    async def read(self, handle: int, offset: int, size: int) -> bytes | memoryview:
+        open_file = self._handles.get(handle)
+        if open_file is None:
+            raise FsError(errno.EBADF)
+        version = open_file.version
+        plan = open_file.read_ahead.on_read(offset, size, version.size)
+        if plan is not None:
+            self.reader.prefetch(version, plan[0], plan[1], open_file.cancelled)
+        try:
+            return await self.reader.read(version, offset, size)
+        except CloudfsError as exc:
+            if exc.errno == errno.ESTALE:
+                log.info("%s changed in the store; refreshing its entry", version.key)
+                await self.refresh_key(version.key)
+            raise
+
+    def release(self, handle: int) -> None:
+        open_file = self._handles.pop(handle, None)
+        if open_file is not None:
+            open_file.cancelled.is_set = True
+
+    # -- catalog refresh -------------------------------------------------------------------
+
+    async def refresh_key(self, key: str) -> None:
+        """Re-read one object's state from the store (after its ETag stopped matching)."""
+        try:
+            info = await trio.to_thread.run_sync(self.store.head, key, limiter=self._store_threads)
+        except NotFound:
+            info = None
+        except CloudfsError as exc:
+            log.warning("cannot refresh %s: %s", key, exc)
+            return
+        await self._catalog(self.catalog.refresh_object, info, key)
+
+    async def sync(self) -> SyncReport:
+        """Relist the store into the catalog (the listing and the diff run in a worker thread)."""
+
+        def relist() -> SyncReport:
+            return self.catalog.sync(self.store.list())
+
+        try:
+            report: SyncReport = await trio.to_thread.run_sync(relist, abandon_on_cancel=True)
+        except CloudfsError as exc:
+            self._last_sync_error = str(exc)
+            raise
+        self._last_sync, self._last_sync_error = report, ""
+        log.info(
+            "catalog refreshed in %.1fs: %d added, %d changed, %d removed, %d keys not mappable",
+            report.seconds,
+            report.added,
+            report.changed,
+            report.removed,
+            report.rejected,
+        )
+        return report
+
+    async def refresh(self) -> SyncReport | None:
+        """Ask the refresher for a relist and wait for the one that starts after this call."""
+        done = self._refresh_done
+        self._refresh_wanted.set()
+        await done.wait()
+        if self._last_sync_error:
+            raise Unavailable(self._last_sync_error)
+        return self._last_sync
+
+    async def refresher(self, first_delay: float) -> None:
+        """Relist every ``refresh_interval`` seconds, or at once when asked."""
+        delay = first_delay
+        while True:
+            with trio.move_on_after(delay):
+                await self._refresh_wanted.wait()
+            self._refresh_wanted = trio.Event()
+            done, self._refresh_done = self._refresh_done, trio.Event()
+            try:
+                await self.sync()
+            except CloudfsError as exc:
+                log.warning("catalog refresh failed: %s", exc)
+            except Exception:
+                self._last_sync_error = "internal error"
+                log.exception("catalog refresh failed")
+            done.set()
+            delay = self.config.mount.refresh_interval
+
+    # -- status ----------------------------------------------------------------------------
+
+    async def status(self) -> dict[str, Any]:
+        def gather() -> dict[str, Any]:
+            return {
+                "catalog": self.catalog.counts(),
+                "rejected_keys": self.catalog.rejected(),
+                "synced_at": float(self.catalog.get_meta("synced_at") or 0),
+                "cache_bytes": self.cache.volume(),
+                "cache_blocks": self.cache.block_count(),
+            }
+
+        facts = await trio.to_thread.run_sync(gather, limiter=self._catalog_threads)
+        stats = self.reader.stats
+        lookups = stats.memory_hits + stats.disk_hits + stats.fetched_blocks
+        return {
+            "source": self.store.describe(),
+            "mountpoint": str(self.config.mountpoint),
+            "pid": os.getpid(),
+            "uptime_seconds": round(time.time() - self._started, 1),
+            "cache": {
+                "directory": str(self.config.cache.directory),
+                "bytes": facts["cache_bytes"],
+                "limit": self.cache.size_limit,
+                "blocks": facts["cache_blocks"],
+                "block_size": self.cache.block_size,
+                "corrupt_blocks_dropped": self.cache.corrupt_blocks,
+                "failed_inserts": self.cache.failed_inserts,
+            },
+            "reads": {
+                "memory_hits": stats.memory_hits,
+                "disk_hits": stats.disk_hits,
+                "blocks_fetched_on_demand": stats.fetched_blocks,
+                "blocks_read_ahead": stats.prefetched_blocks,
+                "hit_ratio": round((stats.memory_hits + stats.disk_hits) / lookups, 4)
+                if lookups
+                else None,
+                "bytes_fetched": stats.fetched_bytes,
+                "requests": stats.requests,
+                "requests_in_flight": stats.requests_in_flight,
+                "fetch_errors": stats.errors,
+                "last_error": stats.last_error,
+            },
+            "catalog": facts["catalog"]
+            | {
+                "synced_at": facts["synced_at"],
+                "last_refresh_error": self._last_sync_error,
+                "rejected_examples": [
+                    {"key": key, "reason": reason} for key, reason in facts["rejected_keys"]
+                ],
+            },
+            "open_files": len(self._handles),
+        }
+
+    async def getxattr(self, ino: int, name: str) -> bytes:
+        if ino == ROOT and name == STATUS_XATTR:
+            return json.dumps(await self.status()).encode()
+        raise FsError(errno.ENODATA)
+
+    async def setxattr(self, ino: int, name: str, value: bytes) -> None:
+        if ino == ROOT and name == REFRESH_XATTR:
+            await self.refresh()
+            return
+        raise FsError(errno.ENOTSUP if not self.config.mount.read_only else errno.EROFS)
+
+    def statfs(self) -> dict[str, int]:
+        block = self.cache.block_size
+        free = self.config.mount.free_space // block
+        return {
+            "block_size": block,
+            "blocks": free * 2,
+            "free_blocks": free,
+            "files": 1 << 32,
+            "free_files": 1 << 31,
+            "name_max": 255,
+        }

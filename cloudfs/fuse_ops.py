@@ -1,0 +1,153 @@
+"""The only module that imports pyfuse3: turns kernel requests into ArchiveFS calls and back.
+
+pyfuse3 catches only FUSEError; any other exception ends ``pyfuse3.main()`` and leaves a dead
+mount.  Every handler therefore goes through ``_guard``: expected failures become their errno,
+anything unexpected is logged once with its traceback and becomes EIO.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+
+from .errors import CloudfsError
+from .fs import ArchiveFS, Attributes
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _guard(handler: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+    @functools.wraps(handler)
+    async def guarded(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await handler(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except CloudfsError as exc:
+            if exc.errno == errno.EIO:
+                log.warning("%s: %s", handler.__name__, exc)
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except Exception:
+            log.exception("unexpected error in %s; answering EIO", handler.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return guarded
+
+
+class FuseOperations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, fs: ArchiveFS) -> None:
+        super().__init__()
+        self.fs = fs
+        mount = fs.config.mount
+        self.attr_timeout = mount.attr_timeout
+        self.negative_timeout = mount.negative_timeout
+
+    def _entry(self, attributes: Attributes) -> pyfuse3.EntryAttributes:
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = attributes.ino
+        entry.st_mode = attributes.mode
+        entry.st_nlink = 2 if attributes.is_dir else 1
+        entry.st_size = attributes.size
+        entry.st_uid = attributes.uid
+        entry.st_gid = attributes.gid
+        entry.st_blksize = attributes.block_size
+        entry.st_blocks = (attributes.size + 511) // 512
+        entry.st_atime_ns = entry.st_mtime_ns = entry.st_ctime_ns = attributes.mtime_ns
+        entry.attr_timeout = self.attr_timeout
+        entry.entry_timeout = self.attr_timeout
+        entry.generation = 0
+        return entry
+
+    @_guard
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        attributes = await self.fs.lookup(parent_inode, os.fsdecode(name))
+        if attributes is None:
+            # A negative entry: the kernel remembers the miss for negative_timeout seconds.
+            entry = pyfuse3.EntryAttributes()
+            entry.st_ino = 0
+            entry.entry_timeout = self.negative_timeout
+            return entry
+        return self._entry(attributes)
+
+    @_guard
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._entry(await self.fs.getattr(inode))
+
+    @_guard
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        await self.fs.opendir(inode)
+        return inode
+
+    @_guard
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        for name, attributes in await self.fs.readdir(fh, start_id):
+            if not pyfuse3.readdir_reply(
+                token, os.fsencode(name), self._entry(attributes), attributes.ino
+            ):
+                return
+
+    async def releasedir(self, fh: int) -> None:
+        pass
+
+    @_guard
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        handle, keep_cache = await self.fs.open(inode, flags)
+        return pyfuse3.FileInfo(fh=handle, keep_cache=keep_cache)
+
+    @_guard
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return await self.fs.read(fh, off, size)  # type: ignore[return-value]  # memoryview works
+
+    @_guard
+    async def release(self, fh: int) -> None:
+        self.fs.release(fh)
+
+    @_guard
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        figures = self.fs.statfs()
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = data.f_frsize = figures["block_size"]
+        data.f_blocks = figures["blocks"]
+        data.f_bfree = data.f_bavail = figures["free_blocks"]
+        data.f_files = figures["files"]
+        data.f_ffree = data.f_favail = figures["free_files"]
+        data.f_namemax = figures["name_max"]
+        return data
+
+    @_guard
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        try:
+            return await self.fs.getxattr(inode, os.fsdecode(name))
+        except CloudfsError as exc:
+            if exc.errno == errno.ENODATA:
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
+            raise
+
+    @_guard
+    async def setxattr(
+        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
+        await self.fs.setxattr(inode, os.fsdecode(name), value)
+
+    @_guard
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
+        return []
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        # Inode numbers are catalog row ids, valid without a lookup count: nothing to free.
+        pass

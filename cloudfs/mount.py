@@ -1,0 +1,194 @@
+"""The life of one mount: checks, catalog, FUSE session, signals, readiness, clean unmount.
+
+Everything that can fail for a reason the user can fix (the source, credentials, the endpoint,
+the mountpoint, the cache directory) is checked before the kernel mount, so the user gets one clear
+line and nothing is left mounted.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from .cache import BlockCache
+from .catalog import Catalog
+from .config import Config
+from .errors import ConfigError
+from .fs import ArchiveFS
+from .fuse_ops import FuseOperations
+from .store import ObjectStore, open_store
+
+log = logging.getLogger(__name__)
+
+FS_TYPE = "cloudfs"
+
+
+def is_mounted(path: Path) -> bool:
+    """True if ``path`` is a mount point (of any filesystem)."""
+    try:
+        return os.path.ismount(path)
+    except OSError:
+        # A dead FUSE mount answers ENOTCONN: it is mounted, just broken.
+        return True
+
+
+def mounted_cloudfs(path: Path) -> bool:
+    """True if ``path`` is the mount point of a cloudfs (per /proc/self/mounts)."""
+    target = os.path.realpath(path)
+    with open("/proc/self/mounts") as mounts:
+        for line in mounts:
+            fields = line.split()
+            if len(fields) > 2 and fields[1] == target and fields[2] == f"fuse.{FS_TYPE}":
+                return True
+    return False
+
+
+def check_mountpoint(mountpoint: Path) -> None:
+    if not mountpoint.exists():
+        raise ConfigError(f"{mountpoint}: mountpoint does not exist (create it with mkdir)")
+    if not mountpoint.is_dir():
+        raise ConfigError(f"{mountpoint}: mountpoint is not a directory")
+    if is_mounted(mountpoint):
+        raise ConfigError(f"{mountpoint}: mountpoint is busy (something is already mounted there)")
+
+
+def lock_cache(directory: Path) -> int:
+    """Hold the cache directory for this process: two daemons on one cache would corrupt it."""
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            holder = (directory / "lock").read_text().strip() or "another process"
+            raise ConfigError(
+                f"{directory}: cache directory in use by cloudfs pid {holder}"
+            ) from exc
+        raise
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
+def open_catalog(config: Config, store: ObjectStore) -> Catalog:
+    """The catalog of this cache directory, refusing one that belongs to another source."""
+    catalog = Catalog(config.cache.directory / "catalog.sqlite")
+    owner = catalog.get_meta("source")
+    if owner is None:
+        catalog.set_meta("source", config.source)
+    elif owner != config.source:
+        raise ConfigError(
+            f"{config.cache.directory}: cache directory belongs to {owner}; "
+            f"use another --cache-dir for {config.source}"
+        )
+    return catalog
+
+
+def notify_systemd(message: str) -> None:
+    """sd_notify(3) without libsystemd: one datagram to $NOTIFY_SOCKET, if systemd gave one."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.connect(address)
+        sock.sendall(message.encode())
+
+
+def raise_kernel_read_ahead(mountpoint: Path, kilobytes: int) -> None:
+    """Let the kernel send larger reads: its 128 KiB default halves FUSE throughput (root only)."""
+    device = os.stat(mountpoint).st_dev
+    path = Path(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb")
+    try:
+        path.write_text(str(kilobytes))
+        log.debug("kernel read-ahead of %s set to %d KiB", mountpoint, kilobytes)
+    except OSError as exc:
+        log.debug("kernel read-ahead left at its default (%s)", exc.strerror)
+
+
+def prepare(config: Config) -> tuple[ObjectStore, Catalog, BlockCache, float]:
+    """Everything up to the kernel mount; returns the delay before the first catalog refresh."""
+    config.check()
+    check_mountpoint(config.mountpoint)
+    store = open_store(config.source, config.s3)
+    store.check()
+    lock_cache(config.cache.directory)
+    catalog = open_catalog(config, store)
+    synced_at = float(catalog.get_meta("synced_at") or 0)
+    if not synced_at:
+        log.info("first mount of %s: listing the store into the catalog", store.describe())
+        report = catalog.sync(store.list())
+        log.info(
+            "catalog ready: %d objects in %.1fs, %d keys not mappable",
+            report.added,
+            report.seconds,
+            report.rejected,
+        )
+        synced_at = time.time()
+    cache = BlockCache(
+        config.cache.directory / "blocks", config.cache.size_limit, config.cache.block_size
+    )
+    first_refresh = max(0.0, synced_at + config.mount.refresh_interval - time.time())
+    return store, catalog, cache, first_refresh
+
+
+def serve(config: Config, on_ready: Callable[[], None]) -> None:
+    """Mount and serve until unmounted or signalled; ``on_ready`` runs once the mount answers."""
+    store, catalog, cache, first_refresh = prepare(config)
+    fs = ArchiveFS(config, store, catalog, cache)
+    options = set(pyfuse3.default_options)
+    options |= {f"fsname={FS_TYPE}", f"subtype={FS_TYPE}"}
+    if config.mount.read_only:
+        options.add("ro")
+    options.update(config.mount.fuse_options)
+    pyfuse3.init(FuseOperations(fs), str(config.mountpoint), options)
+    log.info("mounted %s at %s", store.describe(), config.mountpoint)
+    try:
+        trio.run(_main, fs, config, first_refresh, on_ready)
+    finally:
+        pyfuse3.close(unmount=True)
+        cache.close()
+        log.info("unmounted %s", config.mountpoint)
+
+
+async def _main(
+    fs: ArchiveFS, config: Config, first_refresh: float, on_ready: Callable[[], None]
+) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fs.reader.run)
+        nursery.start_soon(fs.refresher, first_refresh)
+        nursery.start_soon(_stop_on_signals)
+        nursery.start_soon(_announce_ready, config, on_ready)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+async def _stop_on_signals() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("%s received: unmounting", signal.Signals(signum).name)
+            notify_systemd("STOPPING=1")
+            pyfuse3.terminate()
+            return
+
+
+async def _announce_ready(config: Config, on_ready: Callable[[], None]) -> None:
+    # A stat through the kernel proves the mount answers; it must run off the trio thread,
+    # which is the one serving it.
+    await trio.to_thread.run_sync(
+        raise_kernel_read_ahead, config.mountpoint, config.mount.read_ahead_kb
+    )
+    on_ready()
+    notify_systemd("READY=1")

@@ -1,0 +1,44 @@
+"""Access-pattern detection for one open file: decides what to read ahead, fetches nothing itself.
+
+A read that starts where the previous one ended (within one block, because the kernel may reorder
+its own read-ahead requests) is sequential.  Sequential reading opens a window ahead of the reader
+that doubles each time new blocks are scheduled, up to a maximum; a random read closes it, so a
+viewer seeking around an object never pays for bytes it will not read.
+
+Pure logic on integers: no FUSE, no store, no clock.
+"""
+
+from __future__ import annotations
+
+
+class ReadAhead:
+    def __init__(self, block_size: int, initial: int, maximum: int) -> None:
+        self.block_size = block_size
+        self.initial = initial
+        self.maximum = maximum
+        self.window = 0
+        self.expected: int | None = None
+        self.scheduled_until = 0
+
+    def on_read(self, offset: int, size: int, file_size: int) -> tuple[int, int] | None:
+        """Record a read; return the block range ``[first, last)`` to prefetch, or None."""
+        end = min(offset + size, file_size)
+        sequential = (
+            offset == 0 if self.expected is None else abs(offset - self.expected) <= self.block_size
+        )
+        self.expected = max(end, self.expected or 0) if sequential else end
+        if not sequential:
+            self.window = 0
+            self.scheduled_until = end
+            return None
+        if self.window == 0:
+            self.window = self.initial
+        target = min(end + self.window, file_size)
+        start = max(self.scheduled_until, end)
+        first = -(-start // self.block_size)  # the next block the reader has not entered
+        last = -(-target // self.block_size)
+        if last <= first:
+            return None
+        self.scheduled_until = last * self.block_size
+        self.window = min(self.window * 2, self.maximum)
+        return first, last

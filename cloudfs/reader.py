@@ -1,0 +1,349 @@
+"""The read path: serves byte ranges of object versions from memory, the disk cache or the store.
+
+Order of lookup for each block: a small in-memory LRU of recent blocks (the kernel sends several
+requests per block), then the disk cache (in a worker thread), then a ranged GET.  Missing
+neighbouring blocks are fetched with one GET; small objects are fetched whole.
+
+Invariants (see docs/design.md):
+
+* Single flight: a block being fetched has one ``_Pending`` in ``_inflight``; every reader of it
+  waits on that instead of issuing its own request.
+* Foreground reads never wait behind read-ahead: read-ahead has its own thread limiter and memory
+  budget and registers its blocks as in flight only once it holds its budget.
+* Memory: in-flight bytes are bounded by the foreground and read-ahead budgets and resident blocks
+  by ``memory_blocks``, whatever the number of open files.
+* Worker threads see only immutable values (keys, ranges, bytes); ``_memory``, ``_inflight`` and
+  the counters are touched only on the trio thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import trio
+
+from .cache import BlockCache, BlockId
+from .config import CacheOptions
+from .errors import CloudfsError, Unavailable
+from .store import ObjectStore
+
+log = logging.getLogger(__name__)
+
+WARM_AHEAD = 4
+"""Blocks just ahead of a sequential reader that read-ahead loads from disk into memory, so the
+reader's next requests are memory hits; farther blocks only need to be on disk."""
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectVersion:
+    """The object an open file reads: pinned to the ETag it had when opened."""
+
+    key: str
+    etag: str
+    size: int
+
+    def block(self, index: int) -> BlockId:
+        return BlockId(self.key, self.etag, index)
+
+
+class Cancelled:
+    """A flag read-ahead checks before spending budget: set when its file is closed."""
+
+    def __init__(self) -> None:
+        self.is_set = False
+
+
+@dataclass
+class ReadStats:
+    memory_hits: int = 0
+    disk_hits: int = 0
+    fetched_blocks: int = 0
+    prefetched_blocks: int = 0
+    fetched_bytes: int = 0
+    requests: int = 0
+    requests_in_flight: int = 0
+    errors: int = 0
+    last_error: str = ""
+
+
+class ByteBudget:
+    """A semaphore counted in bytes.  A request larger than the whole budget still proceeds alone,
+    so an odd size can never deadlock."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._lot = trio.lowlevel.ParkingLot()
+
+    async def acquire(self, amount: int) -> None:
+        while self.used and self.used + amount > self.limit:
+            await self._lot.park()
+        self.used += amount
+
+    def release(self, amount: int) -> None:
+        self.used -= amount
+        self._lot.unpark_all()
+
+
+@dataclass
+class _Pending:
+    done: trio.Event = field(default_factory=trio.Event)
+    data: bytes | memoryview | None = None
+    error: CloudfsError | None = None
+
+
+class BlockReader:
+    def __init__(self, store: ObjectStore, cache: BlockCache, options: CacheOptions) -> None:
+        self.store = store
+        self.cache = cache
+        self.options = options
+        self.block_size = cache.block_size
+        self.stats = ReadStats()
+        self._memory: OrderedDict[BlockId, bytes | memoryview] = OrderedDict()
+        self._memory_bytes = 0
+        self._inflight: dict[BlockId, _Pending] = {}
+        self._demand_threads = trio.CapacityLimiter(options.fetch_threads)
+        self._ahead_threads = trio.CapacityLimiter(options.fetch_threads)
+        self._disk_threads = trio.CapacityLimiter(options.disk_threads)
+        self._demand_budget = ByteBudget(options.foreground_budget)
+        self._ahead_budget = ByteBudget(options.readahead_budget)
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self) -> None:
+        """Own the nursery that fetches outlive the request that started them in."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await trio.sleep_forever()
+
+    # -- memory tier -----------------------------------------------------------------------
+
+    def _remember(self, block: BlockId, data: bytes | memoryview) -> None:
+        if block in self._memory:
+            self._memory.move_to_end(block)
+            return
+        self._memory[block] = data
+        self._memory_bytes += len(data)
+        while self._memory_bytes > self.options.memory_blocks and self._memory:
+            _, evicted = self._memory.popitem(last=False)
+            self._memory_bytes -= len(evicted)
+
+    def _recall(self, block: BlockId) -> bytes | memoryview | None:
+        data = self._memory.get(block)
+        if data is not None:
+            self._memory.move_to_end(block)
+        return data
+
+    # -- foreground reads ------------------------------------------------------------------
+
+    async def read(self, obj: ObjectVersion, offset: int, size: int) -> bytes | memoryview:
+        """Bytes ``[offset, offset+size)`` of ``obj`` (short at end of file)."""
+        end = min(offset + size, obj.size)
+        if offset >= end:
+            return b""
+        bs = self.block_size
+        first, last = offset // bs, (end - 1) // bs
+        if first == last:
+            data = self._recall(obj.block(first))
+            if data is not None:
+                # The hot path: no thread hop, no copy.
+                self.stats.memory_hits += 1
+                return memoryview(data)[offset - first * bs : end - first * bs]
+        blocks = await self._blocks(obj, first, last)
+        if first == last:
+            return memoryview(blocks[0])[offset - first * bs : end - first * bs]
+        joined = b"".join(blocks)
+        return memoryview(joined)[offset - first * bs : end - first * bs]
+
+    async def _blocks(self, obj: ObjectVersion, first: int, last: int) -> list[bytes | memoryview]:
+        found: dict[int, bytes | memoryview] = {}
+        for index in range(first, last + 1):
+            data = self._recall(obj.block(index))
+            if data is not None:
+                found[index] = data
+                self.stats.memory_hits += 1
+        wanted = [i for i in range(first, last + 1) if i not in found]
+        if obj.size <= self.options.small_object:
+            # Fetch small objects whole: the rest of a DICOM instance is read next anyway.
+            whole = range(0, max(math.ceil(obj.size / self.block_size), 1))
+            wanted = [i for i in whole if i not in found and self._recall(obj.block(i)) is None]
+        waiting: dict[int, _Pending] = {}
+        to_check = []
+        for index in wanted:
+            pending = self._inflight.get(obj.block(index))
+            if pending is not None:
+                waiting[index] = pending
+            else:
+                to_check.append(index)
+        if to_check:
+            on_disk = await trio.to_thread.run_sync(
+                self._load, obj, to_check, limiter=self._disk_threads
+            )
+            self.stats.disk_hits += len(on_disk)
+            for index, data in on_disk.items():
+                self._remember(obj.block(index), data)
+                found[index] = data
+            missing = []
+            for index in to_check:
+                if index in on_disk:
+                    continue
+                # Another reader may have started this block while we looked at the disk.
+                pending = self._inflight.get(obj.block(index))
+                if pending is not None:
+                    waiting[index] = pending
+                else:
+                    missing.append(index)
+            waiting.update(self._start_fetches(obj, missing, ahead=False))
+        with trio.move_on_after(self.options.io_timeout) as deadline:
+            for index, pending in waiting.items():
+                await pending.done.wait()
+                if index in found:
+                    continue
+                if pending.error is not None:
+                    raise pending.error
+                assert pending.data is not None
+                found[index] = pending.data
+        if deadline.cancelled_caught:
+            raise Unavailable(f"{obj.key}: no answer from the store in {self.options.io_timeout}s")
+        return [found[i] for i in range(first, last + 1)]
+
+    def _load(self, obj: ObjectVersion, indices: list[int]) -> dict[int, memoryview]:
+        """Worker thread: the blocks of ``indices`` that the disk cache holds intact."""
+        found = {}
+        for index in indices:
+            data = self.cache.get(obj.block(index))
+            if data is not None:
+                found[index] = data
+        return found
+
+    # -- fetching --------------------------------------------------------------------------
+
+    def _runs(self, indices: list[int]) -> list[list[int]]:
+        """Group block indices into runs of consecutive blocks, each at most one fetch chunk."""
+        per_chunk = max(self.options.fetch_chunk // self.block_size, 1)
+        runs: list[list[int]] = []
+        for index in sorted(indices):
+            if runs and runs[-1][-1] == index - 1 and len(runs[-1]) < per_chunk:
+                runs[-1].append(index)
+            else:
+                runs.append([index])
+        return runs
+
+    def _span(self, obj: ObjectVersion, run: list[int]) -> tuple[int, int]:
+        return run[0] * self.block_size, min((run[-1] + 1) * self.block_size, obj.size)
+
+    def _start_fetches(
+        self, obj: ObjectVersion, indices: list[int], ahead: bool
+    ) -> dict[int, _Pending]:
+        """Register ``indices`` as in flight and start their GETs; must not await in between.
+        Read-ahead callers hold the budget for these bytes already; the fetch releases it."""
+        assert self._nursery is not None, "BlockReader.run() is not running"
+        started: dict[int, _Pending] = {}
+        for run in self._runs(indices):
+            pendings = {index: _Pending() for index in run}
+            for index, pending in pendings.items():
+                self._inflight[obj.block(index)] = pending
+            started.update(pendings)
+            self._nursery.start_soon(self._fetch, obj, pendings, ahead)
+        return started
+
+    async def _fetch(self, obj: ObjectVersion, pendings: dict[int, _Pending], ahead: bool) -> None:
+        first, last = min(pendings), max(pendings)
+        start, end = self._span(obj, list(pendings))
+        threads = self._ahead_threads if ahead else self._demand_threads
+        budget = self._ahead_budget if ahead else self._demand_budget
+        self.stats.requests_in_flight += 1
+        try:
+            if not ahead:
+                await budget.acquire(end - start)
+            try:
+                blocks = await trio.to_thread.run_sync(
+                    self._get_and_store, obj, start, end, limiter=threads, abandon_on_cancel=True
+                )
+            finally:
+                budget.release(end - start)
+            self.stats.requests += 1
+            self.stats.fetched_bytes += end - start
+            if ahead:
+                self.stats.prefetched_blocks += len(blocks)
+            else:
+                self.stats.fetched_blocks += len(blocks)
+            for index, data in zip(range(first, last + 1), blocks, strict=True):
+                self._remember(obj.block(index), data)
+                pendings[index].data = data
+        except CloudfsError as exc:
+            self._failed(obj, exc, pendings)
+        except Exception as exc:  # a bug must fail the read, not the mount
+            log.exception("fetching %s bytes %d-%d failed", obj.key, start, end)
+            self._failed(obj, Unavailable(f"{obj.key}: {exc}"), pendings)
+        finally:
+            self.stats.requests_in_flight -= 1
+            for index, pending in pendings.items():
+                self._inflight.pop(obj.block(index), None)
+                pending.done.set()
+
+    def _failed(self, obj: ObjectVersion, exc: CloudfsError, pendings: dict[int, _Pending]) -> None:
+        self.stats.errors += 1
+        self.stats.last_error = str(exc)
+        log.warning("fetch failed: %s", exc)
+        for pending in pendings.values():
+            pending.error = exc
+
+    def _get_and_store(self, obj: ObjectVersion, start: int, end: int) -> list[bytes]:
+        """Worker thread: one ranged GET, split into blocks, each written to the disk cache."""
+        data = memoryview(self.store.get_range(obj.key, start, end, obj.etag))
+        blocks = []
+        for offset in range(0, len(data), self.block_size):
+            block = bytes(data[offset : offset + self.block_size])
+            self.cache.put(obj.block((start + offset) // self.block_size), block)
+            blocks.append(block)
+        return blocks
+
+    # -- read-ahead ------------------------------------------------------------------------
+
+    def prefetch(self, obj: ObjectVersion, first: int, last: int, cancelled: Cancelled) -> None:
+        """Make blocks ``[first, last)`` local in the background; never raises, never waits."""
+        assert self._nursery is not None, "BlockReader.run() is not running"
+        self._nursery.start_soon(self._prefetch, obj, first, last, cancelled)
+
+    async def _prefetch(
+        self, obj: ObjectVersion, first: int, last: int, cancelled: Cancelled
+    ) -> None:
+        candidates = [i for i in range(first, last) if self._absent(obj.block(i))]
+        if not candidates or cancelled.is_set:
+            return
+        warm = [i for i in candidates if i < first + WARM_AHEAD]
+        present = await trio.to_thread.run_sync(
+            self._present, obj, candidates, warm, limiter=self._disk_threads
+        )
+        for index, data in present.items():
+            if data is not None:
+                self._remember(obj.block(index), data)
+        missing = [i for i in candidates if i not in present]
+        for run in self._runs(missing):
+            start, end = self._span(obj, run)
+            await self._ahead_budget.acquire(end - start)
+            # While this waited, the file may have closed or a foreground read taken blocks over.
+            still = [] if cancelled.is_set else [i for i in run if self._absent(obj.block(i))]
+            kept = sum(b - a for a, b in (self._span(obj, r) for r in self._runs(still)))
+            self._ahead_budget.release(end - start - kept)
+            self._start_fetches(obj, still, ahead=True)
+
+    def _absent(self, block: BlockId) -> bool:
+        return block not in self._memory and block not in self._inflight
+
+    def _present(
+        self, obj: ObjectVersion, candidates: list[int], warm: list[int]
+    ) -> dict[int, memoryview | None]:
+        """Worker thread: which candidates the disk holds; the ``warm`` ones are also loaded."""
+        present: dict[int, memoryview | None] = {}
+        for index in candidates:
+            if index in warm:
+                data = self.cache.get(obj.block(index))
+                if data is not None:
+                    present[index] = data
+            elif self.cache.contains(obj.block(index)):
+                present[index] = None
+        return present

@@ -1,0 +1,87 @@
+"""Object stores behind one protocol: the rest of cloudfs never sees boto3 or a directory walk.
+
+Keys are relative to the store's root (an S3 prefix or a directory) and use ``/`` separators.
+Every method blocks, so callers run them in worker threads; implementations are thread-safe and
+raise only ``cloudfs.errors`` exceptions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import unquote, urlparse
+
+from ..config import S3Options
+from ..errors import ConfigError
+
+ARCHIVE_CLASSES = frozenset({"GLACIER", "DEEP_ARCHIVE"})
+"""Storage classes whose objects need a restore before a GET (GLACIER_IR reads directly)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    """What a listing says of one object; ``etag`` identifies the version of its bytes."""
+
+    key: str
+    size: int
+    mtime_ns: int
+    etag: str
+    storage_class: str = "STANDARD"
+    restored: bool = False
+    """True once an archived object has a readable restored copy (only HEAD reports it)."""
+
+    @property
+    def needs_restore(self) -> bool:
+        return self.storage_class in ARCHIVE_CLASSES and not self.restored
+
+
+class ObjectStore(Protocol):
+    """The calls cloudfs makes of a bucket or a directory used as one."""
+
+    def describe(self) -> str:
+        """A human name for logs and status; never contains a secret."""
+        ...
+
+    def check(self) -> None:
+        """Prove the store is reachable and readable; raise ConfigError with one clear line."""
+        ...
+
+    def list(self) -> Iterator[ObjectInfo]:
+        """Every object, in ascending UTF-8 byte order of key (as ListObjectsV2 returns them)."""
+        ...
+
+    def head(self, key: str) -> ObjectInfo: ...
+
+    def get_range(self, key: str, start: int, end: int, etag: str) -> bytes:
+        """Bytes ``[start, end)`` of the version ``etag``; StaleObject if the object changed."""
+        ...
+
+    def put_file(self, key: str, path: Path, metadata: Mapping[str, str]) -> ObjectInfo:
+        """Upload a local file as ``key`` with user metadata; returns the stored object's info."""
+        ...
+
+    def delete(self, key: str) -> None: ...
+
+    def copy(self, source: str, target: str) -> ObjectInfo:
+        """Server-side copy (the bytes never pass through this host)."""
+        ...
+
+
+def open_store(source: str, s3: S3Options) -> ObjectStore:
+    """Build the store a ``s3://bucket[/prefix]`` or ``file:///path`` source names."""
+    url = urlparse(source)
+    if url.scheme == "s3":
+        if not url.netloc:
+            raise ConfigError(f"{source}: an s3 source needs a bucket, as in s3://bucket/prefix")
+        from .s3 import S3Store
+
+        return S3Store(url.netloc, unquote(url.path).strip("/"), s3)
+    if url.scheme == "file":
+        if url.netloc not in ("", "localhost"):
+            raise ConfigError(f"{source}: file sources are local paths, as in file:///srv/archive")
+        from .local import LocalStore
+
+        return LocalStore(Path(unquote(url.path)))
+    raise ConfigError(f"{source}: unknown source; use s3://bucket[/prefix] or file:///path")
