@@ -233,19 +233,25 @@ def mount(
         return
     setup_logging(log_level, log_file)
 
+    waiting = [ready_fd] if ready_fd is not None else []
+
+    def tell_parent(line: str) -> None:
+        while waiting:
+            fd = waiting.pop()
+            os.write(fd, line.encode() + b"\n")
+            os.close(fd)
+
     def ready() -> None:
         log.info("ready: %s is mounted at %s", source, config.mountpoint)
-        if ready_fd is not None:
-            os.write(ready_fd, b"ready\n")
-            os.close(ready_fd)
+        tell_parent("ready")
 
     try:
         serve(config, ready)
-    except ConfigError as exc:
-        log.error("%s", exc)
-        if ready_fd is not None:
-            os.write(ready_fd, f"error: {exc}\n".encode())
-        raise click.ClickException(str(exc)) from None
+    except Exception as exc:
+        message = str(exc) if isinstance(exc, ConfigError) else f"mount failed: {exc}"
+        log.error("%s", message, exc_info=not isinstance(exc, ConfigError))
+        tell_parent(f"error: {message}")
+        raise click.ClickException(message) from None
 
 
 def _start_daemon(args: list[str], cache_dir: Path, log_file: Path | None) -> None:

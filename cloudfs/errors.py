@@ -51,6 +51,11 @@ class ConfigError(CloudfsError):
     errno = errno.EINVAL
 
 
+class StoreUnreachable(ConfigError):
+    """The endpoint did not answer at mount time.  Fatal for a first mount (there is no catalog
+    to serve from); a remount serves the catalog and cache and catches up when the cloud returns."""
+
+
 # S3 error codes (and HTTP statuses, for HEAD responses that carry no code) to our errors.
 S3_ERRORS: dict[str, type[CloudfsError]] = {
     "NoSuchKey": NotFound,

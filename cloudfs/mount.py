@@ -23,7 +23,7 @@ import trio
 from .cache import BlockCache
 from .catalog import Catalog
 from .config import Config
-from .errors import ConfigError
+from .errors import CloudfsError, ConfigError, StoreUnreachable
 from .fs import ArchiveFS
 from .fuse_ops import FuseOperations
 from .store import ObjectStore, open_store
@@ -123,13 +123,22 @@ def prepare(config: Config) -> tuple[ObjectStore, Catalog, BlockCache, float]:
     config.check()
     check_mountpoint(config.mountpoint)
     store = open_store(config.source, config.s3)
-    store.check()
     lock_cache(config.cache.directory)
     catalog = open_catalog(config, store)
     synced_at = float(catalog.get_meta("synced_at") or 0)
+    try:
+        store.check()
+    except StoreUnreachable as exc:
+        if not synced_at:
+            raise
+        # An outage must not stop reading: serve the catalog and the cached blocks.
+        log.warning("%s; serving the catalog and the cache until it answers", exc)
     if not synced_at:
         log.info("first mount of %s: listing the store into the catalog", store.describe())
-        report = catalog.sync(store.list())
+        try:
+            report = catalog.sync(store.list())
+        except CloudfsError as exc:
+            raise ConfigError(f"listing {store.describe()} failed: {exc}") from exc
         log.info(
             "catalog ready: %d objects in %.1fs, %d keys not mappable",
             report.added,

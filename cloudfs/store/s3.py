@@ -16,7 +16,7 @@ import botocore.config
 import botocore.exceptions as bex
 
 from ..config import S3Options
-from ..errors import S3_ERRORS, ConfigError, Unavailable
+from ..errors import S3_ERRORS, ConfigError, StoreUnreachable, Unavailable
 from . import ObjectInfo
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ class S3Store:
         except bex.NoCredentialsError as exc:
             raise ConfigError(f"{where}: no AWS credentials found") from exc
         except _TRANSPORT_ERRORS as exc:
-            raise ConfigError(f"{where}: endpoint unreachable ({exc})") from exc
+            raise StoreUnreachable(f"{where}: endpoint unreachable ({exc})") from exc
         except bex.BotoCoreError as exc:
             raise ConfigError(f"{where}: {exc}") from exc
 
