@@ -103,6 +103,7 @@ class Catalog:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._local = threading.local()
+        self._reported: set[str] = set()
         with self._db() as db:
             db.executescript(_SCHEMA)
             db.execute(
@@ -191,7 +192,7 @@ class Catalog:
         with the batches written so far) if the listing fails part way."""
         started = time.monotonic()
         report = SyncReport()
-        writer = _Writer(self._db(), report)
+        writer = _Writer(self._db(), report, self._reported)
         old = self._cataloged()
         current = next(old, None)
         writer.begin()
@@ -218,7 +219,7 @@ class Catalog:
 
     def refresh_object(self, info: ObjectInfo | None, key: str) -> None:
         """Record one object's new state (``None``: it is gone), as learned from a HEAD."""
-        writer = _Writer(self._db(), SyncReport())
+        writer = _Writer(self._db(), SyncReport(), self._reported)
         writer.begin()
         existing = self.by_key(key)
         if info is None:
@@ -234,9 +235,10 @@ class Catalog:
 class _Writer:
     """Applies listing differences inside batched transactions, keeping the tree well formed."""
 
-    def __init__(self, db: sqlite3.Connection, report: SyncReport) -> None:
+    def __init__(self, db: sqlite3.Connection, report: SyncReport, reported: set[str]) -> None:
         self.db = db
         self.report = report
+        self.reported = reported
         self.pending = 0
         self.dirs: dict[tuple[int, str], int] = {}
 
@@ -256,6 +258,9 @@ class _Writer:
     def reject(self, key: str, reason: str) -> None:
         self.db.execute("INSERT OR REPLACE INTO rejected VALUES (?, ?)", (key, reason))
         self.report.rejected += 1
+        if key not in self.reported:  # once per key and process, not on every relist
+            self.reported.add(key)
+            log.warning("object key %r not shown in the mount: it %s", key, reason)
 
     def _directory(self, parent: int, name: str) -> int:
         """The inode of directory ``name`` in ``parent``, created if missing.  A file of the same

@@ -3,6 +3,8 @@
 pyfuse3 catches only FUSEError; any other exception ends ``pyfuse3.main()`` and leaves a dead
 mount.  Every handler therefore goes through ``_guard``: expected failures become their errno,
 anything unexpected is logged once with its traceback and becomes EIO.
+
+``serve`` owns the FUSE session: mount, the trio loop with the caller's background tasks, unmount.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ import functools
 import logging
 import os
 from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
+import trio
 
 from .errors import CloudfsError
 from .fs import ArchiveFS, Attributes
@@ -151,3 +155,30 @@ class FuseOperations(pyfuse3.Operations):
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         # Inode numbers are catalog row ids, valid without a lookup count: nothing to free.
         pass
+
+
+def serve(
+    fs: ArchiveFS,
+    mountpoint: Path,
+    options: set[str],
+    start_tasks: Callable[[trio.Nursery], None],
+) -> None:
+    """Mount, serve until unmounted or ``stop()``, unmount.  ``start_tasks`` starts the daemon's
+    background tasks in the nursery that also runs the FUSE loop."""
+    pyfuse3.init(FuseOperations(fs), str(mountpoint), set(pyfuse3.default_options) | options)
+    try:
+        trio.run(_main, start_tasks)
+    finally:
+        pyfuse3.close(unmount=True)
+
+
+async def _main(start_tasks: Callable[[trio.Nursery], None]) -> None:
+    async with trio.open_nursery() as nursery:
+        start_tasks(nursery)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+def stop() -> None:
+    """End ``serve`` from a task on its loop (a signal handler): unmounts cleanly."""
+    pyfuse3.terminate()

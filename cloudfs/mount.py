@@ -17,15 +17,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pyfuse3
 import trio
 
+from . import fuse_ops
 from .cache import BlockCache
 from .catalog import Catalog
 from .config import Config
 from .errors import CloudfsError, ConfigError, StoreUnreachable
 from .fs import ArchiveFS
-from .fuse_ops import FuseOperations
 from .store import ObjectStore, open_store
 
 log = logging.getLogger(__name__)
@@ -157,31 +156,22 @@ def serve(config: Config, on_ready: Callable[[], None]) -> None:
     """Mount and serve until unmounted or signalled; ``on_ready`` runs once the mount answers."""
     store, catalog, cache, first_refresh = prepare(config)
     fs = ArchiveFS(config, store, catalog, cache)
-    options = set(pyfuse3.default_options)
-    options |= {f"fsname={FS_TYPE}", f"subtype={FS_TYPE}"}
+    options = {f"fsname={FS_TYPE}", f"subtype={FS_TYPE}", *config.mount.fuse_options}
     if config.mount.read_only:
         options.add("ro")
-    options.update(config.mount.fuse_options)
-    pyfuse3.init(FuseOperations(fs), str(config.mountpoint), options)
-    log.info("mounted %s at %s", store.describe(), config.mountpoint)
-    try:
-        trio.run(_main, fs, config, first_refresh, on_ready)
-    finally:
-        pyfuse3.close(unmount=True)
-        cache.close()
-        log.info("unmounted %s", config.mountpoint)
 
-
-async def _main(
-    fs: ArchiveFS, config: Config, first_refresh: float, on_ready: Callable[[], None]
-) -> None:
-    async with trio.open_nursery() as nursery:
+    def start_tasks(nursery: trio.Nursery) -> None:
         nursery.start_soon(fs.reader.run)
         nursery.start_soon(fs.refresher, first_refresh)
         nursery.start_soon(_stop_on_signals)
         nursery.start_soon(_announce_ready, config, on_ready)
-        await pyfuse3.main()
-        nursery.cancel_scope.cancel()
+
+    log.info("mounting %s at %s", store.describe(), config.mountpoint)
+    try:
+        fuse_ops.serve(fs, config.mountpoint, options, start_tasks)
+    finally:
+        cache.close()
+        log.info("unmounted %s", config.mountpoint)
 
 
 async def _stop_on_signals() -> None:
@@ -189,7 +179,7 @@ async def _stop_on_signals() -> None:
         async for signum in signals:
             log.info("%s received: unmounting", signal.Signals(signum).name)
             notify_systemd("STOPPING=1")
-            pyfuse3.terminate()
+            fuse_ops.stop()
             return
 
 
