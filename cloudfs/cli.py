@@ -20,10 +20,9 @@ from typing import Any
 
 import click
 
-from . import __version__
+from . import __version__, control
 from .config import CacheOptions, Config, MountOptions, S3Options, format_size, parse_size
 from .errors import ConfigError
-from .fs import REFRESH_XATTR, STATUS_XATTR
 from .mount import mounted_cloudfs, serve
 
 log = logging.getLogger("cloudfs")
@@ -292,13 +291,19 @@ def _start_daemon(args: list[str], cache_dir: Path, log_file: Path | None) -> No
     )
 
 
-def _read_status(mountpoint: Path) -> dict[str, Any]:
+def _ask(mountpoint: Path, command: str) -> dict[str, Any]:
+    """Send a control command to the daemon serving ``mountpoint``."""
     if not mounted_cloudfs(mountpoint):
         raise click.ClickException(f"{mountpoint}: not a cloudfs mount")
     try:
-        return dict(json.loads(os.getxattr(mountpoint, STATUS_XATTR)))
+        return control.request(mountpoint, command)
     except OSError as exc:
-        raise click.ClickException(f"{mountpoint}: status unavailable ({exc.strerror})") from None
+        raise click.ClickException(
+            f"{mountpoint}: its daemon does not answer ({exc.strerror or exc}); "
+            "run this as the user who mounted it"
+        ) from None
+    except RuntimeError as exc:
+        raise click.ClickException(f"{mountpoint}: {command} failed: {exc}") from None
 
 
 @main.command()
@@ -312,7 +317,7 @@ def _read_status(mountpoint: Path) -> dict[str, Any]:
 )
 def unmount(mountpoint: Path, timeout: float) -> None:
     """Unmount MOUNTPOINT cleanly and wait for its daemon to exit."""
-    pid = _read_status(mountpoint)["pid"]
+    pid = _ask(mountpoint, "status")["pid"]
     result = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)
     if result.returncode != 0:
         raise click.ClickException(result.stderr.strip() or f"cannot unmount {mountpoint}")
@@ -331,7 +336,7 @@ def unmount(mountpoint: Path, timeout: float) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
 def status(mountpoint: Path, as_json: bool) -> None:
     """Show cache use, hit ratio, bytes fetched and requests in flight of a mount."""
-    facts = _read_status(mountpoint)
+    facts = _ask(mountpoint, "status")
     if as_json:
         click.echo(json.dumps(facts, indent=2))
         return
@@ -367,13 +372,11 @@ def status(mountpoint: Path, as_json: bool) -> None:
 @click.argument("mountpoint", type=click.Path(path_type=Path))
 def refresh(mountpoint: Path) -> None:
     """Relist the store now, so objects added, changed or deleted by others show at once."""
-    _read_status(mountpoint)
-    try:
-        os.setxattr(mountpoint, REFRESH_XATTR, b"1")
-    except OSError as exc:
-        raise click.ClickException(f"refresh failed: {exc.strerror}") from None
-    catalog = _read_status(mountpoint)["catalog"]
-    click.echo(f"catalog: {catalog['files']} files, {catalog['directories']} directories")
+    report = _ask(mountpoint, "refresh")
+    click.echo(
+        f"catalog refreshed in {report['seconds']:.1f}s: {report['added']} added, "
+        f"{report['changed']} changed, {report['removed']} removed"
+    )
 
 
 @main.command()

@@ -13,8 +13,9 @@ handles are changed on the trio thread only.
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import errno
-import json
 import logging
 import os
 import stat
@@ -26,7 +27,7 @@ from typing import Any
 import trio
 
 from .cache import BlockCache
-from .catalog import ROOT, Catalog, Node, SyncReport
+from .catalog import Catalog, Node, SyncReport
 from .config import Config
 from .errors import CloudfsError, NeedsRestore, NotFound, Unavailable
 from .prefetch import ReadAhead
@@ -34,11 +35,6 @@ from .reader import BlockReader, Cancelled, ObjectVersion
 from .store import ARCHIVE_CLASSES, ObjectStore
 
 log = logging.getLogger(__name__)
-
-STATUS_XATTR = "user.cloudfs.status"
-"""Read on the mount's root: the daemon's status as JSON (no socket to find, permissions apply)."""
-REFRESH_XATTR = "user.cloudfs.refresh"
-"""Written on the mount's root: relist the store now and return when the catalog matches."""
 
 _READDIR_BATCH = 1000
 _REMEMBERED_VERSIONS = 100_000
@@ -68,6 +64,15 @@ class Attributes:
 
 
 @dataclass
+class _Listing:
+    """The catalog batch an open directory is being listed from."""
+
+    ino: int
+    after: int = 0
+    batch: list[tuple[str, Attributes]] = field(default_factory=list)
+
+
+@dataclass
 class OpenFile:
     version: ObjectVersion
     read_ahead: ReadAhead
@@ -85,6 +90,7 @@ class ArchiveFS:
         self.reader = BlockReader(store, cache, config.cache)
         self.uid, self.gid = os.getuid(), os.getgid()
         self._handles: dict[int, OpenFile] = {}
+        self._listings: dict[int, _Listing] = {}
         self._next_handle = count(1)
         self._opened_versions: dict[int, str] = {}
         self._catalog_threads = trio.CapacityLimiter(4)
@@ -123,14 +129,32 @@ class ArchiveFS:
     async def getattr(self, ino: int) -> Attributes:
         return self.attributes(await self._node(ino))
 
-    async def opendir(self, ino: int) -> None:
+    async def opendir(self, ino: int) -> int:
+        """Open a directory for listing; returns the handle readdir takes."""
         if not (await self._node(ino)).is_dir:
             raise FsError(errno.ENOTDIR)
+        handle = next(self._next_handle)
+        self._listings[handle] = _Listing(ino)
+        return handle
 
-    async def readdir(self, ino: int, after: int) -> list[tuple[str, Attributes]]:
-        """One batch of entries with inode numbers above ``after`` (the readdir offset)."""
-        nodes = await self._catalog(self.catalog.children, ino, after, _READDIR_BATCH)
-        return [(node.name, self.attributes(node)) for node in nodes]
+    async def readdir(self, handle: int, after: int) -> list[tuple[str, Attributes]]:
+        """Entries with inode numbers above ``after`` (the readdir offset), in inode order.
+
+        The kernel asks for about 4 KiB of entries at a time (some 30 names); one catalog query
+        fetches a batch of a thousand, and the next requests are answered from it."""
+        listing = self._listings.get(handle)
+        if listing is None:
+            raise FsError(errno.EBADF)
+        batch = listing.batch
+        if not (batch and listing.after <= after < batch[-1][1].ino):
+            nodes = await self._catalog(self.catalog.children, listing.ino, after, _READDIR_BATCH)
+            listing.after = after
+            listing.batch = batch = [(node.name, self.attributes(node)) for node in nodes]
+        start = bisect.bisect_right(batch, after, key=lambda entry: entry[1].ino)
+        return batch[start:]
+
+    def releasedir(self, handle: int) -> None:
+        self._listings.pop(handle, None)
 
     # -- files -----------------------------------------------------------------------------
 
@@ -226,14 +250,14 @@ class ArchiveFS:
         )
         return report
 
-    async def refresh(self) -> SyncReport | None:
+    async def refresh(self) -> dict[str, Any]:
         """Ask the refresher for a relist and wait for the one that starts after this call."""
         done = self._refresh_done
         self._refresh_wanted.set()
         await done.wait()
         if self._last_sync_error:
             raise Unavailable(self._last_sync_error)
-        return self._last_sync
+        return dataclasses.asdict(self._last_sync) if self._last_sync else {}
 
     async def refresher(self, first_delay: float) -> None:
         """Relist every ``refresh_interval`` seconds, or at once when asked."""
@@ -306,17 +330,6 @@ class ArchiveFS:
             },
             "open_files": len(self._handles),
         }
-
-    async def getxattr(self, ino: int, name: str) -> bytes:
-        if ino == ROOT and name == STATUS_XATTR:
-            return json.dumps(await self.status()).encode()
-        raise FsError(errno.ENODATA)
-
-    async def setxattr(self, ino: int, name: str, value: bytes) -> None:
-        if ino == ROOT and name == REFRESH_XATTR:
-            await self.refresh()
-            return
-        raise FsError(errno.ENOTSUP if not self.config.mount.read_only else errno.EROFS)
 
     def statfs(self) -> dict[str, int]:
         block = self.cache.block_size

@@ -48,6 +48,9 @@ def _guard(handler: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutin
 
 
 class FuseOperations(pyfuse3.Operations):
+    """Extended attributes are deliberately not implemented: after the first ENOSYS the kernel
+    stops asking, which keeps ``ls -l`` from costing two round trips per file."""
+
     supports_dot_lookup = False
     enable_writeback_cache = False
     enable_acl = False
@@ -94,8 +97,7 @@ class FuseOperations(pyfuse3.Operations):
 
     @_guard
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        await self.fs.opendir(inode)
-        return inode
+        return await self.fs.opendir(inode)
 
     @_guard
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
@@ -106,7 +108,7 @@ class FuseOperations(pyfuse3.Operations):
                 return
 
     async def releasedir(self, fh: int) -> None:
-        pass
+        self.fs.releasedir(fh)
 
     @_guard
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
@@ -132,25 +134,6 @@ class FuseOperations(pyfuse3.Operations):
         data.f_ffree = data.f_favail = figures["free_files"]
         data.f_namemax = figures["name_max"]
         return data
-
-    @_guard
-    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        try:
-            return await self.fs.getxattr(inode, os.fsdecode(name))
-        except CloudfsError as exc:
-            if exc.errno == errno.ENODATA:
-                raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
-            raise
-
-    @_guard
-    async def setxattr(
-        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
-    ) -> None:
-        await self.fs.setxattr(inode, os.fsdecode(name), value)
-
-    @_guard
-    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
-        return []
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         # Inode numbers are catalog row ids, valid without a lookup count: nothing to free.

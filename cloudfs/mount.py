@@ -19,7 +19,7 @@ from pathlib import Path
 
 import trio
 
-from . import fuse_ops
+from . import control, fuse_ops
 from .cache import BlockCache
 from .catalog import Catalog
 from .config import Config
@@ -159,12 +159,16 @@ def serve(config: Config, on_ready: Callable[[], None]) -> None:
     options = {f"fsname={FS_TYPE}", f"subtype={FS_TYPE}", *config.mount.fuse_options}
     if config.mount.read_only:
         options.add("ro")
+    control_socket = control.socket_path(config.mountpoint)
 
     def start_tasks(nursery: trio.Nursery) -> None:
         nursery.start_soon(fs.reader.run)
         nursery.start_soon(fs.refresher, first_refresh)
         nursery.start_soon(_stop_on_signals)
         nursery.start_soon(_announce_ready, config, on_ready)
+        nursery.start_soon(
+            control.serve, control_socket, {"status": fs.status, "refresh": fs.refresh}
+        )
 
     log.info("mounting %s at %s", store.describe(), config.mountpoint)
     try:
