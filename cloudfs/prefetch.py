@@ -3,7 +3,9 @@
 A read that starts where the previous one ended (within one block, because the kernel may reorder
 its own read-ahead requests) is sequential.  Sequential reading opens a window ahead of the reader
 that doubles each time new blocks are scheduled, up to a maximum; a random read closes it, so a
-viewer seeking around an object never pays for bytes it will not read.
+viewer seeking around an object never pays for bytes it will not read.  The window is topped up
+when less than half of it is left ahead, so steady reading issues half-window batches (several
+full-size GETs), not one small GET per block read.
 
 Pure logic on integers: no FUSE, no store, no clock.
 """
@@ -33,6 +35,10 @@ class ReadAhead:
             return None
         if self.window == 0:
             self.window = self.initial
+        if self.scheduled_until - end > self.window // 2:
+            # More than half a window is still ahead: topping up now would issue many small
+            # GETs; waiting gives fewer, larger ones.
+            return None
         target = min(end + self.window, file_size)
         start = max(self.scheduled_until, end)
         first = -(-start // self.block_size)  # the next block the reader has not entered

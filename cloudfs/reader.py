@@ -32,9 +32,13 @@ from .store import ObjectStore
 
 log = logging.getLogger(__name__)
 
-WARM_AHEAD = 4
-"""Blocks just ahead of a sequential reader that read-ahead loads from disk into memory, so the
-reader's next requests are memory hits; farther blocks only need to be on disk."""
+RECENCY_PERIOD = 2.0
+"""Seconds between recency updates of the disk cache: late enough to batch thousands of reads
+into one transaction, early enough that eviction never sees a stale order for long."""
+
+WARM_AHEAD = 8
+"""Blocks just ahead of a sequential reader that are loaded from the disk cache into memory, so
+its next requests are memory hits; blocks farther ahead only need to be on disk."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +109,7 @@ class BlockReader:
         self._memory: OrderedDict[BlockId, bytes | memoryview] = OrderedDict()
         self._memory_bytes = 0
         self._inflight: dict[BlockId, _Pending] = {}
+        self._warming: set[BlockId] = set()
         self._demand_threads = trio.CapacityLimiter(options.fetch_threads)
         self._ahead_threads = trio.CapacityLimiter(options.fetch_threads)
         self._disk_threads = trio.CapacityLimiter(options.disk_threads)
@@ -113,10 +118,13 @@ class BlockReader:
         self._nursery: trio.Nursery | None = None
 
     async def run(self) -> None:
-        """Own the nursery that fetches outlive the request that started them in."""
+        """Own the nursery that fetches outlive the request that started them in, and pass
+        the cache the recency of what was read every few seconds."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            await trio.sleep_forever()
+            while True:
+                await trio.sleep(RECENCY_PERIOD)
+                await trio.to_thread.run_sync(self.cache.record_recency, limiter=self._disk_threads)
 
     # -- memory tier -----------------------------------------------------------------------
 
@@ -314,14 +322,10 @@ class BlockReader:
         candidates = [i for i in range(first, last) if self._absent(obj.block(i))]
         if not candidates or cancelled.is_set:
             return
-        warm = [i for i in candidates if i < first + WARM_AHEAD]
-        present = await trio.to_thread.run_sync(
-            self._present, obj, candidates, warm, limiter=self._disk_threads
+        on_disk = await trio.to_thread.run_sync(
+            self._on_disk, obj, candidates, limiter=self._disk_threads
         )
-        for index, data in present.items():
-            if data is not None:
-                self._remember(obj.block(index), data)
-        missing = [i for i in candidates if i not in present]
+        missing = [i for i in candidates if i not in on_disk]
         for run in self._runs(missing):
             start, end = self._span(obj, run)
             await self._ahead_budget.acquire(end - start)
@@ -331,19 +335,33 @@ class BlockReader:
             self._ahead_budget.release(end - start - kept)
             self._start_fetches(obj, still, ahead=True)
 
+    def warm(self, obj: ObjectVersion, first: int) -> None:
+        """Load the next WARM_AHEAD blocks from the disk cache into memory in the background,
+        so a sequential reader of cached data finds them there instead of waiting for a disk
+        read per block."""
+        assert self._nursery is not None, "BlockReader.run() is not running"
+        last = min(first + WARM_AHEAD, -(-obj.size // self.block_size))
+        wanted = [
+            i
+            for i in range(first, last)
+            if self._absent(obj.block(i)) and obj.block(i) not in self._warming
+        ]
+        for index in wanted:  # one task per block: the disk threads read them in parallel
+            self._warming.add(obj.block(index))
+            self._nursery.start_soon(self._warm, obj, index)
+
+    async def _warm(self, obj: ObjectVersion, index: int) -> None:
+        block = obj.block(index)
+        try:
+            data = await trio.to_thread.run_sync(self.cache.get, block, limiter=self._disk_threads)
+            if data is not None:
+                self._remember(block, data)
+        finally:
+            self._warming.discard(block)
+
     def _absent(self, block: BlockId) -> bool:
         return block not in self._memory and block not in self._inflight
 
-    def _present(
-        self, obj: ObjectVersion, candidates: list[int], warm: list[int]
-    ) -> dict[int, memoryview | None]:
-        """Worker thread: which candidates the disk holds; the ``warm`` ones are also loaded."""
-        present: dict[int, memoryview | None] = {}
-        for index in candidates:
-            if index in warm:
-                data = self.cache.get(obj.block(index))
-                if data is not None:
-                    present[index] = data
-            elif self.cache.contains(obj.block(index)):
-                present[index] = None
-        return present
+    def _on_disk(self, obj: ObjectVersion, candidates: list[int]) -> set[int]:
+        """Worker thread: which candidate blocks the disk cache holds."""
+        return {i for i in candidates if self.cache.contains(obj.block(i))}
