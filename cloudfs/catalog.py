@@ -107,8 +107,9 @@ class Catalog:
         with self._db() as db:
             db.executescript(_SCHEMA)
             db.execute(
-                "INSERT OR IGNORE INTO nodes(ino, parent, name, is_dir) VALUES (?, 0, '', 1)",
-                (ROOT,),
+                "INSERT OR IGNORE INTO nodes(ino, parent, name, is_dir, mtime_ns) "
+                "VALUES (?, 0, '', 1, ?)",
+                (ROOT, time.time_ns()),
             )
 
     def _db(self) -> sqlite3.Connection:
