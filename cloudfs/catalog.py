@@ -213,6 +213,7 @@ class Catalog:
             writer.remove(current[0])
             current = next(old, None)
             writer.maybe_commit()
+        writer.retry_shadowed()
         writer.commit()
         self.set_meta("synced_at", str(time.time()))
         report.seconds = time.monotonic() - started
@@ -242,6 +243,16 @@ class _Writer:
         self.reported = reported
         self.pending = 0
         self.dirs: dict[tuple[int, str], int] = {}
+        self.shadowed: list[ObjectInfo] = []
+        """Files hidden by a directory of the same name during this sync."""
+
+    def retry_shadowed(self) -> None:
+        """Add again the files whose shadowing directory went away later in the same sync."""
+        shadowed, self.shadowed = self.shadowed, []
+        for info in shadowed:
+            self.db.execute("DELETE FROM rejected WHERE key=?", (info.key,))
+            self.report.rejected -= 1
+            self.add(info)
 
     def begin(self) -> None:
         self.db.execute("BEGIN IMMEDIATE")
@@ -302,7 +313,10 @@ class _Writer:
             parent = self._directory(parent, name)
         if marker:
             ino = self._directory(parent, parts[-1])
-            self.db.execute("UPDATE nodes SET key=? WHERE ino=?", (info.key, ino))
+            self.db.execute(
+                "UPDATE nodes SET key=?, size=?, mtime_ns=?, etag=?, storage_class=? WHERE ino=?",
+                (info.key, info.size, info.mtime_ns, info.etag, info.storage_class, ino),
+            )
             self.report.added += 1
             return
         clash = self.db.execute(
@@ -310,6 +324,7 @@ class _Writer:
         ).fetchone()
         if clash is not None:
             self.reject(info.key, "is also a directory prefix; the directory is shown")
+            self.shadowed.append(info)
             return
         self.db.execute(
             "INSERT INTO nodes(parent, name, is_dir, key, size, mtime_ns, etag, storage_class) "

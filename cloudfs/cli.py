@@ -209,6 +209,8 @@ def mount(
             directory=cache_dir,
             size_limit=cache_size,
             block_size=block_size,
+            fetch_chunk=max(block_size, CacheOptions.fetch_chunk),
+            small_object=max(block_size, CacheOptions.small_object),
             readahead_max=read_ahead,
             readahead_budget=read_ahead_memory,
             io_timeout=io_timeout,

@@ -136,6 +136,8 @@ class Config:
             raise ValueError("block size must be between 64K and 64M")
         if c.fetch_chunk < c.block_size:
             raise ValueError("fetch chunk must be at least one block")
+        if c.small_object > c.fetch_chunk:
+            raise ValueError("small objects must fit in one fetch chunk (one GET)")
         minimum = 4 * (c.readahead_max + c.fetch_chunk)
         if c.size_limit < minimum:
             raise ValueError(

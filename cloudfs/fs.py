@@ -200,11 +200,13 @@ class ArchiveFS:
             raise FsError(errno.EBADF)
         version = open_file.version
         read_ahead = open_file.read_ahead
-        plan = read_ahead.on_read(offset, size, version.size)
-        if plan is not None:
-            self.reader.prefetch(version, plan[0], plan[1], open_file.cancelled)
-        if read_ahead.window:
-            self.reader.warm(version, (offset + size) // self.cache.block_size)
+        # Small objects are fetched whole by the first read: read-ahead would only split that GET.
+        if version.size > self.config.cache.small_object:
+            plan = read_ahead.on_read(offset, size, version.size)
+            if plan is not None:
+                self.reader.prefetch(version, plan[0], plan[1], open_file.cancelled)
+            if read_ahead.window:
+                self.reader.warm(version, (offset + size) // self.cache.block_size)
         try:
             return await self.reader.read(version, offset, size)
         except CloudfsError as exc:

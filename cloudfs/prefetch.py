@@ -25,9 +25,14 @@ class ReadAhead:
     def on_read(self, offset: int, size: int, file_size: int) -> tuple[int, int] | None:
         """Record a read; return the block range ``[first, last)`` to prefetch, or None."""
         end = min(offset + size, file_size)
-        sequential = (
-            offset == 0 if self.expected is None else abs(offset - self.expected) <= self.block_size
-        )
+        if self.expected is None:
+            sequential = offset == 0
+        else:
+            # Near the furthest point read so far, from either side: the kernel's own
+            # read-ahead requests may arrive swapped.
+            sequential = (
+                offset <= self.expected + self.block_size and end >= self.expected - self.block_size
+            )
         self.expected = max(end, self.expected or 0) if sequential else end
         if not sequential:
             self.window = 0

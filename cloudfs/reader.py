@@ -113,6 +113,8 @@ class BlockReader:
         self._demand_threads = trio.CapacityLimiter(options.fetch_threads)
         self._ahead_threads = trio.CapacityLimiter(options.fetch_threads)
         self._disk_threads = trio.CapacityLimiter(options.disk_threads)
+        # Warming has threads of its own so a foreground disk lookup never queues behind it.
+        self._warm_threads = trio.CapacityLimiter(max(options.disk_threads // 2, 1))
         self._demand_budget = ByteBudget(options.foreground_budget)
         self._ahead_budget = ByteBudget(options.readahead_budget)
         self._nursery: trio.Nursery | None = None
@@ -353,7 +355,7 @@ class BlockReader:
     async def _warm(self, obj: ObjectVersion, index: int) -> None:
         block = obj.block(index)
         try:
-            data = await trio.to_thread.run_sync(self.cache.get, block, limiter=self._disk_threads)
+            data = await trio.to_thread.run_sync(self.cache.get, block, limiter=self._warm_threads)
             if data is not None:
                 self._remember(block, data)
         finally:

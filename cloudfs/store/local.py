@@ -14,6 +14,7 @@ import shutil
 import stat
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 from ..errors import ConfigError, NotFound, StaleObject, Unavailable
 from . import ObjectInfo
@@ -39,11 +40,36 @@ class LocalStore:
             raise ConfigError(f"{self.root}: source directory is not readable")
 
     def _path(self, key: str) -> Path:
-        """The file behind ``key``, refusing any key that would name something outside the root."""
+        """The path behind ``key``, refusing keys that would name something outside the root."""
         parts = key.split("/")
         if not key or any(p in ("", ".", "..") for p in parts[:-1]) or parts[-1] in (".", ".."):
             raise NotFound(key)
         return self.root.joinpath(*parts)
+
+    def _open(self, key: str) -> int:
+        """A read descriptor on the regular file behind ``key``.  Each component is opened
+        relative to its parent without following symbolic links, so no link anywhere on the way
+        can lead outside the root; O_NONBLOCK keeps a FIFO from blocking the open."""
+        parts = self._path(key).relative_to(self.root).parts
+        directory = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for part in parts[:-1]:
+                inner = os.open(
+                    part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=directory
+                )
+                os.close(directory)
+                directory = inner
+            fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=directory)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                raise NotFound(key) from exc
+            raise Unavailable(f"{key}: {exc.strerror}") from exc
+        finally:
+            os.close(directory)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise NotFound(key)
+        return fd
 
     def _walk(self, directory: str, prefix: str) -> Iterator[tuple[str, os.DirEntry[str]]]:
         try:
@@ -87,21 +113,15 @@ class LocalStore:
         return iter(found)
 
     def head(self, key: str) -> ObjectInfo:
+        fd = self._open(key)
         try:
-            st = os.stat(self._path(key), follow_symlinks=False)
-        except OSError as exc:
-            raise NotFound(key) from exc
-        if not stat.S_ISREG(st.st_mode):
-            raise NotFound(key)
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
         return ObjectInfo(key, st.st_size, st.st_mtime_ns, _etag(st))
 
     def get_range(self, key: str, start: int, end: int, etag: str) -> bytes:
-        try:
-            fd = os.open(self._path(key), os.O_RDONLY | os.O_NOFOLLOW)
-        except FileNotFoundError as exc:
-            raise NotFound(key) from exc
-        except OSError as exc:
-            raise Unavailable(f"{key}: {exc.strerror}") from exc
+        fd = self._open(key)
         try:
             if _etag(os.fstat(fd)) != etag:
                 raise StaleObject(key)
@@ -116,13 +136,22 @@ class LocalStore:
             os.close(fd)
 
     def put_file(self, key: str, path: Path, metadata: Mapping[str, str]) -> ObjectInfo:
+        with open(path, "rb") as source:
+            return self._write(key, source)
+
+    def _write(self, key: str, source: BinaryIO) -> ObjectInfo:
+        """Store ``source`` as ``key`` all at once: readers see the old file or the new one."""
         target = self._path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
+        root = os.path.realpath(self.root)
+        if os.path.commonpath([root, os.path.realpath(target.parent)]) != root:
+            raise NotFound(f"{key}: leads outside the store through a symbolic link")
         temporary = target.with_name(f".{target.name}.cloudfs-upload")
         try:
-            shutil.copyfile(path, temporary)
-            with open(temporary, "rb+") as handle:
-                os.fsync(handle.fileno())
+            with open(temporary, "wb") as out:
+                shutil.copyfileobj(source, out, 1 << 20)
+                out.flush()
+                os.fsync(out.fileno())
             os.replace(temporary, target)
         except OSError as exc:
             temporary.unlink(missing_ok=True)
@@ -139,4 +168,5 @@ class LocalStore:
                 raise Unavailable(f"{key}: {exc.strerror}") from exc
 
     def copy(self, source: str, target: str) -> ObjectInfo:
-        return self.put_file(target, self._path(source), {})
+        with os.fdopen(self._open(source), "rb") as handle:
+            return self._write(target, handle)
