@@ -1,9 +1,11 @@
 """The persistent block cache: fixed-size pieces of objects on local disk, under a hard size cap.
 
 Keys carry the object's ETag, so a changed object gets new blocks and can never be served from old
-ones.  Each stored block starts with a header (magic, CRC-32 of the payload, payload length and a
+ones.  Each stored block starts with a header (magic, payload length, XXH3-64 of the payload and a
 digest of the block's identity); a block that fails any check on read is deleted and reported as
-missing, so the caller fetches it again instead of returning wrong bytes.
+missing, so the caller fetches it again instead of returning wrong bytes.  XXH3 rather than CRC-32:
+it checks a 1 MiB block in 20 us instead of 250 us, and the check runs on every block read from
+disk.
 
 The cap: diskcache culls the entries stored longest ago inside every insert once its volume reaches
 its limit; the limit is set one block below the configured size, so the cache never exceeds the cap
@@ -25,22 +27,23 @@ SQLite connection per thread).  Knows nothing of FUSE or of the store.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import sqlite3
 import struct
 import time
-import zlib
 from collections import deque
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
 import diskcache
+import xxhash
 
 log = logging.getLogger(__name__)
 
-_MAGIC = b"CFB1"
-_HEADER = struct.Struct("<4sII16s")  # magic, crc32, payload length, identity digest
+_MAGIC = b"CFB2"
+_HEADER = struct.Struct("<4sIQ16s")  # magic, payload length, xxh3-64 of payload, identity digest
 _CULL_PER_INSERT = 16
 """Entries diskcache may evict per insert: more than a fetch chunk's worth of blocks is never
 needed because every insert adds one block."""
@@ -90,13 +93,13 @@ class BlockCache:
         if value is None:
             return None
         if isinstance(value, bytes) and len(value) >= _HEADER.size:
-            magic, crc, length, identity = _HEADER.unpack_from(value)
+            magic, length, checksum, identity = _HEADER.unpack_from(value)
             payload = memoryview(value)[_HEADER.size :]
             if (
                 magic == _MAGIC
                 and identity == digest
                 and length == len(payload)
-                and zlib.crc32(payload) == crc
+                and xxhash.xxh3_64_intdigest(payload) == checksum
             ):
                 self._recently_read.append(name)
                 return payload
@@ -128,9 +131,11 @@ class BlockCache:
     def put(self, block: BlockId, payload: bytes | memoryview) -> bool:
         """Store a block; False (logged, rate-limited) if the disk refused it."""
         name, digest = self._identity(block)
-        header = _HEADER.pack(_MAGIC, zlib.crc32(payload), len(payload), digest)
+        header = _HEADER.pack(_MAGIC, len(payload), xxhash.xxh3_64_intdigest(payload), digest)
         try:
-            self._store.set(name, header + payload)
+            # A file object with read=True: given bytes, diskcache writes them line by line
+            # (thousands of write calls per block, measured at 46% of the daemon's CPU).
+            self._store.set(name, io.BytesIO(header + payload), read=True)
             return True
         except (OSError, sqlite3.Error) as exc:
             self.failed_inserts += 1

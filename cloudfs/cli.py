@@ -239,8 +239,12 @@ def mount(
     def tell_parent(line: str) -> None:
         while waiting:
             fd = waiting.pop()
-            os.write(fd, line.encode() + b"\n")
-            os.close(fd)
+            try:
+                os.write(fd, line.encode() + b"\n")
+            except OSError:
+                log.warning("the mount command that started this daemon is gone; serving anyway")
+            finally:
+                os.close(fd)
 
     def ready() -> None:
         log.info("ready: %s is mounted at %s", source, config.mountpoint)

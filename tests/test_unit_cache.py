@@ -94,7 +94,7 @@ def flip_byte(path: Path, position: int) -> None:
 
 @pytest.mark.parametrize(
     "damage",
-    ["payload", "magic", "crc", "identity", "truncate", "extend"],
+    ["payload", "magic", "length", "checksum", "identity", "truncate", "extend"],
 )
 def test_corrupt_block_dropped(tmp_path: Path, damage: str) -> None:
     """A damaged value file is never returned: get() gives None, counts it and deletes it."""
@@ -106,8 +106,10 @@ def test_corrupt_block_dropped(tmp_path: Path, damage: str) -> None:
         flip_byte(path, 40_000)
     elif damage == "magic":
         flip_byte(path, 0)
-    elif damage == "crc":
+    elif damage == "length":
         flip_byte(path, 5)
+    elif damage == "checksum":
+        flip_byte(path, 10)
     elif damage == "identity":
         flip_byte(path, 20)
     elif damage == "truncate":
@@ -127,7 +129,7 @@ def test_corrupt_block_dropped(tmp_path: Path, damage: str) -> None:
 
 
 def test_block_stored_under_another_identity_is_rejected(tmp_path: Path) -> None:
-    """A value moved to another block's file fails the identity digest, even with a good CRC."""
+    """A value moved to another block's file fails the identity digest, even with a good checksum."""
     cache = BlockCache(tmp_path / "blocks", 16 * 1024 * 1024, BLOCK)
     a, b = BlockId("a", '"e"', 0), BlockId("b", '"e"', 0)
     cache.put(a, payload(1))

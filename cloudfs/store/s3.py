@@ -16,7 +16,7 @@ import botocore.config
 import botocore.exceptions as bex
 
 from ..config import S3Options
-from ..errors import S3_ERRORS, ConfigError, StoreUnreachable, Unavailable
+from ..errors import S3_ERRORS, ConfigError, StaleObject, StoreUnreachable, Unavailable
 from . import ObjectInfo
 
 log = logging.getLogger(__name__)
@@ -130,6 +130,9 @@ class S3Store:
             data: bytes = reply["Body"].read()
         except (bex.BotoCoreError, bex.ClientError) as exc:
             raise self._error(exc, key) from exc
+        # Some S3-compatible servers ignore If-Match: the reply's ETag is the second check.
+        if reply.get("ETag", etag) != etag:
+            raise StaleObject(f"{key}: changed in the store (ETag {reply['ETag']})")
         if len(data) != end - start:
             raise Unavailable(f"{key}: short read ({len(data)} of {end - start} bytes)")
         return data

@@ -1,0 +1,15 @@
+"""Read-path benchmark of cloudfs: ``python -m bench`` (see bench/README.md).
+
+One run measures, against the same S3 endpoint and the same bytes:
+
+* the endpoint's own limits with raw boto3 (one stream, and eight parallel ranged GETs),
+* cloudfs mounted on it: cold sequential, first read from the disk block cache after a remount,
+  warm re-read from the kernel page cache, and random 64 KiB reads cold and warm,
+* the ceiling of a Python (pyfuse3) filesystem on this machine: a no-op filesystem serving the
+  file from memory, at the kernel's default read-ahead and at 1 MiB,
+* a plain local-disk read of the same bytes for reference.
+
+Each figure only means something next to the one that bounds it, so the report gives ratios
+(cloudfs cold / the endpoint's parallel limit, cloudfs cached / the FUSE ceiling) as well as the
+absolute numbers.
+"""
