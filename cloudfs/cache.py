@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 _MAGIC = b"CFB2"
 _HEADER = struct.Struct("<4sIQ16s")  # magic, payload length, xxh3-64 of payload, identity digest
+_WAL_RESERVE = 8 * 1024 * 1024
 _CULL_PER_INSERT = 16
 """Entries diskcache may evict per insert: more than a fetch chunk's worth of blocks is never
 needed because every insert adds one block."""
@@ -65,9 +66,15 @@ class BlockCache:
     def __init__(self, directory: Path, size_limit: int, block_size: int) -> None:
         self.block_size = block_size
         self.size_limit = size_limit
+        # The cap covers everything under the directory: diskcache's own limit leaves room for
+        # one block more, the SQLite write-ahead log (checkpointed at half its reserve) and the
+        # directories diskcache spreads its files over (up to two 4 KiB entries per block).
+        wal_reserve = min(_WAL_RESERVE, size_limit // 16)
+        overhead = wal_reserve + (size_limit // block_size) * 2 * 4096
         self._store = diskcache.Cache(
             str(directory),
-            size_limit=max(size_limit - block_size - _HEADER.size, block_size),
+            size_limit=max(size_limit - block_size - _HEADER.size - overhead, block_size),
+            sqlite_wal_autocheckpoint=max(wal_reserve // 2 // 4096, 16),
             eviction_policy="least-recently-stored",
             cull_limit=_CULL_PER_INSERT,
             statistics=False,

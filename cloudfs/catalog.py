@@ -25,7 +25,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .store import ObjectInfo
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 ROOT = 1
 NAME_MAX = 255
 _BATCH = 1000
+_MAX_STALE = 100_000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (
@@ -77,6 +78,26 @@ class SyncReport:
     removed: int = 0
     rejected: int = 0
     seconds: float = 0.0
+    stale_inodes: list[int] = field(default_factory=list)
+    """Inodes whose attributes or bytes changed: the kernel's cached copies must go."""
+    stale_names: list[tuple[int, str]] = field(default_factory=list)
+    """(parent, name) entries added or removed: the kernel's cached lookups must go."""
+
+    def stale(self, ino: int | None = None, name: tuple[int, str] | None = None) -> None:
+        # Beyond a bound, the kernel's attribute timeouts do the job instead.
+        if ino is not None and len(self.stale_inodes) < _MAX_STALE:
+            self.stale_inodes.append(ino)
+        if name is not None and len(self.stale_names) < _MAX_STALE:
+            self.stale_names.append(name)
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "added": self.added,
+            "changed": self.changed,
+            "removed": self.removed,
+            "rejected": self.rejected,
+            "seconds": self.seconds,
+        }
 
 
 def _node(row: tuple) -> Node:
@@ -219,9 +240,10 @@ class Catalog:
         report.seconds = time.monotonic() - started
         return report
 
-    def refresh_object(self, info: ObjectInfo | None, key: str) -> None:
+    def refresh_object(self, info: ObjectInfo | None, key: str) -> SyncReport:
         """Record one object's new state (``None``: it is gone), as learned from a HEAD."""
-        writer = _Writer(self._db(), SyncReport(), self._reported)
+        report = SyncReport()
+        writer = _Writer(self._db(), report, self._reported)
         writer.begin()
         existing = self.by_key(key)
         if info is None:
@@ -232,6 +254,7 @@ class Catalog:
         else:
             writer.update(info)
         writer.commit()
+        return report
 
 
 class _Writer:
@@ -286,6 +309,7 @@ class _Writer:
         if row is not None and not row[1]:
             self.db.execute("DELETE FROM nodes WHERE ino=?", (row[0],))
             self.reject(row[2], "is also a directory prefix; the directory is shown")
+            self.report.stale(ino=row[0])
             row = None
         if row is None:
             now = time.time_ns()
@@ -294,6 +318,7 @@ class _Writer:
                 (parent, name, now),
             ).lastrowid
             assert ino is not None
+            self.report.stale(name=(parent, name))
         else:
             ino = row[0]
         if len(self.dirs) > 100_000:
@@ -332,21 +357,25 @@ class _Writer:
             (parent, parts[-1], info.key, info.size, info.mtime_ns, info.etag, info.storage_class),
         )
         self.report.added += 1
+        self.report.stale(name=(parent, parts[-1]))
 
     def update(self, info: ObjectInfo) -> None:
-        self.db.execute(
-            "UPDATE nodes SET size=?, mtime_ns=?, etag=?, storage_class=? WHERE key=?",
+        row = self.db.execute(
+            "UPDATE nodes SET size=?, mtime_ns=?, etag=?, storage_class=? WHERE key=? "
+            "RETURNING ino",
             (info.size, info.mtime_ns, info.etag, info.storage_class, info.key),
-        )
+        ).fetchone()
         self.report.changed += 1
+        if row is not None:
+            self.report.stale(ino=row[0])
 
     def remove(self, key: str) -> None:
         row = self.db.execute(
-            "SELECT ino, parent, is_dir FROM nodes WHERE key=?", (key,)
+            "SELECT ino, parent, name, is_dir FROM nodes WHERE key=?", (key,)
         ).fetchone()
         if row is None:
             return
-        ino, parent, is_dir = row
+        ino, parent, name, is_dir = row
         self.report.removed += 1
         if is_dir:
             # A directory marker went away; the directory stays while it has children.
@@ -354,6 +383,7 @@ class _Writer:
             parent = ino
         else:
             self.db.execute("DELETE FROM nodes WHERE ino=?", (ino,))
+            self.report.stale(ino=ino, name=(parent, name))
         self._prune(parent)
 
     def _prune(self, ino: int) -> None:
@@ -368,4 +398,5 @@ class _Writer:
                 return
             self.db.execute("DELETE FROM nodes WHERE ino=?", (ino,))
             self.dirs.pop((row[0], row[1]), None)
+            self.report.stale(ino=ino, name=(row[0], row[1]))
             ino = row[0]

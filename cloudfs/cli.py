@@ -12,6 +12,7 @@ import logging
 import logging.handlers
 import os
 import re
+import select
 import subprocess
 import sys
 import time
@@ -27,6 +28,9 @@ from .mount import mounted_cloudfs, serve
 
 log = logging.getLogger("cloudfs")
 
+_DAEMON_START_TIMEOUT = 1800.0
+"""Seconds ``mount`` waits for the daemon: a first mount lists the whole store first, which for
+tens of millions of objects takes minutes; anything longer is a hang."""
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -110,7 +114,7 @@ def main() -> None:
     "--read-ahead",
     "read_ahead",
     type=SIZE,
-    default="64M",
+    default="128M",
     show_default=True,
     help="Largest read-ahead window per open file.",
 )
@@ -285,7 +289,14 @@ def _start_daemon(args: list[str], cache_dir: Path, log_file: Path | None) -> No
     )
     os.close(write_end)
     with os.fdopen(read_end) as pipe:
-        answer = pipe.readline().strip()
+        ready, _, _ = select.select([pipe], [], [], _DAEMON_START_TIMEOUT)
+        answer = pipe.readline().strip() if ready else "timeout"
+    if answer == "timeout":
+        child.terminate()
+        raise click.ClickException(
+            f"the daemon did not become ready in {_DAEMON_START_TIMEOUT:.0f}s and was stopped; "
+            f"see {log_file}"
+        )
     if answer == "ready":
         click.echo(f"cloudfs: mounted (pid {child.pid}, log {log_file})", err=True)
         return

@@ -81,7 +81,7 @@ class CacheOptions:
     typically 0.1-1 MiB and a viewer reads all of it."""
     readahead_initial: int = 2 * MiB
     """Window after the first sequential read; doubles on each sequential step."""
-    readahead_max: int = 64 * MiB
+    readahead_max: int = 128 * MiB
     """Largest read-ahead window per open file: eight parallel 8 MiB GETs, enough to fill a
     WAN link where one S3 stream is capped at about 50 MB/s."""
     readahead_budget: int = 128 * MiB

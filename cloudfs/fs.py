@@ -14,7 +14,6 @@ handles are changed on the trio thread only.
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import errno
 import logging
 import os
@@ -22,7 +21,7 @@ import stat
 import time
 from dataclasses import dataclass, field
 from itertools import count
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -38,6 +37,19 @@ log = logging.getLogger(__name__)
 
 _READDIR_BATCH = 1000
 _REMEMBERED_VERSIONS = 100_000
+
+
+class KernelCache(Protocol):
+    """What the core may tell the kernel: drop what you cached of these inodes and names."""
+
+    async def forget(self, inodes: list[int], names: list[tuple[int, str]]) -> None: ...
+
+
+class NoKernelCache:
+    """For a core driven without a kernel (tests, tools): nothing is cached anywhere."""
+
+    async def forget(self, inodes: list[int], names: list[tuple[int, str]]) -> None:
+        pass
 
 
 class FsError(CloudfsError):
@@ -88,6 +100,7 @@ class ArchiveFS:
         self.catalog = catalog
         self.cache = cache
         self.reader = BlockReader(store, cache, config.cache)
+        self.kernel: KernelCache = NoKernelCache()
         self.uid, self.gid = os.getuid(), os.getgid()
         self._handles: dict[int, OpenFile] = {}
         self._listings: dict[int, _Listing] = {}
@@ -231,7 +244,8 @@ class ArchiveFS:
         except CloudfsError as exc:
             log.warning("cannot refresh %s: %s", key, exc)
             return
-        await self._catalog(self.catalog.refresh_object, info, key)
+        report = await self._catalog(self.catalog.refresh_object, info, key)
+        await self.kernel.forget(report.stale_inodes, report.stale_names)
 
     async def sync(self) -> SyncReport:
         """Relist the store into the catalog (the listing and the diff run in a worker thread)."""
@@ -245,6 +259,8 @@ class ArchiveFS:
             self._last_sync_error = str(exc)
             raise
         self._last_sync, self._last_sync_error = report, ""
+        # Sizes and names the kernel cached for attr_timeout would hide the changes until then.
+        await self.kernel.forget(report.stale_inodes, report.stale_names)
         log.info(
             "catalog refreshed in %.1fs: %d added, %d changed, %d removed, %d keys not mappable",
             report.seconds,
@@ -262,7 +278,7 @@ class ArchiveFS:
         await done.wait()
         if self._last_sync_error:
             raise Unavailable(self._last_sync_error)
-        return dataclasses.asdict(self._last_sync) if self._last_sync else {}
+        return self._last_sync.summary() if self._last_sync else {}
 
     async def refresher(self, first_delay: float) -> None:
         """Relist every ``refresh_interval`` seconds, or at once when asked."""

@@ -9,6 +9,7 @@ anything unexpected is logged once with its traceback and becomes EIO.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -58,6 +59,7 @@ class FuseOperations(pyfuse3.Operations):
     def __init__(self, fs: ArchiveFS) -> None:
         super().__init__()
         self.fs = fs
+        fs.kernel = _KernelCache()
         mount = fs.config.mount
         self.attr_timeout = mount.attr_timeout
         self.negative_timeout = mount.negative_timeout
@@ -138,6 +140,23 @@ class FuseOperations(pyfuse3.Operations):
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         # Inode numbers are catalog row ids, valid without a lookup count: nothing to free.
         pass
+
+
+class _KernelCache:
+    async def forget(self, inodes: list[int], names: list[tuple[int, str]]) -> None:
+        """Invalidate cached attributes, pages and lookups.  pyfuse3 forbids these calls on the
+        thread serving requests (they may wait for it): they run in a worker thread."""
+
+        def invalidate() -> None:
+            for inode in inodes:
+                with contextlib.suppress(OSError):  # ENOENT: the kernel holds nothing of it
+                    pyfuse3.invalidate_inode(inode)
+            for parent, name in names:
+                with contextlib.suppress(OSError):
+                    pyfuse3.invalidate_entry(parent, os.fsencode(name))
+
+        if inodes or names:
+            await trio.to_thread.run_sync(invalidate)
 
 
 def serve(

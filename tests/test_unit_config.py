@@ -84,12 +84,12 @@ def test_check_rejects_too_small_cache(tmp_path: Path) -> None:
         config(tmp_path, size_limit=100 * MiB).check()
     message = str(caught.value)
     assert "100.0 MiB" in message
-    assert "288.0 MiB" in message  # 4 * (64 MiB read-ahead + 8 MiB fetch chunk)
+    assert "544.0 MiB" in message  # 4 * (128 MiB read-ahead + 8 MiB fetch chunk)
 
 
 def test_check_accepts_cache_at_the_minimum(tmp_path: Path) -> None:
     """Exactly four read-ahead windows is enough; one byte less is not."""
-    minimum = 4 * (64 * MiB + 8 * MiB)
+    minimum = 4 * (128 * MiB + 8 * MiB)
     config(tmp_path, size_limit=minimum).check()
     with pytest.raises(ValueError, match="too small"):
         config(tmp_path, size_limit=minimum - 1).check()
