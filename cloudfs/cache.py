@@ -27,7 +27,6 @@ SQLite connection per thread).  Knows nothing of FUSE or of the store.
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import sqlite3
 import struct
@@ -60,6 +59,24 @@ class BlockId:
 
     def cache_key(self, block_size: int) -> str:
         return f"{self.etag}|{block_size}|{self.index}|{self.key}"
+
+
+class _Chunks:
+    """A read-only file object over header and payload, so a block is written without first
+    being copied into one buffer."""
+
+    def __init__(self, *parts: bytes | memoryview) -> None:
+        self._parts = [memoryview(part) for part in parts]
+
+    def read(self, size: int = -1) -> memoryview | bytes:
+        while self._parts and not len(self._parts[0]):
+            self._parts.pop(0)
+        if not self._parts:
+            return b""
+        part = self._parts[0]
+        size = len(part) if size < 0 else size
+        self._parts[0] = part[size:]
+        return part[:size]
 
 
 class BlockCache:
@@ -142,7 +159,7 @@ class BlockCache:
         try:
             # A file object with read=True: given bytes, diskcache writes them line by line
             # (thousands of write calls per block, measured at 46% of the daemon's CPU).
-            self._store.set(name, io.BytesIO(header + payload), read=True)
+            self._store.set(name, _Chunks(header, payload), read=True)
             return True
         except (OSError, sqlite3.Error) as exc:
             self.failed_inserts += 1
