@@ -422,7 +422,7 @@ def demo(mountpoint: Path, archive: Path) -> None:
     if mounted_cloudfs(mountpoint):
         click.echo(f"cloudfs: the demo is already mounted at {mountpoint}", err=True)
     else:
-        cache_dir = _demo_home() / "cache"
+        cache_dir = archive.absolute().parent / "cache"
         source = f"file://{archive.absolute()}"
         _start_daemon(
             ["mount", source, str(mountpoint), "--cache-dir", str(cache_dir), "--cache-size", "2G"],

@@ -23,15 +23,17 @@ def generate_samples(archive: Path) -> int:
     if marker.exists():
         return 0
     rng = random.Random(20261123)
-    files: dict[str, bytes] = {}
+    files: dict[str, list[bytes]] = {}
     for number in range(1, 121):
-        files[f"series/image-{number:04d}.raw"] = rng.randbytes(512 * 1024)
-    files["volume/volume.raw"] = rng.randbytes(256 * 1024 * 1024)
+        files[f"series/image-{number:04d}.raw"] = [rng.randbytes(512 * 1024)]
+    files["volume/volume.raw"] = [rng.randbytes(1024 * 1024) for _ in range(256)]
     for number in range(1, 6):
-        files[f"reports/report-{number}.txt"] = f"Sample report {number}\n".encode() * 40
-    for name, data in files.items():
+        files[f"reports/report-{number}.txt"] = [f"Sample report {number}\n".encode() * 40]
+    for name, chunks in files.items():
         path = archive / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
+        with open(path, "wb") as out:
+            out.writelines(chunks)
+    # Written last: its presence means the archive is complete.
     marker.write_text(_README)
     return len(files) + 1

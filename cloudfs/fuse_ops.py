@@ -137,6 +137,15 @@ class FuseOperations(pyfuse3.Operations):
         data.f_namemax = figures["name_max"]
         return data
 
+    async def _read_only(self, *args: Any) -> Any:
+        """Changing the tree is not supported yet: a clear EROFS rather than ENOSYS."""
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    # One refusal for every call that would change the tree (the signatures differ, hence the
+    # assignment); extended attributes keep pyfuse3's ENOSYS so the kernel stops asking.
+    create = mknod = mkdir = unlink = rmdir = rename = _read_only  # type: ignore[assignment]
+    link = symlink = setattr = write = _read_only  # type: ignore[assignment]
+
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         # Inode numbers are catalog row ids, valid without a lookup count: nothing to free.
         pass

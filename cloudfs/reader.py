@@ -36,7 +36,7 @@ RECENCY_PERIOD = 2.0
 """Seconds between recency updates of the disk cache: late enough to batch thousands of reads
 into one transaction, early enough that eviction never sees a stale order for long."""
 
-WARM_AHEAD = 8
+WARM_AHEAD = 16
 """Blocks just ahead of a sequential reader that are loaded from the disk cache into memory, so
 its next requests are memory hits; blocks farther ahead only need to be on disk."""
 
@@ -97,6 +97,8 @@ class _Pending:
     done: trio.Event = field(default_factory=trio.Event)
     data: bytes | memoryview | None = None
     error: CloudfsError | None = None
+    from_disk: bool = False
+    """A warm-up load: it may find nothing, so read-ahead still fetches the block."""
 
 
 class BlockReader:
@@ -109,12 +111,11 @@ class BlockReader:
         self._memory: OrderedDict[BlockId, bytes | memoryview] = OrderedDict()
         self._memory_bytes = 0
         self._inflight: dict[BlockId, _Pending] = {}
-        self._warming: set[BlockId] = set()
         self._demand_threads = trio.CapacityLimiter(options.fetch_threads)
         self._ahead_threads = trio.CapacityLimiter(options.fetch_threads)
         self._disk_threads = trio.CapacityLimiter(options.disk_threads)
         # Warming has threads of its own so a foreground disk lookup never queues behind it.
-        self._warm_threads = trio.CapacityLimiter(max(options.disk_threads // 2, 1))
+        self._warm_threads = trio.CapacityLimiter(options.disk_threads)
         self._demand_budget = ByteBudget(options.foreground_budget)
         self._ahead_budget = ByteBudget(options.readahead_budget)
         self._nursery: trio.Nursery | None = None
@@ -213,8 +214,11 @@ class BlockReader:
                     continue
                 if pending.error is not None:
                     raise pending.error
-                assert pending.data is not None
-                found[index] = pending.data
+                if pending.data is None:
+                    # A warm-up load that found nothing on disk: take the normal path.
+                    (found[index],) = await self._blocks(obj, index, index)
+                else:
+                    found[index] = pending.data
         if deadline.cancelled_caught:
             raise Unavailable(f"{obj.key}: no answer from the store in {self.options.io_timeout}s")
         return [found[i] for i in range(first, last + 1)]
@@ -291,8 +295,7 @@ class BlockReader:
         finally:
             self.stats.requests_in_flight -= 1
             for index, pending in pendings.items():
-                self._inflight.pop(obj.block(index), None)
-                pending.done.set()
+                self._settle(obj.block(index), pending)
 
     def _failed(self, obj: ObjectVersion, exc: CloudfsError, pendings: dict[int, _Pending]) -> None:
         self.stats.errors += 1
@@ -321,7 +324,7 @@ class BlockReader:
     async def _prefetch(
         self, obj: ObjectVersion, first: int, last: int, cancelled: Cancelled
     ) -> None:
-        candidates = [i for i in range(first, last) if self._absent(obj.block(i))]
+        candidates = [i for i in range(first, last) if self._unfetched(obj.block(i))]
         if not candidates or cancelled.is_set:
             return
         on_disk = await trio.to_thread.run_sync(
@@ -332,7 +335,7 @@ class BlockReader:
             start, end = self._span(obj, run)
             await self._ahead_budget.acquire(end - start)
             # While this waited, the file may have closed or a foreground read taken blocks over.
-            still = [] if cancelled.is_set else [i for i in run if self._absent(obj.block(i))]
+            still = [] if cancelled.is_set else [i for i in run if self._unfetched(obj.block(i))]
             kept = sum(b - a for a, b in (self._span(obj, r) for r in self._runs(still)))
             self._ahead_budget.release(end - start - kept)
             self._start_fetches(obj, still, ahead=True)
@@ -343,26 +346,36 @@ class BlockReader:
         read per block."""
         assert self._nursery is not None, "BlockReader.run() is not running"
         last = min(first + WARM_AHEAD, -(-obj.size // self.block_size))
-        wanted = [
-            i
-            for i in range(first, last)
-            if self._absent(obj.block(i)) and obj.block(i) not in self._warming
-        ]
-        for index in wanted:  # one task per block: the disk threads read them in parallel
-            self._warming.add(obj.block(index))
-            self._nursery.start_soon(self._warm, obj, index)
+        for index in range(first, last):
+            block = obj.block(index)
+            if self._absent(block):
+                # In flight like a fetch, so a reader arriving meanwhile waits for this load
+                # instead of reading the same block from disk a second time.
+                pending = self._inflight[block] = _Pending(from_disk=True)
+                self._nursery.start_soon(self._warm, block, pending)
 
-    async def _warm(self, obj: ObjectVersion, index: int) -> None:
-        block = obj.block(index)
+    async def _warm(self, block: BlockId, pending: _Pending) -> None:
         try:
             data = await trio.to_thread.run_sync(self.cache.get, block, limiter=self._warm_threads)
             if data is not None:
                 self._remember(block, data)
+                pending.data = data
         finally:
-            self._warming.discard(block)
+            self._settle(block, pending)
 
     def _absent(self, block: BlockId) -> bool:
         return block not in self._memory and block not in self._inflight
+
+    def _unfetched(self, block: BlockId) -> bool:
+        """Neither in memory nor being fetched (a warm-up load may come back empty)."""
+        pending = self._inflight.get(block)
+        return block not in self._memory and (pending is None or pending.from_disk)
+
+    def _settle(self, block: BlockId, pending: _Pending) -> None:
+        """Wake the waiters of ``pending`` and retire it, unless a fetch has taken its place."""
+        if self._inflight.get(block) is pending:
+            del self._inflight[block]
+        pending.done.set()
 
     def _on_disk(self, obj: ObjectVersion, candidates: list[int]) -> set[int]:
         """Worker thread: which candidate blocks the disk cache holds."""
