@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from .store import ObjectInfo
 
@@ -58,8 +59,10 @@ CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 _NODE_COLUMNS = "ino, parent, name, is_dir, key, size, mtime_ns, etag, storage_class"
 
 
-@dataclass(frozen=True, slots=True)
-class Node:
+class Node(NamedTuple):
+    """One file or directory.  A tuple, not a dataclass: listings build them by the hundred
+    thousand, and a frozen dataclass costs several times more to create."""
+
     ino: int
     parent: int
     name: str

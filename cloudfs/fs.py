@@ -21,7 +21,7 @@ import stat
 import time
 from dataclasses import dataclass, field
 from itertools import count
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import trio
 
@@ -60,8 +60,9 @@ class FsError(CloudfsError):
         self.errno = code
 
 
-@dataclass(frozen=True, slots=True)
-class Attributes:
+class Attributes(NamedTuple):
+    """What stat shows of a node (a tuple for the same reason as ``catalog.Node``)."""
+
     ino: int
     mode: int
     size: int
