@@ -316,20 +316,24 @@ class Bench:
         facts: dict[str, Any] = {"repetition": rep}
         self.details["cloudfs"].append(facts)
 
-        def random_cold() -> None:
-            os.sync()
-            self.warm_server_copy()
-            mount = self.cloudfs(cold_cache)
+        def random_reads(label: str, directory: Path) -> None:
+            """Random 64 KiB reads through a mount of ``directory``: cold (an empty cache, the
+            server's copy warm) or from the disk cache (the page cache dropped first)."""
+            if label == "random_cold":
+                os.sync()
+                self.warm_server_copy()
+            elif not drop_page_cache():
+                raise BenchError("cannot drop the page cache (not root)")
+            mount = self.cloudfs(directory)
             try:
                 with self.mounted(mount):
                     latencies = measure.random_reads(self.file(mount), offsets, self.expected)
-                    facts["random_cold_status"] = mount.status()["reads"]
+                    facts[f"{label}_status"] = mount.status()["reads"]
             except Exception as exc:
                 raise BenchError(f"{exc}\n{mount.log_tail()}") from exc
-            self.record("cloudfs_random_cold_p50", measure.percentile(latencies, 0.50))
-            self.record("cloudfs_random_cold_p99", measure.percentile(latencies, 0.99))
-            self.check_log(mount, facts, "random_cold")
-            shutil.rmtree(cold_cache, ignore_errors=True)
+            self.record(f"cloudfs_{label}_p50", measure.percentile(latencies, 0.50))
+            self.record(f"cloudfs_{label}_p99", measure.percentile(latencies, 0.99))
+            self.check_log(mount, facts, label)
 
         def sequential() -> None:
             os.sync()
@@ -368,24 +372,16 @@ class Bench:
                 )
             self.check_log(mount, facts, "cached")
 
-        def random_warm() -> None:
-            if not drop_page_cache():
-                raise BenchError("cannot drop the page cache (not root)")
-            mount = self.cloudfs(cache)
-            try:
-                with self.mounted(mount):
-                    latencies = measure.random_reads(self.file(mount), offsets, self.expected)
-                    facts["random_warm_status"] = mount.status()["reads"]
-            except Exception as exc:
-                raise BenchError(f"{exc}\n{mount.log_tail()}") from exc
-            self.record("cloudfs_random_warm_p50", measure.percentile(latencies, 0.50))
-            self.record("cloudfs_random_warm_p99", measure.percentile(latencies, 0.99))
-            self.check_log(mount, facts, "random_warm")
-
-        self.attempt(f"rep {rep} cloudfs random cold", random_cold)
+        self.attempt(
+            f"rep {rep} cloudfs random cold", lambda: random_reads("random_cold", cold_cache)
+        )
+        shutil.rmtree(cold_cache, ignore_errors=True)
         if self.attempt(f"rep {rep} cloudfs sequential cold/warm", sequential):
             self.attempt(f"rep {rep} cloudfs cached first read", cached)
-            self.attempt(f"rep {rep} cloudfs random from disk cache", random_warm)
+            self.attempt(
+                f"rep {rep} cloudfs random from disk cache",
+                lambda: random_reads("random_warm", cache),
+            )
         shutil.rmtree(cache, ignore_errors=True)
 
     def file(self, mount: CloudfsMount) -> Path:
@@ -500,7 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     name = "quick.json" if args.quick else "latest.json"
     report.write_json(REPO / "bench" / "results" / name, result)
     if not (args.no_docs or interrupted or result["missing"]):
-        (REPO / "docs" / "benchmarks.md").write_text(report.markdown_page(result, table))
+        page = "benchmarks-wan.md" if args.wan else "benchmarks.md"
+        (REPO / "docs" / page).write_text(report.markdown_page(result, table))
     if result["errors"] or result["missing"] or interrupted:
         bench.say(f"kept the scratch directory with the logs: {bench.workdir}")
         for error in result["errors"]:
