@@ -33,8 +33,8 @@ import struct
 import time
 from collections import deque
 from contextlib import closing
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import diskcache
 import xxhash
@@ -49,16 +49,16 @@ _CULL_PER_INSERT = 16
 needed because every insert adds one block."""
 
 
-@dataclass(frozen=True, slots=True)
-class BlockId:
-    """One block of one version of one object."""
+class BlockId(NamedTuple):
+    """One block of one version of one object (a tuple: the read path makes and hashes these
+    several times per request)."""
 
     key: str
     etag: str
-    index: int
+    number: int
 
     def cache_key(self, block_size: int) -> str:
-        return f"{self.etag}|{block_size}|{self.index}|{self.key}"
+        return f"{self.etag}|{block_size}|{self.number}|{self.key}"
 
 
 class _Chunks:
@@ -128,7 +128,7 @@ class BlockCache:
                 self._recently_read.append(name)
                 return payload
         self.corrupt_blocks += 1
-        log.warning("corrupt block %d of %s dropped; fetching it again", block.index, block.key)
+        log.warning("corrupt block %d of %s dropped; fetching it again", block.number, block.key)
         self._store.delete(name)
         return None
 

@@ -36,7 +36,14 @@ RECENCY_PERIOD = 2.0
 """Seconds between recency updates of the disk cache: late enough to batch thousands of reads
 into one transaction, early enough that eviction never sees a stale order for long."""
 
+_LANDED_MEMORY = 4096
+"""Recently fetched blocks remembered by identity only, so read-ahead never fetches twice a block
+that a foreground read fetched while read-ahead waited for its budget."""
+
 WARM_AHEAD = 16
+WARM_BATCH = 4
+"""Blocks loaded per worker-thread call: a thread hop per block costs the trio thread more than
+the read itself when the cache files are in the page cache."""
 """Blocks just ahead of a sequential reader that are loaded from the disk cache into memory, so
 its next requests are memory hits; blocks farther ahead only need to be on disk."""
 
@@ -111,6 +118,7 @@ class BlockReader:
         self._memory: OrderedDict[BlockId, bytes | memoryview] = OrderedDict()
         self._memory_bytes = 0
         self._inflight: dict[BlockId, _Pending] = {}
+        self._landed: OrderedDict[BlockId, None] = OrderedDict()
         self._demand_threads = trio.CapacityLimiter(options.fetch_threads)
         self._ahead_threads = trio.CapacityLimiter(options.fetch_threads)
         self._disk_threads = trio.CapacityLimiter(options.disk_threads)
@@ -168,7 +176,9 @@ class BlockReader:
         joined = b"".join(blocks)
         return memoryview(joined)[offset - first * bs : end - first * bs]
 
-    async def _blocks(self, obj: ObjectVersion, first: int, last: int) -> list[bytes | memoryview]:
+    async def _blocks(
+        self, obj: ObjectVersion, first: int, last: int, look_again: bool = True
+    ) -> list[bytes | memoryview]:
         found: dict[int, bytes | memoryview] = {}
         for index in range(first, last + 1):
             data = self._recall(obj.block(index))
@@ -196,17 +206,25 @@ class BlockReader:
             for index, data in on_disk.items():
                 self._remember(obj.block(index), data)
                 found[index] = data
-            missing = []
+            missing, landed = [], []
             for index in to_check:
                 if index in on_disk:
                     continue
-                # Another reader may have started this block while we looked at the disk.
-                pending = self._inflight.get(obj.block(index))
+                # Another reader may have fetched this block, or started to, while we looked.
+                block = obj.block(index)
+                pending = self._inflight.get(block)
+                remembered = self._recall(block)
                 if pending is not None:
                     waiting[index] = pending
+                elif remembered is not None:
+                    found[index] = remembered
+                elif look_again and block in self._landed:
+                    landed.append(index)
                 else:
                     missing.append(index)
             waiting.update(self._start_fetches(obj, missing, ahead=False))
+            for index in landed:  # on disk since our look: look again rather than fetch again
+                (found[index],) = await self._blocks(obj, index, index, look_again=False)
         with trio.move_on_after(self.options.io_timeout) as deadline:
             for index, pending in waiting.items():
                 await pending.done.wait()
@@ -216,7 +234,7 @@ class BlockReader:
                     raise pending.error
                 if pending.data is None:
                     # A warm-up load that found nothing on disk: take the normal path.
-                    (found[index],) = await self._blocks(obj, index, index)
+                    (found[index],) = await self._blocks(obj, index, index, look_again=False)
                 else:
                     found[index] = pending.data
         if deadline.cancelled_caught:
@@ -286,7 +304,10 @@ class BlockReader:
                 self.stats.fetched_blocks += len(blocks)
             for index, data in zip(range(first, last + 1), blocks, strict=True):
                 self._remember(obj.block(index), data)
+                self._landed[obj.block(index)] = None
                 pendings[index].data = data
+            while len(self._landed) > _LANDED_MEMORY:
+                self._landed.popitem(last=False)
         except CloudfsError as exc:
             self._failed(obj, exc, pendings)
         except Exception as exc:  # a bug must fail the read, not the mount
@@ -346,30 +367,49 @@ class BlockReader:
         read per block."""
         assert self._nursery is not None, "BlockReader.run() is not running"
         last = min(first + WARM_AHEAD, -(-obj.size // self.block_size))
+        batch: list[tuple[BlockId, _Pending]] = []
         for index in range(first, last):
             block = obj.block(index)
             if self._absent(block):
                 # In flight like a fetch, so a reader arriving meanwhile waits for this load
                 # instead of reading the same block from disk a second time.
                 pending = self._inflight[block] = _Pending(from_disk=True)
-                self._nursery.start_soon(self._warm, block, pending)
+                batch.append((block, pending))
+                if len(batch) == WARM_BATCH:
+                    self._nursery.start_soon(self._warm, batch)
+                    batch = []
+        if batch:
+            self._nursery.start_soon(self._warm, batch)
 
-    async def _warm(self, block: BlockId, pending: _Pending) -> None:
+    async def _warm(self, batch: list[tuple[BlockId, _Pending]]) -> None:
         try:
-            data = await trio.to_thread.run_sync(self.cache.get, block, limiter=self._warm_threads)
-            if data is not None:
-                self._remember(block, data)
-                pending.data = data
+            found = await trio.to_thread.run_sync(
+                self._load_blocks, [block for block, _ in batch], limiter=self._warm_threads
+            )
+            for (block, pending), data in zip(batch, found, strict=True):
+                if data is not None:
+                    self._remember(block, data)
+                    pending.data = data
         finally:
-            self._settle(block, pending)
+            for block, pending in batch:
+                self._settle(block, pending)
+
+    def _load_blocks(self, blocks: list[BlockId]) -> list[memoryview | None]:
+        """Worker thread: the blocks from the disk cache, None where absent."""
+        return [self.cache.get(block) for block in blocks]
 
     def _absent(self, block: BlockId) -> bool:
         return block not in self._memory and block not in self._inflight
 
     def _unfetched(self, block: BlockId) -> bool:
-        """Neither in memory nor being fetched (a warm-up load may come back empty)."""
+        """Neither in memory, nor being fetched (a warm-up load may come back empty), nor just
+        fetched (it may have left memory while read-ahead waited for its budget)."""
         pending = self._inflight.get(block)
-        return block not in self._memory and (pending is None or pending.from_disk)
+        return (
+            block not in self._memory
+            and block not in self._landed
+            and (pending is None or pending.from_disk)
+        )
 
     def _settle(self, block: BlockId, pending: _Pending) -> None:
         """Wake the waiters of ``pending`` and retire it, unless a fetch has taken its place."""

@@ -360,7 +360,7 @@ def test_small_object_read_from_start_is_one_request(
     lookup = rig.cache.get
 
     def slow_first_block(block: BlockId) -> memoryview | None:
-        if block.index == 0:
+        if block.number == 0:
             time.sleep(0.2)
         return lookup(block)
 
