@@ -333,8 +333,18 @@ def _ask(mountpoint: Path, command: str) -> dict[str, Any]:
     help="Seconds to wait for the daemon to finish after the unmount.",
 )
 def unmount(mountpoint: Path, timeout: float) -> None:
-    """Unmount MOUNTPOINT cleanly and wait for its daemon to exit."""
-    pid = _ask(mountpoint, "status")["pid"]
+    """Unmount MOUNTPOINT cleanly and wait for its daemon to exit.  A mount whose daemon was
+    killed is detached (lazily) so the mountpoint can be used again."""
+    if not mounted_cloudfs(mountpoint):
+        raise click.ClickException(f"{mountpoint}: not a cloudfs mount")
+    try:
+        pid = control.request(mountpoint, "status", timeout=10)["pid"]
+    except (OSError, RuntimeError):
+        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
+        if mounted_cloudfs(mountpoint):
+            raise click.ClickException(f"{mountpoint}: its daemon does not answer") from None
+        click.echo(f"cloudfs: the daemon of {mountpoint} was gone; its mount is cleared", err=True)
+        return
     result = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)
     if result.returncode != 0:
         raise click.ClickException(result.stderr.strip() or f"cannot unmount {mountpoint}")

@@ -53,6 +53,16 @@ def mounted_cloudfs(path: Path) -> bool:
 
 
 def check_mountpoint(mountpoint: Path) -> None:
+    if mounted_cloudfs(mountpoint):
+        try:
+            # stat may still answer from the kernel's attribute cache: opening it may not.
+            os.listdir(mountpoint)
+        except OSError as exc:
+            if exc.errno == errno.ENOTCONN:
+                raise ConfigError(
+                    f"{mountpoint}: a mount whose daemon has stopped is still there; "
+                    f"clear it with `cloudfs unmount {mountpoint}`"
+                ) from exc
     if not mountpoint.exists():
         raise ConfigError(f"{mountpoint}: mountpoint does not exist (create it with mkdir)")
     if not mountpoint.is_dir():

@@ -5,11 +5,21 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import signal
 import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import Bucket, Mounter, cloudfs, is_mounted, payload, read_file
+from conftest import (
+    Bucket,
+    Mounter,
+    cloudfs,
+    is_mounted,
+    payload,
+    process_alive,
+    read_file,
+    wait_until,
+)
 
 
 def digest(path: Path) -> str:
@@ -84,3 +94,29 @@ def test_writable_mount_refuses_writes_with_erofs(bucket: Bucket, mount: Mounter
     assert_refuses_writes(mounted.path, "a.dcm")
     assert read_file(mounted.path / "a.dcm") == bucket.objects["a.dcm"]
     assert bucket.listed_keys() == ["a.dcm"]
+
+
+def test_killed_daemon_leaves_no_wrong_bytes_and_recovers(bucket: Bucket, mount: Mounter) -> None:
+    """kill -9 of the daemon: reads fail (ENOTCONN), never return wrong bytes; a new mount on the
+    dead mountpoint is refused with the remedy; `cloudfs unmount` clears it; a remount on the same
+    cache serves the file again."""
+    bucket.put("series/1.dcm", payload(300_000, "killed"))
+    mounted = mount(bucket)
+    assert read_file(mounted.path / "series/1.dcm") == bucket.objects["series/1.dcm"]
+
+    os.kill(mounted.pid, signal.SIGKILL)
+    assert wait_until(lambda: not process_alive(mounted.pid), 10)
+    with pytest.raises(OSError) as caught:
+        os.listdir(mounted.path)
+    assert caught.value.errno == errno.ENOTCONN
+
+    refused = mount.attempt(bucket, mountpoint=mounted.path, cache_dir=mounted.cache_dir)
+    assert refused.returncode == 1
+    assert "cloudfs unmount" in refused.stderr, refused.stderr
+
+    cleared = cloudfs("unmount", mounted.path)
+    assert cleared.returncode == 0, cleared.stderr
+    assert not is_mounted(mounted.path)
+
+    again = mount(bucket, mountpoint=mounted.path, cache_dir=mounted.cache_dir)
+    assert read_file(again.path / "series/1.dcm") == bucket.objects["series/1.dcm"]
