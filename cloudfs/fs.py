@@ -77,12 +77,23 @@ class Attributes(NamedTuple):
 
 
 @dataclass
+class _Batch:
+    """Directory entries after one offset, being read from the catalog in the background."""
+
+    after: int
+    done: trio.Event = field(default_factory=trio.Event)
+    entries: list[tuple[str, Attributes]] = field(default_factory=list)
+    error: Exception | None = None
+
+
+@dataclass
 class _Listing:
-    """The catalog batch an open directory is being listed from."""
+    """The catalog batch an open directory is being listed from, and the next one."""
 
     ino: int
     after: int = 0
     batch: list[tuple[str, Attributes]] = field(default_factory=list)
+    ahead: _Batch | None = None
 
 
 @dataclass
@@ -105,6 +116,7 @@ class ArchiveFS:
         self.uid, self.gid = os.getuid(), os.getgid()
         self._handles: dict[int, OpenFile] = {}
         self._listings: dict[int, _Listing] = {}
+        self._nursery: trio.Nursery | None = None
         self._next_handle = count(1)
         self._opened_versions: dict[int, str] = {}
         self._catalog_threads = trio.CapacityLimiter(4)
@@ -115,6 +127,14 @@ class ArchiveFS:
         self._last_sync_error = ""
         self._warned_archived: set[str] = set()
         self._started = time.time()
+
+    async def run(self, first_refresh: float) -> None:
+        """The filesystem's background work: the read path's fetches, catalog refreshes and
+        directory batches read ahead of the kernel."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self.reader.run)
+            nursery.start_soon(self.refresher, first_refresh)
 
     async def _catalog(self, function: Any, *args: Any) -> Any:
         return await trio.to_thread.run_sync(function, *args, limiter=self._catalog_threads)
@@ -154,18 +174,41 @@ class ArchiveFS:
     async def readdir(self, handle: int, after: int) -> list[tuple[str, Attributes]]:
         """Entries with inode numbers above ``after`` (the readdir offset), in inode order.
 
-        The kernel asks for about 4 KiB of entries at a time (some 30 names); one catalog query
-        fetches a batch of a thousand, and the next requests are answered from it."""
+        One catalog query fetches a batch of a thousand entries; the kernel's requests are
+        answered from it, and while the kernel consumes one batch the next is read in the
+        background, so a large listing never waits for SQLite between batches."""
         listing = self._listings.get(handle)
         if listing is None:
             raise FsError(errno.EBADF)
         batch = listing.batch
         if not (batch and listing.after <= after < batch[-1][1].ino):
-            nodes = await self._catalog(self.catalog.children, listing.ino, after, _READDIR_BATCH)
-            listing.after = after
-            listing.batch = batch = [(node.name, self.attributes(node)) for node in nodes]
+            ahead, listing.ahead = listing.ahead, None
+            if ahead is not None and ahead.after == after:
+                await ahead.done.wait()
+                if ahead.error is not None:
+                    raise ahead.error
+                batch = ahead.entries
+            else:
+                batch = await self._catalog(self._entries, listing.ino, after)
+            listing.after, listing.batch = after, batch
+            if len(batch) == _READDIR_BATCH and self._nursery is not None:
+                listing.ahead = _Batch(batch[-1][1].ino)
+                self._nursery.start_soon(self._read_batch, listing.ino, listing.ahead)
         start = bisect.bisect_right(batch, after, key=lambda entry: entry[1].ino)
         return batch[start:]
+
+    def _entries(self, ino: int, after: int) -> list[tuple[str, Attributes]]:
+        """Worker thread: one batch of a directory's entries with their attributes."""
+        nodes = self.catalog.children(ino, after, _READDIR_BATCH)
+        return [(node.name, self.attributes(node)) for node in nodes]
+
+    async def _read_batch(self, ino: int, batch: _Batch) -> None:
+        try:
+            batch.entries = await self._catalog(self._entries, ino, batch.after)
+        except Exception as exc:  # handed to the readdir that wants this batch
+            batch.error = exc
+        finally:
+            batch.done.set()
 
     def releasedir(self, handle: int) -> None:
         self._listings.pop(handle, None)

@@ -172,8 +172,7 @@ def serve(config: Config, on_ready: Callable[[], None]) -> None:
     control_socket = control.socket_path(config.mountpoint)
 
     def start_tasks(nursery: trio.Nursery) -> None:
-        nursery.start_soon(fs.reader.run)
-        nursery.start_soon(fs.refresher, first_refresh)
+        nursery.start_soon(fs.run, first_refresh)
         nursery.start_soon(_stop_on_signals)
         nursery.start_soon(_announce_ready, config, on_ready)
         nursery.start_soon(

@@ -184,7 +184,8 @@ def make_rig(
 
 
 def run_fs(rig: Rig, body: Callable[[ArchiveFS], Awaitable[T]], drain: bool = True) -> T:
-    """Build an ArchiveFS on ``rig`` inside trio, run its reader, await ``body(fs)``, then stop.
+    """Build an ArchiveFS on ``rig`` inside trio, run its background work (reader, refresher
+    with its first relist an hour away, directory read-ahead), await ``body(fs)``, then stop.
     With ``drain``, background fetches finish first, so no worker thread writes to the cache
     after this returns.  Exceptions of ``body`` propagate as themselves."""
 
@@ -193,8 +194,8 @@ def run_fs(rig: Rig, body: Callable[[ArchiveFS], Awaitable[T]], drain: bool = Tr
         outcome: list[T] = []
         error: list[Exception] = []
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(fs.reader.run)
-            while fs.reader._nursery is None:
+            nursery.start_soon(fs.run, 3600.0)
+            while fs.reader._nursery is None or fs._nursery is None:
                 await trio.sleep(0)
             try:
                 outcome.append(await body(fs))

@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import trio
 from helpers_unit import BS, Rig, ino_of, make_rig, open_path, random_bytes, read_all, run_fs
 
 from cloudfs.catalog import ROOT
@@ -380,16 +379,13 @@ def test_refresh_relists_on_demand(rig: Rig) -> None:
     matches the store."""
 
     async def body(fs: ArchiveFS) -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(fs.refresher, 3600.0)
-            rig.write("new/late.dcm", b"late arrival")
-            (rig.source / "a.txt").unlink()
-            assert await fs.lookup(ROOT, "new") is None
-            report = await fs.refresh()
-            assert (report["added"], report["removed"], report["changed"]) == (1, 1, 0)
-            assert await fs.lookup(ROOT, "a.txt") is None
-            assert await read_all(fs, "new/late.dcm") == b"late arrival"
-            nursery.cancel_scope.cancel()
+        rig.write("new/late.dcm", b"late arrival")
+        (rig.source / "a.txt").unlink()
+        assert await fs.lookup(ROOT, "new") is None
+        report = await fs.refresh()
+        assert (report["added"], report["removed"], report["changed"]) == (1, 1, 0)
+        assert await fs.lookup(ROOT, "a.txt") is None
+        assert await read_all(fs, "new/late.dcm") == b"late arrival"
 
     run_fs(rig, body)
 
@@ -403,14 +399,11 @@ def test_refresh_reports_store_failure(rig: Rig) -> None:
     rig.store.list = broken_list  # type: ignore[method-assign]
 
     async def body(fs: ArchiveFS) -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(fs.refresher, 3600.0)
-            with pytest.raises(CloudfsError) as caught:
-                await fs.refresh()
-            assert caught.value.errno == errno.EIO
-            assert "listing failed" in str(caught.value)
-            assert (await fs.status())["catalog"]["last_refresh_error"] == "listing failed"
-            nursery.cancel_scope.cancel()
+        with pytest.raises(CloudfsError) as caught:
+            await fs.refresh()
+        assert caught.value.errno == errno.EIO
+        assert "listing failed" in str(caught.value)
+        assert (await fs.status())["catalog"]["last_refresh_error"] == "listing failed"
 
     run_fs(rig, body)
 
