@@ -199,9 +199,12 @@ class BlockReader:
             else:
                 to_check.append(index)
         if to_check:
-            on_disk = await trio.to_thread.run_sync(
-                self._load, obj, to_check, limiter=self._disk_threads
+            loaded = await trio.to_thread.run_sync(
+                self._load_blocks, [obj.block(i) for i in to_check], limiter=self._disk_threads
             )
+            on_disk = {
+                i: data for i, data in zip(to_check, loaded, strict=True) if data is not None
+            }
             self.stats.disk_hits += len(on_disk)
             for index, data in on_disk.items():
                 self._remember(obj.block(index), data)
@@ -240,15 +243,6 @@ class BlockReader:
         if deadline.cancelled_caught:
             raise Unavailable(f"{obj.key}: no answer from the store in {self.options.io_timeout}s")
         return [found[i] for i in range(first, last + 1)]
-
-    def _load(self, obj: ObjectVersion, indices: list[int]) -> dict[int, memoryview]:
-        """Worker thread: the blocks of ``indices`` that the disk cache holds intact."""
-        found = {}
-        for index in indices:
-            data = self.cache.get(obj.block(index))
-            if data is not None:
-                found[index] = data
-        return found
 
     # -- fetching --------------------------------------------------------------------------
 
