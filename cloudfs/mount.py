@@ -58,7 +58,7 @@ def check_mountpoint(mountpoint: Path) -> None:
             # stat may still answer from the kernel's attribute cache: opening it may not.
             os.listdir(mountpoint)
         except OSError as exc:
-            if exc.errno == errno.ENOTCONN:
+            if exc.errno in (errno.ENOTCONN, errno.ECONNABORTED):
                 raise ConfigError(
                     f"{mountpoint}: a mount whose daemon has stopped is still there; "
                     f"clear it with `cloudfs unmount {mountpoint}`"

@@ -22,6 +22,7 @@ from conftest import (
     PYTHON,
     Bucket,
     MotoServer,
+    Mount,
     Mounter,
     assert_bytes,
     drop_kernel_caches,
@@ -151,18 +152,24 @@ def test_random_ranges_match_the_source(bucket: Bucket, mount: Mounter) -> None:
 # -- 2. served from the cache ----------------------------------------------------------------------
 
 
+def mount_and_read_a_study(server: MotoServer, mount: Mounter) -> tuple[Bucket, Mount]:
+    """A bucket with two instances, mounted with small blocks, every byte read once."""
+    bucket = new_bucket(server)
+    bucket.put("study/a.dcm", payload(3 * MiB + 17, "a"))
+    bucket.put("study/b.dcm", payload(200 * KiB, "b"))
+    mounted = mount(bucket, options=SMALL_BLOCKS)
+    for key, data in bucket.objects.items():
+        assert_bytes(read_file(mounted.path / key), data)
+    return bucket, mounted
+
+
 @pytest.mark.timeout(120)
 def test_cached_file_is_served_while_the_server_is_down(
     private_s3_server: MotoServer, mount: Mounter
 ) -> None:
     """A file read once is read again, byte for byte, after the S3 server stopped and the kernel
     dropped its page cache: the daemon serves it from its own cache."""
-    bucket = new_bucket(private_s3_server)
-    bucket.put("study/a.dcm", payload(3 * MiB + 17, "a"))
-    bucket.put("study/b.dcm", payload(200 * KiB, "b"))
-    mounted = mount(bucket, options=SMALL_BLOCKS)
-    for key, data in bucket.objects.items():
-        assert_bytes(read_file(mounted.path / key), data)
+    bucket, mounted = mount_and_read_a_study(private_s3_server, mount)
 
     private_s3_server.stop()
     drop_kernel_caches()
@@ -179,12 +186,7 @@ def test_remount_serves_the_cache_while_the_server_is_down(
 ) -> None:
     """After an unmount, a remount on the same cache directory succeeds with the S3 server
     stopped (the catalog persists) and serves the files read before, byte for byte."""
-    bucket = new_bucket(private_s3_server)
-    bucket.put("study/a.dcm", payload(3 * MiB + 17, "a"))
-    bucket.put("study/b.dcm", payload(200 * KiB, "b"))
-    first = mount(bucket, options=SMALL_BLOCKS)
-    for key, data in bucket.objects.items():
-        assert_bytes(read_file(first.path / key), data)
+    bucket, first = mount_and_read_a_study(private_s3_server, mount)
     first.unmount()
 
     private_s3_server.stop()

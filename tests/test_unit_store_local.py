@@ -79,10 +79,8 @@ def test_empty_root_lists_nothing(store: LocalStore) -> None:
     assert keys(store) == []
 
 
-def test_symlinks_and_special_files_not_listed(
-    tmp_path: Path, root: Path, store: LocalStore
-) -> None:
-    """Symlinks (inside or out of the root), FIFOs and sockets are not objects."""
+def make_links(tmp_path: Path, root: Path) -> None:
+    """A real file, links to it and out of the root, and a dangling link."""
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "secret.txt").write_bytes(b"secret")
@@ -91,6 +89,13 @@ def test_symlinks_and_special_files_not_listed(
     (root / "escape_file").symlink_to(outside / "secret.txt")
     (root / "escape_dir").symlink_to(outside)
     (root / "dangling").symlink_to(tmp_path / "nothing")
+
+
+def test_symlinks_and_special_files_not_listed(
+    tmp_path: Path, root: Path, store: LocalStore
+) -> None:
+    """Symlinks (inside or out of the root), FIFOs and sockets are not objects."""
+    make_links(tmp_path, root)
     os.mkfifo(root / "fifo")
     sock = socket.socket(socket.AF_UNIX)
     try:
@@ -103,13 +108,7 @@ def test_symlinks_and_special_files_not_listed(
 @pytest.mark.parametrize("key", ["inner_link", "escape_file", "dangling"])
 def test_symlinks_cannot_be_read(tmp_path: Path, root: Path, store: LocalStore, key: str) -> None:
     """head() says NotFound and get_range() refuses a symlinked file."""
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    (outside / "secret.txt").write_bytes(b"secret")
-    write(root, "real.txt", b"real")
-    (root / "inner_link").symlink_to("real.txt")
-    (root / "escape_file").symlink_to(outside / "secret.txt")
-    (root / "dangling").symlink_to(tmp_path / "nothing")
+    make_links(tmp_path, root)
     with pytest.raises(NotFound):
         store.head(key)
     real_etag = store.head("real.txt").etag
