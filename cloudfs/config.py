@@ -72,7 +72,9 @@ class CacheOptions:
     """One cache entry and the unit of a ranged GET.  1 MiB matches the largest read the kernel
     sends once read_ahead_kb is raised to 1024, so a cached sequential read costs one cache lookup
     per request; a random 64 KiB read costs one 1 MiB GET (about 20 ms extra at 50 MB/s), while
-    sequential readers coalesce blocks into larger GETs (see ``fetch_chunk``)."""
+    sequential readers coalesce blocks into larger GETs (see ``fetch_chunk``).  Measured against
+    4 MiB blocks here: reading cached data ran at the same 0.8 GB/s, a cold read from a local
+    store was slower (271 against 455 MB/s), and a random read fetches four times the bytes."""
     fetch_chunk: int = 8 * MiB
     """Largest ranged GET read-ahead issues; AWS recommends 8-16 MiB ranges for throughput, and at
     20 ms RTT and 50 MB/s one request then spends about 88% of its time moving bytes."""
