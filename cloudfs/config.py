@@ -88,10 +88,10 @@ class CacheOptions:
     steady reader keeps eight 8 MiB GETs in flight: measured over a 20 ms, 50 MB/s-per-stream
     link, 64 MiB gave 0.70 of eight parallel boto3 readers and 128 MiB gave 0.77."""
     readahead_budget: int = 128 * MiB
-    """Bytes of read-ahead in flight across all open files together, so 100 open files cannot
-    grow memory 100-fold."""
+    """Memory for read-ahead in flight across all open files together (a GET is charged twice its
+    size: its reply and the blocks cut from it), so 100 open files cannot grow memory 100-fold."""
     foreground_budget: int = 64 * MiB
-    """Bytes of demand fetches in flight across all readers."""
+    """Memory for demand fetches in flight across all readers, charged the same way."""
     memory_blocks: int = 64 * MiB
     """Recently used blocks kept in memory, so the several kernel requests that fall in one block
     do not each read it from disk."""

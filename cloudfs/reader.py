@@ -80,6 +80,11 @@ class ReadStats:
     last_error: str = ""
 
 
+def _held(start: int, end: int) -> int:
+    """Memory a GET of ``[start, end)`` holds at its peak: the reply and its copy as blocks."""
+    return 2 * (end - start)
+
+
 class ByteBudget:
     """A semaphore counted in bytes.  A request larger than the whole budget still proceeds alone,
     so an odd size can never deadlock."""
@@ -173,8 +178,12 @@ class BlockReader:
         blocks = await self._blocks(obj, first, last)
         if first == last:
             return memoryview(blocks[0])[offset - first * bs : end - first * bs]
-        joined = b"".join(blocks)
-        return memoryview(joined)[offset - first * bs : end - first * bs]
+        # Join only the requested bytes: a copy of whole blocks would double what each of many
+        # concurrent readers holds.
+        parts = [memoryview(block) for block in blocks]
+        parts[0] = parts[0][offset - first * bs :]
+        parts[-1] = parts[-1][: end - last * bs]
+        return b"".join(parts)
 
     async def _blocks(
         self, obj: ObjectVersion, first: int, last: int, look_again: bool = True
@@ -283,13 +292,13 @@ class BlockReader:
         self.stats.requests_in_flight += 1
         try:
             if not ahead:
-                await budget.acquire(end - start)
+                await budget.acquire(_held(start, end))
             try:
                 blocks = await trio.to_thread.run_sync(
                     self._get_and_store, obj, start, end, limiter=threads, abandon_on_cancel=True
                 )
             finally:
-                budget.release(end - start)
+                budget.release(_held(start, end))
             self.stats.requests += 1
             self.stats.fetched_bytes += end - start
             if ahead:
@@ -348,11 +357,11 @@ class BlockReader:
         missing = [i for i in candidates if i not in on_disk]
         for run in self._runs(missing):
             start, end = self._span(obj, run)
-            await self._ahead_budget.acquire(end - start)
+            await self._ahead_budget.acquire(_held(start, end))
             # While this waited, the file may have closed or a foreground read taken blocks over.
             still = [] if cancelled.is_set else [i for i in run if self._unfetched(obj.block(i))]
-            kept = sum(b - a for a, b in (self._span(obj, r) for r in self._runs(still)))
-            self._ahead_budget.release(end - start - kept)
+            kept = sum(_held(a, b) for a, b in (self._span(obj, r) for r in self._runs(still)))
+            self._ahead_budget.release(_held(start, end) - kept)
             self._start_fetches(obj, still, ahead=True)
 
     def warm(self, obj: ObjectVersion, first: int) -> None:
