@@ -147,6 +147,14 @@ def main() -> None:
     help="Seconds a read may wait for the cloud before failing with EIO.",
 )
 @click.option("--read-only", is_flag=True, help="Mount read-only.")
+@click.option(
+    "--restore-days",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Opening an archived (GLACIER, DEEP_ARCHIVE) object asks S3 to restore it for this "
+    "many days; 0 never asks.",
+)
 @click.option("--endpoint-url", help="S3-compatible endpoint [default: AWS_ENDPOINT_URL or AWS].")
 @click.option("--region", help="S3 region [default: AWS_REGION or the profile's].")
 @click.option("--profile", help="AWS profile [default: AWS_PROFILE or the default chain].")
@@ -188,6 +196,7 @@ def mount(
     attr_timeout: float,
     io_timeout: float,
     read_only: bool,
+    restore_days: int,
     endpoint_url: str | None,
     region: str | None,
     profile: str | None,
@@ -221,6 +230,7 @@ def mount(
         ),
         mount=MountOptions(
             read_only=read_only,
+            restore_days=restore_days,
             attr_timeout=attr_timeout,
             refresh_interval=refresh_interval,
             fuse_options=tuple(o for o in extra if o not in ("ro", "rw")),

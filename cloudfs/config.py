@@ -120,6 +120,9 @@ class MountOptions:
     read_ahead_kb: int = 1024
     """The kernel read-ahead of the mount (root only): 1 MiB requests roughly double the FUSE
     ceiling measured here (0.5 -> 1.2 GB/s)."""
+    restore_days: int = 0
+    """On open of an archived object (GLACIER, DEEP_ARCHIVE), ask S3 for a restored copy kept
+    this many days.  0 never asks: a restore costs money and takes hours, so it is opt-in."""
     free_space: int = 1 << 50
     """statfs free space: large and stable, so PACS free-space thresholds never stop ingest."""
 

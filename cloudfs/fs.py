@@ -239,17 +239,36 @@ class ArchiveFS:
         return handle, keep_cache
 
     async def _check_restored(self, key: str) -> None:
-        """Archived objects need a restore before a GET: fail at open with one log line."""
+        """Archived objects need a restore before a GET: fail at open with one log line, and
+        ask for the restore if the mount is configured to."""
         info = await trio.to_thread.run_sync(self.store.head, key, limiter=self._store_threads)
-        if info.needs_restore:
-            if key not in self._warned_archived:
-                self._warned_archived.add(key)
+        if not info.needs_restore:
+            return
+        if key not in self._warned_archived:
+            self._warned_archived.add(key)
+            days = self.config.mount.restore_days
+            if days:
+                try:
+                    await trio.to_thread.run_sync(
+                        self.store.request_restore, key, days, limiter=self._store_threads
+                    )
+                    log.warning(
+                        "%s is in storage class %s: restore requested for %d days; it becomes "
+                        "readable when S3 finishes (hours)",
+                        key,
+                        info.storage_class,
+                        days,
+                    )
+                except CloudfsError as exc:
+                    self._warned_archived.discard(key)
+                    log.warning("%s: restore request failed: %s", key, exc)
+            else:
                 log.warning(
                     "%s is in storage class %s and not restored; restore it before reading",
                     key,
                     info.storage_class,
                 )
-            raise NeedsRestore(f"{key}: in {info.storage_class}, needs a restore")
+        raise NeedsRestore(f"{key}: in {info.storage_class}, needs a restore")
 
     async def read(self, handle: int, offset: int, size: int) -> bytes | memoryview:
         open_file = self._handles.get(handle)

@@ -528,6 +528,23 @@ def test_glacier_object_is_listed_but_refused_with_eacces(bucket: Bucket, mount:
     assert len(warnings) == 1, warnings
 
 
+def test_glacier_restore_is_requested_when_asked(bucket: Bucket, mount: Mounter) -> None:
+    """With --restore-days, opening an archived object still fails with EACCES but asks S3 for a
+    restore (logged once); once S3 has restored it (moto does so at once), it reads correctly."""
+    bucket.put("archive/cold.dcm", payload(300_000, "restore"), storage_class="GLACIER")
+    mounted = mount(bucket, options=["--restore-days", "2"])
+    cold = mounted.path / "archive/cold.dcm"
+
+    code, _ = timed_errno(lambda: read_file(cold))
+    assert code == errno.EACCES, f"errno {code}"
+    head = bucket.server.client().head_object(Bucket=bucket.name, Key="archive/cold.dcm")
+    assert 'ongoing-request="false"' in head.get("Restore", ""), head.get("Restore")
+    requested = [line for line in mounted.log_text().splitlines() if "restore requested" in line]
+    assert len(requested) == 1, mounted.log_tail()
+
+    assert_bytes(read_file(cold), bucket.objects["archive/cold.dcm"])
+
+
 # -- 10. stopping ----------------------------------------------------------------------------------
 
 

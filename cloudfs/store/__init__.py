@@ -58,6 +58,11 @@ class ObjectStore(Protocol):
         """Bytes ``[start, end)`` of the version ``etag``; StaleObject if the object changed."""
         ...
 
+    def request_restore(self, key: str, days: int) -> None:
+        """Ask for a readable copy of an archived object, kept ``days`` days (Standard tier:
+        hours, not minutes).  Asking again while a restore runs is not an error."""
+        ...
+
     def put_file(self, key: str, path: Path, metadata: Mapping[str, str]) -> ObjectInfo:
         """Upload a local file as ``key`` with user metadata; returns the stored object's info."""
         ...

@@ -137,6 +137,19 @@ class S3Store:
             raise Unavailable(f"{key}: short read ({len(data)} of {end - start} bytes)")
         return data
 
+    def request_restore(self, key: str, days: int) -> None:
+        try:
+            self.client.restore_object(
+                Bucket=self.bucket,
+                Key=self.prefix + key,
+                RestoreRequest={"Days": days, "GlacierJobParameters": {"Tier": "Standard"}},
+            )
+        except bex.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "RestoreAlreadyInProgress":
+                raise self._error(exc, key) from exc
+        except bex.BotoCoreError as exc:
+            raise self._error(exc, key) from exc
+
     def put_file(self, key: str, path: Path, metadata: Mapping[str, str]) -> ObjectInfo:
         try:
             self.client.upload_file(
