@@ -150,7 +150,7 @@ class BlockCache:
             log.warning("cannot record block recency: %s", exc)
 
     def contains(self, block: BlockId) -> bool:
-        return self._identity(block)[0] in self._store
+        return block.cache_key(self.block_size) in self._store
 
     def put(self, block: BlockId, payload: bytes | memoryview) -> bool:
         """Store a block; False (logged, rate-limited) if the disk refused it."""

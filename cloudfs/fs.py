@@ -101,6 +101,8 @@ class OpenFile:
     version: ObjectVersion
     read_ahead: ReadAhead
     cancelled: Cancelled = field(default_factory=Cancelled)
+    warmed_from: int = -1
+    """The block warm-up last started from: the kernel sends several requests per block."""
 
 
 class ArchiveFS:
@@ -281,8 +283,10 @@ class ArchiveFS:
             plan = read_ahead.on_read(offset, size, version.size)
             if plan is not None:
                 self.reader.prefetch(version, plan[0], plan[1], open_file.cancelled)
-            if read_ahead.window:
-                self.reader.warm(version, (offset + size) // self.cache.block_size)
+            next_block = (offset + size) // self.cache.block_size
+            if read_ahead.window and next_block != open_file.warmed_from:
+                open_file.warmed_from = next_block
+                self.reader.warm(version, next_block)
         try:
             return await self.reader.read(version, offset, size)
         except CloudfsError as exc:

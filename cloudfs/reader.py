@@ -6,14 +6,15 @@ neighbouring blocks are fetched with one GET; small objects are fetched whole.
 
 Invariants (see docs/design.md):
 
-* Single flight: a block being fetched has one ``_Pending`` in ``_inflight``; every reader of it
-  waits on that instead of issuing its own request.
+* Single flight: a block being fetched, or loaded from disk ahead of a sequential reader, has one
+  ``_Pending`` in ``_inflight``; every reader of it waits on that instead of doing the work again.
+  Blocks fetched recently are remembered in ``_landed``, so read-ahead never fetches them twice.
 * Foreground reads never wait behind read-ahead: read-ahead has its own thread limiter and memory
   budget and registers its blocks as in flight only once it holds its budget.
 * Memory: in-flight bytes are bounded by the foreground and read-ahead budgets and resident blocks
   by ``memory_blocks``, whatever the number of open files.
-* Worker threads see only immutable values (keys, ranges, bytes); ``_memory``, ``_inflight`` and
-  the counters are touched only on the trio thread.
+* Worker threads see only immutable values (keys, ranges, bytes); ``_memory``, ``_inflight``,
+  ``_landed`` and the counters are touched only on the trio thread.
 """
 
 from __future__ import annotations
@@ -41,11 +42,12 @@ _LANDED_MEMORY = 4096
 that a foreground read fetched while read-ahead waited for its budget."""
 
 WARM_AHEAD = 16
+"""Blocks just ahead of a sequential reader that are loaded from the disk cache into memory, so
+its next requests are memory hits; blocks farther ahead only need to be on disk."""
+
 WARM_BATCH = 4
 """Blocks loaded per worker-thread call: a thread hop per block costs the trio thread more than
 the read itself when the cache files are in the page cache."""
-"""Blocks just ahead of a sequential reader that are loaded from the disk cache into memory, so
-its next requests are memory hits; blocks farther ahead only need to be on disk."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,17 +190,16 @@ class BlockReader:
     async def _blocks(
         self, obj: ObjectVersion, first: int, last: int, look_again: bool = True
     ) -> list[bytes | memoryview]:
+        # Small objects are fetched whole: the rest of a DICOM instance is read next anyway.
+        small = obj.size <= self.options.small_object
+        span = range(0, math.ceil(obj.size / self.block_size)) if small else range(first, last + 1)
         found: dict[int, bytes | memoryview] = {}
-        for index in range(first, last + 1):
+        for index in span:
             data = self._recall(obj.block(index))
             if data is not None:
                 found[index] = data
-                self.stats.memory_hits += 1
-        wanted = [i for i in range(first, last + 1) if i not in found]
-        if obj.size <= self.options.small_object:
-            # Fetch small objects whole: the rest of a DICOM instance is read next anyway.
-            whole = range(0, max(math.ceil(obj.size / self.block_size), 1))
-            wanted = [i for i in whole if i not in found and self._recall(obj.block(i)) is None]
+                self.stats.memory_hits += first <= index <= last
+        wanted = [i for i in span if i not in found]
         waiting: dict[int, _Pending] = {}
         to_check = []
         for index in wanted:
