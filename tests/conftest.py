@@ -430,10 +430,23 @@ class Mounter:
         cache_size: str = "1G",
     ) -> subprocess.CompletedProcess[str]:
         """Run ``cloudfs mount`` (background mode) and return its result, success or not."""
+        _, _, args = self._prepare(bucket, mountpoint, cache_dir, options, endpoint, cache_size)
+        return cloudfs(*args, timeout=MOUNT_TIMEOUT)
+
+    def _prepare(
+        self,
+        bucket: Bucket,
+        mountpoint: Path | None,
+        cache_dir: Path | None,
+        options: Sequence[str],
+        endpoint: str | None,
+        cache_size: str,
+    ) -> tuple[Path, Path, list[str]]:
+        """The mountpoint, the cache directory (new ones unless given) and the mount command."""
         mountpoint = mountpoint or self.new_dir("mnt")
         cache_dir = cache_dir or self.tmp_path / f"cache{self.count}"
         args = self.command(bucket, mountpoint, cache_dir, options, endpoint, cache_size)
-        return cloudfs(*args, timeout=MOUNT_TIMEOUT)
+        return mountpoint, cache_dir, args
 
     def __call__(
         self,
@@ -446,9 +459,9 @@ class Mounter:
         cache_size: str = "1G",
     ) -> Mount:
         """Mount ``bucket`` and return once the mount answers (the test fails otherwise)."""
-        mountpoint = mountpoint or self.new_dir("mnt")
-        cache_dir = cache_dir or self.tmp_path / f"cache{self.count}"
-        args = self.command(bucket, mountpoint, cache_dir, options, endpoint, cache_size)
+        mountpoint, cache_dir, args = self._prepare(
+            bucket, mountpoint, cache_dir, options, endpoint, cache_size
+        )
         if foreground:
             return self._foreground(args, mountpoint, cache_dir)
         try:

@@ -204,6 +204,16 @@ def test_remount_serves_the_cache_while_the_server_is_down(
 # -- 3. uncached file during an outage -------------------------------------------------------------
 
 
+def mount_with_one_file_cached(server: MotoServer, mount: Mounter) -> tuple[Bucket, Mount]:
+    """``cached.dcm`` read once, ``uncached.dcm`` never; reads give up after 10 s."""
+    bucket = new_bucket(server)
+    bucket.put("cached.dcm", payload(300 * KiB, "cached"))
+    bucket.put("uncached.dcm", payload(2 * MiB, "uncached"))
+    mounted = mount(bucket, options=[*SMALL_BLOCKS, "--io-timeout", "10"])
+    assert_bytes(read_file(mounted.path / "cached.dcm"), bucket.objects["cached.dcm"])
+    return bucket, mounted
+
+
 @pytest.mark.timeout(120)
 def test_uncached_read_fails_with_eio_when_the_server_is_stopped(
     private_s3_server: MotoServer, mount: Mounter
@@ -211,11 +221,7 @@ def test_uncached_read_fails_with_eio_when_the_server_is_stopped(
     """With the S3 server stopped, reading a file that was never cached fails with EIO well within
     --io-timeout plus a margin; cached files and the mount keep working, and the file reads once
     the server is back."""
-    bucket = new_bucket(private_s3_server)
-    bucket.put("cached.dcm", payload(300 * KiB, "cached"))
-    bucket.put("uncached.dcm", payload(2 * MiB, "uncached"))
-    mounted = mount(bucket, options=[*SMALL_BLOCKS, "--io-timeout", "10"])
-    assert_bytes(read_file(mounted.path / "cached.dcm"), bucket.objects["cached.dcm"])
+    bucket, mounted = mount_with_one_file_cached(private_s3_server, mount)
 
     private_s3_server.stop()
 
@@ -243,11 +249,7 @@ def test_uncached_read_fails_with_eio_within_io_timeout_when_the_server_hangs(
 ) -> None:
     """With the S3 server frozen (connections accepted, never answered), a read of an uncached
     file fails with EIO after about --io-timeout, not after botocore's longer read timeouts."""
-    bucket = new_bucket(private_s3_server)
-    bucket.put("cached.dcm", payload(300 * KiB, "cached"))
-    bucket.put("uncached.dcm", payload(2 * MiB, "uncached"))
-    mounted = mount(bucket, options=[*SMALL_BLOCKS, "--io-timeout", "10"])
-    assert_bytes(read_file(mounted.path / "cached.dcm"), bucket.objects["cached.dcm"])
+    bucket, mounted = mount_with_one_file_cached(private_s3_server, mount)
 
     private_s3_server.pause()
     try:
