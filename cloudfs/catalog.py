@@ -20,6 +20,7 @@ sync).  Only one sync runs at a time; the caller guarantees it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 import threading
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 
 ROOT = 1
 NAME_MAX = 255
+NOT_MOUNTED_MARKER = "NO_MOUNT"
+"""dcm4chee-arc refuses a storage whose root shows this name: it must never appear on a mount."""
 _BATCH = 1000
 _MAX_STALE = 100_000
 
@@ -54,9 +57,34 @@ CREATE UNIQUE INDEX IF NOT EXISTS nodes_by_name ON nodes(parent, name);
 CREATE INDEX IF NOT EXISTS nodes_by_parent ON nodes(parent, ino);
 CREATE TABLE IF NOT EXISTS rejected (key TEXT PRIMARY KEY, reason TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS deletes (
+    key TEXT PRIMARY KEY,
+    etag TEXT,
+    queued_at REAL NOT NULL,
+    done_at REAL
+);
 """
 
-_NODE_COLUMNS = "ino, parent, name, is_dir, key, size, mtime_ns, etag, storage_class"
+_LOCAL_COLUMNS = {
+    "mode": "INTEGER",
+    "uid": "INTEGER",
+    "gid": "INTEGER",
+    "staged": "TEXT",
+    "dirty": "INTEGER NOT NULL DEFAULT 0",
+    "fetch_key": "TEXT",
+    "base_etag": "TEXT",
+    "local_at": "INTEGER NOT NULL DEFAULT 0",
+}
+"""Columns of local changes, added to catalogs created before the write path existed."""
+
+NODE_COLUMNS = (
+    "ino, parent, name, is_dir, key, size, mtime_ns, etag, storage_class, "
+    "mode, uid, gid, staged, dirty, fetch_key, base_etag, local_at"
+)
+
+CLEAN, WRITING, READY = 0, 1, 2
+"""``Node.dirty``: the cloud has the bytes; being written, not yet durable (dropped by recovery
+after a crash); durable and waiting for its upload."""
 
 
 class Node(NamedTuple):
@@ -71,7 +99,28 @@ class Node(NamedTuple):
     size: int
     mtime_ns: int
     etag: str | None
+    """The version of the cloud object holding this file's bytes (at ``fetch_key or key``)."""
     storage_class: str | None
+    mode: int | None = None
+    """Permission bits set through the mount; None: the default for the node's kind."""
+    uid: int | None = None
+    gid: int | None = None
+    staged: str | None = None
+    """Name of the staging file holding the authoritative bytes, while the cloud lags behind."""
+    dirty: int = CLEAN
+    fetch_key: str | None = None
+    """The key the cloud bytes are still under after a rename, until the server-side copy to
+    ``key`` is done (equal to ``key``: only the object metadata must be rewritten)."""
+    base_etag: str | None = None
+    """The version at ``key`` an upload may replace; None: the key must not exist (a conflict
+    with another writer is detected instead of overwriting its object)."""
+    local_at: int = 0
+    """When the node last changed through the mount (ns); a relist that started earlier leaves
+    it alone."""
+
+    @property
+    def cloud_key(self) -> str | None:
+        return self.fetch_key or self.key
 
 
 @dataclass
@@ -103,9 +152,8 @@ class SyncReport:
         }
 
 
-def _node(row: tuple) -> Node:
-    ino, parent, name, is_dir, key, size, mtime_ns, etag, storage_class = row
-    return Node(ino, parent, name, bool(is_dir), key, size, mtime_ns, etag, storage_class)
+def node_from_row(row: tuple) -> Node:
+    return Node(row[0], row[1], row[2], bool(row[3]), *row[4:])
 
 
 def key_problem(key: str) -> str | None:
@@ -120,6 +168,8 @@ def key_problem(key: str) -> str | None:
             return f"has a '{part}' path segment"
         if len(part.encode("utf-8")) > NAME_MAX:
             return f"has a name longer than {NAME_MAX} bytes"
+    if parts == [NOT_MOUNTED_MARKER]:
+        return f"is named {NOT_MOUNTED_MARKER}, which PACS read as 'storage not mounted'"
     return None
 
 
@@ -128,15 +178,21 @@ class Catalog:
         self.path = path
         self._local = threading.local()
         self._reported: set[str] = set()
-        with self._db() as db:
+        with self.connection() as db:
             db.executescript(_SCHEMA)
+            present = {row[1] for row in db.execute("PRAGMA table_info(nodes)")}
+            for column, kind in _LOCAL_COLUMNS.items():
+                if column not in present:
+                    db.execute(f"ALTER TABLE nodes ADD COLUMN {column} {kind}")
+            db.execute("CREATE INDEX IF NOT EXISTS nodes_pending ON nodes(dirty) WHERE dirty>0")
             db.execute(
                 "INSERT OR IGNORE INTO nodes(ino, parent, name, is_dir, mtime_ns) "
                 "VALUES (?, 0, '', 1, ?)",
                 (ROOT, time.time_ns()),
             )
 
-    def _db(self) -> sqlite3.Connection:
+    def connection(self) -> sqlite3.Connection:
+        """This thread's connection (WAL, autocommit)."""
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
         if db is None:
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
@@ -146,22 +202,47 @@ class Catalog:
             self._local.db = db
         return db
 
+    @contextlib.contextmanager
+    def transaction(self, durable: bool = False) -> Iterator[sqlite3.Connection]:
+        """One write transaction on this thread's connection.  ``durable`` makes its commit
+        survive a power cut (SQLite syncs the journal), which an fsync promise needs."""
+        db = self.connection()
+        if durable:
+            db.execute("PRAGMA synchronous=FULL")
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        else:
+            db.execute("COMMIT")
+        finally:
+            if durable:
+                db.execute("PRAGMA synchronous=NORMAL")
+
+    def select(self, where: str, *args: object) -> list[Node]:
+        sql = f"SELECT {NODE_COLUMNS} FROM nodes WHERE {where}"
+        return [node_from_row(row) for row in self.connection().execute(sql, args).fetchall()]
+
     # -- meta ------------------------------------------------------------------------------
 
     def get_meta(self, name: str) -> str | None:
-        row = self._db().execute("SELECT value FROM meta WHERE name=?", (name,)).fetchone()
+        row = self.connection().execute("SELECT value FROM meta WHERE name=?", (name,)).fetchone()
         return row[0] if row else None
 
     def set_meta(self, name: str, value: str) -> None:
-        self._db().execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (name, value))
+        self.connection().execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (name, value))
 
     # -- reads -----------------------------------------------------------------------------
 
     def _one(self, where: str, *args: object) -> Node | None:
         row = (
-            self._db().execute(f"SELECT {_NODE_COLUMNS} FROM nodes WHERE {where}", args).fetchone()
+            self.connection()
+            .execute(f"SELECT {NODE_COLUMNS} FROM nodes WHERE {where}", args)
+            .fetchone()
         )
-        return _node(row) if row else None
+        return node_from_row(row) if row else None
 
     def get(self, ino: int) -> Node | None:
         return self._one("ino=?", ino)
@@ -175,18 +256,18 @@ class Catalog:
     def children(self, parent: int, after: int, limit: int) -> list[Node]:
         """Entries of a directory with inode above ``after``: readdir offsets survive changes."""
         rows = (
-            self._db()
+            self.connection()
             .execute(
-                f"SELECT {_NODE_COLUMNS} FROM nodes WHERE parent=? AND ino>? AND ino!=? "
+                f"SELECT {NODE_COLUMNS} FROM nodes WHERE parent=? AND ino>? AND ino!=? "
                 "ORDER BY ino LIMIT ?",
                 (parent, after, ROOT, limit),
             )
             .fetchall()
         )
-        return [_node(row) for row in rows]
+        return [node_from_row(row) for row in rows]
 
     def counts(self) -> dict[str, int]:
-        db = self._db()
+        db = self.connection()
         files, size = db.execute(
             "SELECT count(*), total(size) FROM nodes WHERE is_dir=0"
         ).fetchone()
@@ -195,29 +276,42 @@ class Catalog:
         return {"files": files, "directories": dirs, "bytes": int(size), "rejected_keys": rejected}
 
     def rejected(self, limit: int = 20) -> list[tuple[str, str]]:
-        rows = self._db().execute("SELECT key, reason FROM rejected LIMIT ?", (limit,)).fetchall()
+        rows = (
+            self.connection()
+            .execute("SELECT key, reason FROM rejected LIMIT ?", (limit,))
+            .fetchall()
+        )
         return [(key, reason) for key, reason in rows]
 
     # -- sync ------------------------------------------------------------------------------
 
-    def _cataloged(self) -> Iterator[tuple[str, str, int, int, str]]:
-        """The catalog's keys in order, from a separate connection: one SELECT is one snapshot,
-        so the rows the sync writes meanwhile never show up in this walk."""
+    def _cataloged(self) -> Iterator[tuple[str, tuple[object, ...]]]:
+        """The catalog's keys in order with what a listing can contradict, from a separate
+        connection: one SELECT is one snapshot, so the rows the sync writes meanwhile never show
+        up in this walk.  A node changed through the mount keeps its own mtime, so only the
+        object's version, size and class are compared for it."""
         reader = sqlite3.connect(self.path, isolation_level=None)
         try:
-            yield from reader.execute(
-                "SELECT key, etag, size, mtime_ns, storage_class FROM nodes "
+            for key, etag, size, mtime_ns, storage_class, local_at in reader.execute(
+                "SELECT key, etag, size, mtime_ns, storage_class, local_at FROM nodes "
                 "WHERE key IS NOT NULL ORDER BY key"
-            )
+            ):
+                yield key, (etag, size, None if local_at else mtime_ns, storage_class)
         finally:
             reader.close()
 
     def sync(self, listing: Iterable[ObjectInfo]) -> SyncReport:
         """Make the catalog match a complete listing; raises (leaving the catalog consistent,
-        with the batches written so far) if the listing fails part way."""
+        with the batches written so far) if the listing fails part way.
+
+        Local changes win over the listing: a node with work pending for the cloud, or changed
+        through the mount after this sync started, is left alone, and keys deleted through the
+        mount are not brought back while their delete is pending (or finished after the start)."""
         started = time.monotonic()
         report = SyncReport()
-        writer = _Writer(self._db(), report, self._reported)
+        writer = _Writer(self.connection(), report, self._reported)
+        since = time.time()
+        writer.tombstones = self._tombstones(since)
         old = self._cataloged()
         current = next(old, None)
         writer.begin()
@@ -227,7 +321,8 @@ class Catalog:
                 writer.remove(current[0])
                 current = next(old, None)
             if current is not None and current[0] == info.key:
-                if current[1:] != (info.etag, info.size, info.mtime_ns, info.storage_class):
+                mtime = None if current[1][2] is None else info.mtime_ns
+                if current[1] != (info.etag, info.size, mtime, info.storage_class):
                     writer.update(info)
                 current = next(old, None)
             else:
@@ -238,15 +333,23 @@ class Catalog:
             current = next(old, None)
             writer.maybe_commit()
         writer.retry_shadowed()
+        writer.db.execute("DELETE FROM deletes WHERE done_at < ?", (since,))
         writer.commit()
         self.set_meta("synced_at", str(time.time()))
         report.seconds = time.monotonic() - started
         return report
 
+    def _tombstones(self, since: float) -> set[str]:
+        rows = self.connection().execute(
+            "SELECT key FROM deletes WHERE done_at IS NULL OR done_at >= ?", (since,)
+        )
+        return {row[0] for row in rows}
+
     def refresh_object(self, info: ObjectInfo | None, key: str) -> SyncReport:
         """Record one object's new state (``None``: it is gone), as learned from a HEAD."""
         report = SyncReport()
-        writer = _Writer(self._db(), report, self._reported)
+        writer = _Writer(self.connection(), report, self._reported)
+        writer.tombstones = self._tombstones(time.time())
         writer.begin()
         existing = self.by_key(key)
         if info is None:
@@ -260,6 +363,10 @@ class Catalog:
         return report
 
 
+_UNTOUCHED = "dirty=0 AND fetch_key IS NULL AND local_at<?"
+"""SQL: a node the listing may change (nothing pending for the cloud, no newer local change)."""
+
+
 class _Writer:
     """Applies listing differences inside batched transactions, keeping the tree well formed."""
 
@@ -271,6 +378,10 @@ class _Writer:
         self.dirs: dict[tuple[int, str], int] = {}
         self.shadowed: list[ObjectInfo] = []
         """Files hidden by a directory of the same name during this sync."""
+        self.tombstones: set[str] = set()
+        """Keys deleted through the mount: the listing may still show them."""
+        self.since_ns = time.time_ns()
+        """Nodes changed through the mount after this are newer than the listing."""
 
     def retry_shadowed(self) -> None:
         """Add again the files whose shadowing directory went away later in the same sync."""
@@ -330,6 +441,10 @@ class _Writer:
         return ino
 
     def add(self, info: ObjectInfo) -> None:
+        if info.key in self.tombstones:
+            return
+        if self.db.execute("SELECT 1 FROM nodes WHERE key=?", (info.key,)).fetchone():
+            return  # created through the mount since the catalog snapshot was taken
         problem = key_problem(info.key)
         if problem:
             self.reject(info.key, problem)
@@ -342,8 +457,9 @@ class _Writer:
         if marker:
             ino = self._directory(parent, parts[-1])
             self.db.execute(
-                "UPDATE nodes SET key=?, size=?, mtime_ns=?, etag=?, storage_class=? WHERE ino=?",
-                (info.key, info.size, info.mtime_ns, info.etag, info.storage_class, ino),
+                "UPDATE nodes SET key=?, size=?, mtime_ns=?, etag=?, base_etag=?, storage_class=? "
+                "WHERE ino=?",
+                (info.key, info.size, info.mtime_ns, info.etag, info.etag, info.storage_class, ino),
             )
             self.report.added += 1
             return
@@ -355,26 +471,46 @@ class _Writer:
             self.shadowed.append(info)
             return
         self.db.execute(
-            "INSERT INTO nodes(parent, name, is_dir, key, size, mtime_ns, etag, storage_class) "
-            "VALUES (?, ?, 0, ?, ?, ?, ?, ?)",
-            (parent, parts[-1], info.key, info.size, info.mtime_ns, info.etag, info.storage_class),
+            "INSERT INTO nodes(parent, name, is_dir, key, size, mtime_ns, etag, base_etag, "
+            "storage_class) VALUES (?, ?, 0, ?, ?, ?, ?, ?, ?)",
+            (
+                parent,
+                parts[-1],
+                info.key,
+                info.size,
+                info.mtime_ns,
+                info.etag,
+                info.etag,
+                info.storage_class,
+            ),
         )
         self.report.added += 1
         self.report.stale(name=(parent, parts[-1]))
 
     def update(self, info: ObjectInfo) -> None:
         row = self.db.execute(
-            "UPDATE nodes SET size=?, mtime_ns=?, etag=?, storage_class=? WHERE key=? "
-            "RETURNING ino",
-            (info.size, info.mtime_ns, info.etag, info.storage_class, info.key),
+            "UPDATE nodes SET size=?, mtime_ns=CASE WHEN local_at=0 OR etag IS NOT ? "
+            "THEN ? ELSE mtime_ns END, etag=?, base_etag=?, storage_class=? "
+            f"WHERE key=? AND {_UNTOUCHED} RETURNING ino",
+            (
+                info.size,
+                info.etag,
+                info.mtime_ns,
+                info.etag,
+                info.etag,
+                info.storage_class,
+                info.key,
+                self.since_ns,
+            ),
         ).fetchone()
-        self.report.changed += 1
         if row is not None:
+            self.report.changed += 1
             self.report.stale(ino=row[0])
 
     def remove(self, key: str) -> None:
         row = self.db.execute(
-            "SELECT ino, parent, name, is_dir FROM nodes WHERE key=?", (key,)
+            f"SELECT ino, parent, name, is_dir FROM nodes WHERE key=? AND {_UNTOUCHED}",
+            (key, self.since_ns),
         ).fetchone()
         if row is None:
             return
@@ -393,10 +529,10 @@ class _Writer:
         """Remove implicit directories left empty, walking up towards the root."""
         while ino != ROOT:
             row = self.db.execute(
-                "SELECT parent, name, key FROM nodes WHERE ino=?", (ino,)
+                "SELECT parent, name, key, local_at FROM nodes WHERE ino=?", (ino,)
             ).fetchone()
-            if row is None or row[2] is not None:
-                return
+            if row is None or row[2] is not None or row[3]:
+                return  # a marker object or a directory made through the mount stays
             if self.db.execute("SELECT 1 FROM nodes WHERE parent=? LIMIT 1", (ino,)).fetchone():
                 return
             self.db.execute("DELETE FROM nodes WHERE ino=?", (ino,))

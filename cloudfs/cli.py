@@ -22,7 +22,16 @@ from typing import Any
 import click
 
 from . import __version__, control
-from .config import CacheOptions, Config, MountOptions, S3Options, format_size, parse_size
+from .config import (
+    UPLOAD_MODES,
+    CacheOptions,
+    Config,
+    MountOptions,
+    S3Options,
+    WriteOptions,
+    format_size,
+    parse_size,
+)
 from .errors import ConfigError
 from .mount import mounted_cloudfs, serve
 
@@ -148,6 +157,53 @@ def main() -> None:
 )
 @click.option("--read-only", is_flag=True, help="Mount read-only.")
 @click.option(
+    "--staging-size",
+    type=SIZE,
+    default="10G",
+    show_default=True,
+    help="Written data not yet in the cloud that may wait on the cache disk; past it, writes "
+    "fail with ENOSPC (never evicted, never dropped).",
+)
+@click.option(
+    "--upload-mode",
+    type=click.Choice(UPLOAD_MODES),
+    default="async",
+    show_default=True,
+    help="async: fsync returns once the data is durable on local disk; sync: fsync also "
+    "waits for the cloud.",
+)
+@click.option("--sync-on-close", is_flag=True, help="Make close() as durable as fsync().")
+@click.option(
+    "--upload-delay",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="Seconds after the last close before a file is uploaded (lets temp-file renames land "
+    "first).",
+)
+@click.option(
+    "--upload-threads",
+    type=click.IntRange(min=1, max=64),
+    default=4,
+    show_default=True,
+    help="Files uploaded at once.",
+)
+@click.option(
+    "--part-size",
+    type=SIZE,
+    default="16M",
+    show_default=True,
+    help="Multipart upload part size; larger files go up in parts of this size.",
+)
+@click.option(
+    "--drain-timeout",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    help="On unmount, seconds to wait for pending uploads; the rest stays journaled for the "
+    "next mount.",
+)
+@click.option(
     "--restore-days",
     type=click.IntRange(min=0),
     default=0,
@@ -196,6 +252,13 @@ def mount(
     attr_timeout: float,
     io_timeout: float,
     read_only: bool,
+    staging_size: int,
+    upload_mode: str,
+    sync_on_close: bool,
+    upload_delay: float,
+    upload_threads: int,
+    part_size: int,
+    drain_timeout: float,
     restore_days: int,
     endpoint_url: str | None,
     region: str | None,
@@ -236,7 +299,19 @@ def mount(
             fuse_options=tuple(o for o in extra if o not in ("ro", "rw")),
         ),
         s3=S3Options(
-            endpoint_url=endpoint_url, region=region, profile=profile, path_style=path_style
+            endpoint_url=endpoint_url,
+            region=region,
+            profile=profile,
+            path_style=path_style,
+            part_size=part_size,
+        ),
+        write=WriteOptions(
+            staging_limit=staging_size,
+            upload_mode=upload_mode,
+            sync_on_close=sync_on_close,
+            upload_delay=upload_delay,
+            upload_threads=upload_threads,
+            drain_timeout=drain_timeout,
         ),
     )
     try:

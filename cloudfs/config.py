@@ -58,6 +58,13 @@ class S3Options:
     max_pool_connections: int = 32
     """botocore's connection pool; sized above the fetch thread limits so no thread waits for a
     connection."""
+    part_size: int = 16 * MiB
+    """Uploads up to this size go up in one PUT; larger ones as a multipart upload in parts of
+    this size (grown for files above 10,000 parts).  AWS recommends 8-16 MiB parts for throughput,
+    S3 refuses parts under 5 MiB, and an upload holds one part in memory per upload thread."""
+    upload_part_threads: int = 4
+    """Parts of one multipart upload (or copy) sent at once: four keep a WAN link busy while one
+    upload holds at most 64 MiB of parts in memory and a few of botocore's pooled connections."""
 
 
 @dataclass(frozen=True)
@@ -127,6 +134,33 @@ class MountOptions:
     """statfs free space: large and stable, so PACS free-space thresholds never stop ingest."""
 
 
+UPLOAD_MODES = ("async", "sync")
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    """Write-back: where written data waits for the cloud, and when it goes."""
+
+    staging_limit: int = 10 * GiB
+    """Bytes of written data not yet in the cloud that the staging area may hold (beside the block
+    cache on the same disk).  Staged data is never evicted: past this, writes fail with ENOSPC
+    instead of dropping anything, so it bounds how long an outage the site can ride out."""
+    upload_mode: str = "async"
+    """``async``: fsync returns once the data is durable on local disk and journaled; ``sync``:
+    fsync also waits until the cloud has it (slower, for sites that must not rely on the disk)."""
+    sync_on_close: bool = False
+    """Make close() as durable as fsync(), for writers that never call fsync."""
+    upload_delay: float = 1.0
+    """Seconds after the last close before an upload starts: a writer that renames its temp file
+    into place (editors, rsync) does so within this time, and the upload goes to the final key
+    once instead of to the temp name and then a copy."""
+    upload_threads: int = 4
+    """Files uploaded at once; each large file also sends its parts in parallel."""
+    drain_timeout: float = 30.0
+    """On unmount or SIGTERM, seconds to wait for uploads in progress; the rest stays journaled
+    and goes up after the next mount."""
+
+
 @dataclass(frozen=True)
 class Config:
     source: str
@@ -134,6 +168,7 @@ class Config:
     cache: CacheOptions
     mount: MountOptions = field(default_factory=MountOptions)
     s3: S3Options = field(default_factory=S3Options)
+    write: WriteOptions = field(default_factory=WriteOptions)
 
     def check(self) -> None:
         """Reject combinations that would make the cache thrash or the fetch path deadlock."""
@@ -153,3 +188,5 @@ class Config:
             )
         if c.readahead_budget < c.fetch_chunk or c.foreground_budget < c.fetch_chunk:
             raise ValueError("memory budgets must hold at least one fetch chunk")
+        if self.write.upload_mode not in UPLOAD_MODES:
+            raise ValueError(f"upload mode must be one of {', '.join(UPLOAD_MODES)}")

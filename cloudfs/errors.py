@@ -39,10 +39,25 @@ class StaleObject(CloudfsError):
     errno = errno.ESTALE
 
 
+class Conflict(CloudfsError):
+    """Another writer changed the key since the version a conditional write was based on (or
+    created it first); the write did not happen, so nobody's newer object was overwritten."""
+
+    errno = errno.EBUSY
+
+
 class Unavailable(CloudfsError):
     """The store could not be reached or kept failing after the configured retries."""
 
     errno = errno.EIO
+
+
+class FsError(CloudfsError):
+    """A POSIX refusal with an explicit errno (EEXIST, ENOTEMPTY, EROFS, ...)."""
+
+    def __init__(self, code: int, message: str = "") -> None:
+        super().__init__(message or errno.errorcode.get(code, str(code)))
+        self.errno = code
 
 
 class ConfigError(CloudfsError):

@@ -27,11 +27,14 @@ import trio
 
 from .cache import BlockCache
 from .catalog import Catalog, Node, SyncReport
+from .changes import Backlog, Changes
 from .config import Config
-from .errors import CloudfsError, NeedsRestore, NotFound, Unavailable
+from .errors import CloudfsError, FsError, NeedsRestore, NotFound, Unavailable
 from .prefetch import ReadAhead
 from .reader import BlockReader, Cancelled, ObjectVersion
+from .staging import StagingArea
 from .store import ARCHIVE_CLASSES, ObjectStore
+from .uploader import Uploader
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +53,6 @@ class NoKernelCache:
 
     async def forget(self, inodes: list[int], names: list[tuple[int, str]]) -> None:
         pass
-
-
-class FsError(CloudfsError):
-    """A POSIX-level refusal with an explicit errno (EISDIR, EROFS, ...)."""
-
-    def __init__(self, code: int, message: str = "") -> None:
-        super().__init__(message or os.strerror(code))
-        self.errno = code
 
 
 class Attributes(NamedTuple):
@@ -97,9 +92,32 @@ class _Listing:
 
 
 @dataclass
+class StagedFile:
+    """A file whose bytes live in the staging area, while any handle has it open."""
+
+    ino: int
+    name: str
+    fd: int
+    size: int
+    mtime_ns: int
+    handles: int = 0
+    writers: int = 0
+    writes: int = 0
+    """Writes since the size was last recorded in the catalog."""
+    detached: bool = False
+    """Uploaded (or unlinked) meanwhile: the catalog no longer names this staging file, so a
+    new writer gets a fresh copy and the last close removes it."""
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    """Held by writes and by an fsync that uploads (sync mode), so that upload sees no tear."""
+
+
+@dataclass
 class OpenFile:
-    version: ObjectVersion
+    ino: int
+    version: ObjectVersion | None
+    """The cloud version read, or None for a file staged when opened."""
     read_ahead: ReadAhead
+    writable: bool = False
     cancelled: Cancelled = field(default_factory=Cancelled)
     warmed_from: int = -1
     """The block warm-up last started from: the kernel sends several requests per block."""
@@ -114,14 +132,20 @@ class ArchiveFS:
         self.catalog = catalog
         self.cache = cache
         self.reader = BlockReader(store, cache, config.cache)
+        self.changes = Changes(catalog)
+        self.staging = StagingArea(config.cache.directory / "staging", config.write.staging_limit)
+        self.uploader = Uploader(store, self.changes, self.staging, cache, config.write, self)
         self.kernel: KernelCache = NoKernelCache()
         self.uid, self.gid = os.getuid(), os.getgid()
         self._handles: dict[int, OpenFile] = {}
+        self._staged: dict[int, StagedFile] = {}
+        self._recovered_keys: list[str] = []
         self._listings: dict[int, _Listing] = {}
         self._nursery: trio.Nursery | None = None
         self._next_handle = count(1)
         self._opened_versions: dict[int, str] = {}
         self._catalog_threads = trio.CapacityLimiter(4)
+        self._disk_threads = trio.CapacityLimiter(config.cache.disk_threads)
         self._store_threads = trio.CapacityLimiter(4)
         self._refresh_wanted = trio.Event()
         self._refresh_done = trio.Event()
@@ -136,7 +160,30 @@ class ArchiveFS:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self.reader.run)
+            nursery.start_soon(self.uploader.run)
             nursery.start_soon(self.refresher, first_refresh)
+            for key in self._recovered_keys:
+                nursery.start_soon(self.refresh_key, key)
+
+    def recover(self) -> None:
+        """Before serving: settle what a crash left in the staging area (blocking)."""
+        reverted, removed = self.changes.recover()
+        unsynced = {node.staged for node in reverted + removed if node.staged}
+        self.staging.scan(self.changes.staged_names(), unsynced)
+        self._recovered_keys = [node.key for node in reverted if node.key]
+        backlog = self.changes.backlog()
+        if backlog.files or backlog.copies or backlog.deletes:
+            log.info(
+                "resuming the write-back journal: %d files (%d bytes), %d renames, %d deletes",
+                backlog.files,
+                backlog.bytes,
+                backlog.copies,
+                backlog.deletes,
+            )
+
+    async def drain(self) -> None:
+        """After unmount: let pending uploads finish, for at most ``drain_timeout``."""
+        await self.uploader.drain(self.config.write.drain_timeout)
 
     async def _catalog(self, function: Any, *args: Any) -> Any:
         return await trio.to_thread.run_sync(function, *args, limiter=self._catalog_threads)
@@ -144,11 +191,24 @@ class ArchiveFS:
     # -- attributes ------------------------------------------------------------------------
 
     def attributes(self, node: Node) -> Attributes:
-        writable = 0 if self.config.mount.read_only else 0o200
-        kind = stat.S_IFDIR | 0o555 if node.is_dir else stat.S_IFREG | 0o444
-        mode = kind | writable
+        """What stat shows: sizes of files open for writing come from their staging file."""
+        default = 0o755 if node.is_dir else 0o644
+        permissions = default if node.mode is None else node.mode
+        if self.config.mount.read_only:
+            permissions &= ~0o222
+        mode = (stat.S_IFDIR if node.is_dir else stat.S_IFREG) | permissions
+        size, mtime_ns = node.size, node.mtime_ns
+        staged = self._staged.get(node.ino)
+        if staged is not None:
+            size, mtime_ns = staged.size, staged.mtime_ns
         return Attributes(
-            node.ino, mode, node.size, node.mtime_ns, self.uid, self.gid, self.cache.block_size
+            node.ino,
+            mode,
+            size,
+            mtime_ns,
+            self.uid if node.uid is None else node.uid,
+            self.gid if node.gid is None else node.gid,
+            self.cache.block_size,
         )
 
     async def _node(self, ino: int) -> Node:
@@ -218,27 +278,130 @@ class ArchiveFS:
     # -- files -----------------------------------------------------------------------------
 
     async def open(self, ino: int, flags: int) -> tuple[int, bool]:
-        """Open for reading; returns the handle and whether the kernel may keep cached pages."""
+        """Open a file; returns the handle and whether the kernel may keep cached pages.
+
+        Reading a file whose bytes are in the cloud pins the version it had at open.  Writing
+        moves the file into the staging area first (the whole file: objects cannot be patched),
+        unless it is truncated at open, which is how a PACS or a copy overwrites a file."""
         node = await self._node(ino)
         if node.is_dir:
             raise FsError(errno.EISDIR)
-        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
-            raise FsError(errno.EROFS, "this mount serves the archive read-only")
-        assert node.key is not None and node.etag is not None
+        writable = bool(flags & (os.O_WRONLY | os.O_RDWR))
+        if writable or flags & os.O_TRUNC:
+            if self.config.mount.read_only:
+                raise FsError(errno.EROFS, "this mount is read-only")
+            staged = await self._stage(node, truncate=bool(flags & os.O_TRUNC))
+            return self._new_handle(ino, None, staged, writable), False
+        if node.staged is not None:
+            return self._new_handle(ino, None, await self._open_staged(node), False), False
+        assert node.cloud_key is not None and node.etag is not None
         if node.storage_class in ARCHIVE_CLASSES:
-            await self._check_restored(node.key)
-        version = ObjectVersion(node.key, node.etag, node.size)
+            await self._check_restored(node.cloud_key)
+        version = ObjectVersion(node.cloud_key, node.etag, node.size)
         keep_cache = self._opened_versions.get(ino) == node.etag
         if len(self._opened_versions) >= _REMEMBERED_VERSIONS:
             self._opened_versions.clear()
         self._opened_versions[ino] = node.etag
+        return self._new_handle(ino, version, None, False), keep_cache
+
+    def _new_handle(
+        self, ino: int, version: ObjectVersion | None, staged: StagedFile | None, writable: bool
+    ) -> int:
+        if staged is not None:
+            staged.handles += 1
+            staged.writers += writable
         handle = next(self._next_handle)
         options = self.config.cache
         self._handles[handle] = OpenFile(
+            ino,
             version,
             ReadAhead(self.cache.block_size, options.readahead_initial, options.readahead_max),
+            writable,
         )
-        return handle, keep_cache
+        return handle
+
+    async def _open_staged(self, node: Node) -> StagedFile:
+        """The open staging file of a node whose bytes are staged."""
+        staged = self._staged.get(node.ino)
+        if staged is None:
+            assert node.staged is not None
+            fd = await self._disk(self.staging.open, node.staged)
+            staged = self._staged.get(node.ino)  # another open may have won meanwhile
+            if staged is None:
+                staged = StagedFile(node.ino, node.staged, fd, node.size, node.mtime_ns)
+                self._staged[node.ino] = staged
+            else:
+                os.close(fd)
+        return staged
+
+    async def _stage(self, node: Node, truncate: bool) -> StagedFile:
+        """Make a file writable: its bytes in a staging file no upload is reading."""
+        staged = self._staged.get(node.ino)
+        if staged is None and node.staged is not None:
+            staged = await self._open_staged(node)
+        if staged is not None and (staged.detached or self.uploader.is_uploading(staged.name)):
+            # Copy on write: the upload in progress keeps reading the bytes it started with.
+            name = self.staging.new_name()
+            size = 0 if truncate else staged.size
+            fd = await self._disk(self.staging.copy, staged.fd, size, name)
+            await self._catalog(self.changes.stage, node.ino, name)
+            replacement = StagedFile(node.ino, name, fd, size, time.time_ns())
+            self._retire(staged)
+            self._staged[node.ino] = staged = replacement
+        if staged is None:
+            staged = await self._stage_from_cloud(node, truncate)
+        if truncate and staged.size:
+            await self._truncate(staged, 0)
+        return staged
+
+    async def _stage_from_cloud(self, node: Node, truncate: bool) -> StagedFile:
+        name = self.staging.new_name()
+        fd = await self._disk(self.staging.create, name)
+        size = 0
+        try:
+            if not truncate and node.size:
+                assert node.cloud_key is not None and node.etag is not None
+                if node.storage_class in ARCHIVE_CLASSES:
+                    await self._check_restored(node.cloud_key)
+                version = ObjectVersion(node.cloud_key, node.etag, node.size)
+                self.staging.reserve(node.size)
+                size = node.size
+                chunk = self.config.cache.fetch_chunk
+                for offset in range(0, node.size, chunk):
+                    data = await self.reader.read(version, offset, min(chunk, node.size - offset))
+                    await self._disk(os.pwrite, fd, data, offset)
+            await self._catalog(self.changes.stage, node.ino, name)
+        except BaseException:
+            os.close(fd)
+            with trio.CancelScope(shield=True):
+                await self._disk(self.staging.remove, name)
+            raise
+        staged = self._staged.get(node.ino)
+        if staged is not None:  # a concurrent open staged it first: use that one
+            os.close(fd)
+            await self._disk(self.staging.remove, name)
+            return staged
+        staged = StagedFile(node.ino, name, fd, size, node.mtime_ns)
+        self._staged[node.ino] = staged
+        return staged
+
+    def _retire(self, staged: StagedFile) -> None:
+        """A staging file the catalog no longer names: removed when its last handle closes."""
+        staged.detached = True
+        if self._staged.get(staged.ino) is staged:
+            del self._staged[staged.ino]
+        if staged.handles == 0:
+            os.close(staged.fd)
+            if not self.uploader.is_uploading(staged.name):  # else the uploader removes it
+                self._nursery_or_fail().start_soon(self._disk, self.staging.remove, staged.name)
+
+    def _nursery_or_fail(self) -> trio.Nursery:
+        if self._nursery is None:
+            raise Unavailable("the filesystem is not running")
+        return self._nursery
+
+    async def _disk(self, function: Any, *args: Any) -> Any:
+        return await trio.to_thread.run_sync(function, *args, limiter=self._disk_threads)
 
     async def _check_restored(self, key: str) -> None:
         """Archived objects need a restore before a GET: fail at open with one log line, and
@@ -276,6 +439,12 @@ class ArchiveFS:
         open_file = self._handles.get(handle)
         if open_file is None:
             raise FsError(errno.EBADF)
+        staged = self._staged.get(open_file.ino)
+        if staged is not None or open_file.version is None:
+            if staged is None:
+                raise FsError(errno.EBADF)
+            data: bytes = await self._disk(os.pread, staged.fd, size, offset)
+            return data
         version = open_file.version
         read_ahead = open_file.read_ahead
         # Small objects are fetched whole by the first read: read-ahead would only split that GET.
@@ -295,10 +464,208 @@ class ArchiveFS:
                 await self.refresh_key(version.key)
             raise
 
-    def release(self, handle: int) -> None:
+    def _writable(self, handle: int) -> StagedFile:
+        open_file = self._handles.get(handle)
+        staged = None if open_file is None else self._staged.get(open_file.ino)
+        if open_file is None or not open_file.writable or staged is None:
+            raise FsError(errno.EBADF)
+        return staged
+
+    async def write(self, handle: int, offset: int, data: bytes) -> int:
+        staged = self._writable(handle)
+        async with staged.lock:
+            end = offset + len(data)
+            growth = max(0, end - staged.size)
+            self.staging.reserve(growth)
+            try:
+                written: int = await self._disk(os.pwrite, staged.fd, data, offset)
+            except BaseException:
+                self.staging.release(growth)
+                raise
+            staged.size = max(staged.size, offset + written)
+            staged.mtime_ns = time.time_ns()
+            staged.writes += 1
+        return written
+
+    async def _truncate(self, staged: StagedFile, size: int) -> None:
+        async with staged.lock:
+            growth = size - staged.size
+            self.staging.reserve(growth)
+            await self._disk(os.ftruncate, staged.fd, size)
+            if growth < 0:
+                self.staging.release(-growth)
+            staged.size = size
+            staged.mtime_ns = time.time_ns()
+            staged.writes += 1
+
+    async def flush(self, handle: int) -> None:
+        """close(2): as durable as fsync when the mount asks for it (``--sync-on-close``)."""
+        open_file = self._handles.get(handle)
+        if open_file is not None and open_file.writable and self.config.write.sync_on_close:
+            await self.fsync(handle)
+
+    async def fsync(self, handle: int) -> None:
+        """Durable on local disk and journaled before returning; with ``--upload-mode=sync``
+        also in the cloud."""
+        open_file = self._handles.get(handle)
+        if open_file is None:
+            raise FsError(errno.EBADF)
+        staged = self._staged.get(open_file.ino)
+        if staged is None:
+            return  # nothing written: the cloud already has these bytes
+        async with staged.lock:
+            await self._disk(self.staging.durable, staged.fd)
+            await self._record(staged, ready=True, durable=True)
+            if self.config.write.upload_mode == "sync":
+                await self.uploader.upload_now(staged.ino)
+
+    async def _record(self, staged: StagedFile, ready: bool, durable: bool = False) -> None:
+        writes = staged.writes
+        await self._catalog(
+            self.changes.record_write, staged.ino, staged.size, staged.mtime_ns, ready, durable
+        )
+        staged.writes -= writes
+        if ready:
+            self.uploader.notify()
+
+    async def release(self, handle: int) -> None:
         open_file = self._handles.pop(handle, None)
-        if open_file is not None:
-            open_file.cancelled.is_set = True
+        if open_file is None:
+            return
+        open_file.cancelled.is_set = True
+        staged = self._staged.get(open_file.ino)
+        if staged is None or open_file.version is not None:
+            return
+        staged.handles -= 1
+        staged.writers -= open_file.writable
+        if open_file.writable and staged.writers == 0:
+            # The last writer closed: the file is complete and may go up.
+            await self._record(staged, ready=True)
+        if staged.handles == 0 and self._staged.get(staged.ino) is staged:
+            del self._staged[staged.ino]
+            os.close(staged.fd)
+            if staged.detached:
+                await self._disk(self.staging.remove, staged.name)
+
+    # -- what the uploader asks (StagingOwner) ---------------------------------------------
+
+    def being_written(self, ino: int) -> bool:
+        staged = self._staged.get(ino)
+        return staged is not None and staged.writers > 0
+
+    def uploaded(self, ino: int, staged_name: str) -> bool:
+        staged = self._staged.get(ino)
+        if staged is None or staged.name != staged_name:
+            return False
+        staged.detached = True
+        return True
+
+    async def diverted(self, before: Node, after: Node) -> None:
+        await self.kernel.forget([], [(before.parent, before.name), (after.parent, after.name)])
+        if before.key is not None:
+            await self.refresh_key(before.key)
+
+    # -- changing the tree -------------------------------------------------------------------
+
+    def _refuse_if_read_only(self) -> None:
+        if self.config.mount.read_only:
+            raise FsError(errno.EROFS, "this mount is read-only")
+
+    async def create(
+        self, parent: int, name: str, mode: int, flags: int, uid: int, gid: int
+    ) -> tuple[int, Attributes]:
+        """Create and open a file (O_CREAT); an existing name is opened unless O_EXCL."""
+        self._refuse_if_read_only()
+        staging_name = self.staging.new_name()
+        fd = await self._disk(self.staging.create, staging_name)
+        try:
+            node = await self._catalog(
+                self.changes.create_file, parent, name, mode & 0o7777, uid, gid, staging_name
+            )
+        except FsError as exc:
+            os.close(fd)
+            await self._disk(self.staging.remove, staging_name)
+            if exc.errno != errno.EEXIST or flags & os.O_EXCL:
+                raise
+            existing = await self._catalog(self.catalog.lookup, parent, name)
+            if existing is None:
+                raise
+            handle, _ = await self.open(existing.ino, flags)
+            return handle, self.attributes(existing)
+        staged = StagedFile(node.ino, staging_name, fd, 0, node.mtime_ns)
+        self._staged[node.ino] = staged
+        handle = self._new_handle(node.ino, None, staged, True)
+        return handle, self.attributes(node)
+
+    async def mkdir(self, parent: int, name: str, mode: int, uid: int, gid: int) -> Attributes:
+        self._refuse_if_read_only()
+        node = await self._catalog(
+            self.changes.make_directory, parent, name, mode & 0o7777, uid, gid
+        )
+        return self.attributes(node)
+
+    async def unlink(self, parent: int, name: str) -> None:
+        self._refuse_if_read_only()
+        node = await self._catalog(self.changes.unlink, parent, name)
+        await self._drop_staged(node)
+        self.uploader.notify()
+
+    async def _drop_staged(self, node: Node) -> None:
+        staged = self._staged.get(node.ino)
+        if staged is not None:
+            self._retire(staged)
+        elif node.staged is not None and not self.uploader.is_uploading(node.staged):
+            await self._disk(self.staging.remove, node.staged)
+
+    async def rmdir(self, parent: int, name: str) -> None:
+        self._refuse_if_read_only()
+        await self._catalog(self.changes.remove_directory, parent, name)
+        self.uploader.notify()
+
+    async def rename(
+        self, parent: int, name: str, new_parent: int, new_name: str, flags: int
+    ) -> None:
+        self._refuse_if_read_only()
+        _, replaced = await self._catalog(
+            self.changes.rename, parent, name, new_parent, new_name, flags
+        )
+        if replaced is not None:
+            await self._drop_staged(replaced)
+        self.uploader.notify()
+
+    async def setattr(
+        self,
+        ino: int,
+        handle: int | None,
+        size: int | None = None,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        mtime_ns: int | None = None,
+    ) -> Attributes:
+        """truncate, chmod, chown, utime.  A truncate of a closed file stages it like an open
+        for writing would, and it goes up as soon as it is done."""
+        self._refuse_if_read_only()
+        if size is not None:
+            staged = self._staged.get(ino)
+            if handle is not None and handle in self._handles and staged is not None:
+                await self._truncate(staged, size)
+            else:
+                opened = await self.open(ino, os.O_WRONLY | (os.O_TRUNC if size == 0 else 0))
+                try:
+                    staged = self._writable(opened[0])
+                    await self._truncate(staged, size)
+                finally:
+                    await self.release(opened[0])
+        if mode is not None or uid is not None or gid is not None or mtime_ns is not None:
+            if mode is not None:
+                mode &= 0o7777
+            await self._catalog(self.changes.set_attributes, ino, mode, uid, gid, mtime_ns)
+            staged = self._staged.get(ino)
+            if staged is not None and mtime_ns is not None:
+                staged.mtime_ns = mtime_ns
+            self.uploader.notify()
+        return self.attributes(await self._node(ino))
 
     # -- catalog refresh -------------------------------------------------------------------
 
@@ -375,6 +742,7 @@ class ArchiveFS:
                 "synced_at": float(self.catalog.get_meta("synced_at") or 0),
                 "cache_bytes": self.cache.volume(),
                 "cache_blocks": self.cache.block_count(),
+                "backlog": self.changes.backlog(),
             }
 
         facts = await trio.to_thread.run_sync(gather, limiter=self._catalog_threads)
@@ -416,7 +784,31 @@ class ArchiveFS:
                     {"key": key, "reason": reason} for key, reason in facts["rejected_keys"]
                 ],
             },
+            "uploads": self._upload_status(facts["backlog"]),
             "open_files": len(self._handles),
+        }
+
+    def _upload_status(self, backlog: Backlog) -> dict[str, Any]:
+        stats = self.uploader.stats
+        return {
+            "pending_files": backlog.files,
+            "pending_bytes": backlog.bytes,
+            "pending_renames": backlog.copies,
+            "pending_deletes": backlog.deletes,
+            "oldest_pending_age": round(time.time() - backlog.oldest, 1)
+            if backlog.oldest
+            else None,
+            "staging_bytes": self.staging.used,
+            "staging_limit": self.staging.limit,
+            "uploaded_files": stats.files,
+            "uploaded_bytes": stats.bytes,
+            "copies": stats.copies,
+            "deletes": stats.deletes,
+            "conflicts": stats.conflicts,
+            "errors": stats.errors,
+            "last_error": stats.last_error,
+            "last_error_at": stats.last_error_at or None,
+            "mode": self.config.write.upload_mode,
         }
 
     def statfs(self) -> dict[str, int]:

@@ -14,6 +14,7 @@ import errno
 import functools
 import logging
 import os
+import stat
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
@@ -41,6 +42,9 @@ def _guard(handler: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutin
             if exc.errno == errno.EIO:
                 log.warning("%s: %s", handler.__name__, exc)
             raise pyfuse3.FUSEError(exc.errno) from None
+        except OSError as exc:  # the staging disk: ENOSPC, EIO
+            log.error("%s: local disk error: %s", handler.__name__, exc)
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
         except Exception:
             log.exception("unexpected error in %s; answering EIO", handler.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
@@ -123,7 +127,7 @@ class FuseOperations(pyfuse3.Operations):
 
     @_guard
     async def release(self, fh: int) -> None:
-        self.fs.release(fh)
+        await self.fs.release(fh)
 
     @_guard
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
@@ -137,14 +141,99 @@ class FuseOperations(pyfuse3.Operations):
         data.f_namemax = figures["name_max"]
         return data
 
-    async def _read_only(self, *args: Any) -> Any:
-        """Changing the tree is not supported yet: a clear EROFS rather than ENOSYS."""
-        raise pyfuse3.FUSEError(errno.EROFS)
+    @_guard
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        handle, attributes = await self.fs.create(
+            parent_inode, os.fsdecode(name), mode, flags, ctx.uid, ctx.gid
+        )
+        return pyfuse3.FileInfo(fh=handle), self._entry(attributes)
 
-    # One refusal for every call that would change the tree (the signatures differ, hence the
-    # assignment); extended attributes keep pyfuse3's ENOSYS so the kernel stops asking.
-    create = mknod = mkdir = unlink = rmdir = rename = _read_only  # type: ignore[assignment]
-    link = symlink = setattr = write = _read_only  # type: ignore[assignment]
+    @_guard
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        """Regular files only: an object store has no device nodes, FIFOs or sockets."""
+        if not stat.S_ISREG(mode):
+            raise pyfuse3.FUSEError(errno.EPERM)
+        info, entry = await self.create(parent_inode, name, mode, os.O_WRONLY | os.O_EXCL, ctx)
+        await self.fs.release(info.fh)
+        return entry
+
+    @_guard
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return await self.fs.write(fh, off, buf)
+
+    @_guard
+    async def flush(self, fh: int) -> None:
+        await self.fs.flush(fh)
+
+    @_guard
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self.fs.fsync(fh)
+
+    @_guard
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        attributes = await self.fs.setattr(
+            inode,
+            fh,
+            size=attr.st_size if fields.update_size else None,
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+        )
+        return self._entry(attributes)
+
+    @_guard
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        attributes = await self.fs.mkdir(parent_inode, os.fsdecode(name), mode, ctx.uid, ctx.gid)
+        return self._entry(attributes)
+
+    @_guard
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self.fs.unlink(parent_inode, os.fsdecode(name))
+
+    @_guard
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self.fs.rmdir(parent_inode, os.fsdecode(name))
+
+    @_guard
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        await self.fs.rename(
+            parent_inode_old,
+            os.fsdecode(name_old),
+            parent_inode_new,
+            os.fsdecode(name_new),
+            flags,
+        )
+
+    async def _not_supported(self, *args: Any) -> Any:
+        """Hard links and symbolic links have no object-store form: EPERM, as POSIX specifies
+        for a filesystem that does not support them."""
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    # The signatures differ, hence the assignment; extended attributes keep pyfuse3's ENOSYS so
+    # the kernel stops asking.
+    link = symlink = _not_supported  # type: ignore[assignment]
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         # Inode numbers are catalog row ids, valid without a lookup count: nothing to free.
@@ -174,19 +263,38 @@ def serve(
     options: set[str],
     start_tasks: Callable[[trio.Nursery], None],
 ) -> None:
-    """Mount, serve until unmounted or ``stop()``, unmount.  ``start_tasks`` starts the daemon's
-    background tasks in the nursery that also runs the FUSE loop."""
+    """Mount, serve until unmounted or ``stop()``, unmount, then give pending uploads their
+    bounded time.  ``start_tasks`` starts the daemon's background tasks in the nursery that also
+    runs the FUSE loop."""
     pyfuse3.init(FuseOperations(fs), str(mountpoint), set(pyfuse3.default_options) | options)
+    session = _Session()
     try:
-        trio.run(_main, start_tasks)
+        trio.run(_main, fs, start_tasks, session)
     finally:
-        pyfuse3.close(unmount=True)
+        session.close()
 
 
-async def _main(start_tasks: Callable[[trio.Nursery], None]) -> None:
+class _Session:
+    """Unmounts once: right after the FUSE loop ends (so nobody waits on a mount that no longer
+    answers while uploads drain), or on the way out after an error."""
+
+    def __init__(self) -> None:
+        self.open = True
+
+    def close(self) -> None:
+        if self.open:
+            self.open = False
+            pyfuse3.close(unmount=True)
+
+
+async def _main(
+    fs: ArchiveFS, start_tasks: Callable[[trio.Nursery], None], session: _Session
+) -> None:
     async with trio.open_nursery() as nursery:
         start_tasks(nursery)
         await pyfuse3.main()
+        session.close()
+        await fs.drain()
         nursery.cancel_scope.cancel()
 
 

@@ -166,6 +166,7 @@ def serve(config: Config, on_ready: Callable[[], None]) -> None:
     """Mount and serve until unmounted or signalled; ``on_ready`` runs once the mount answers."""
     store, catalog, cache, first_refresh = prepare(config)
     fs = ArchiveFS(config, store, catalog, cache)
+    fs.recover()
     options = {f"fsname={FS_TYPE}", f"subtype={FS_TYPE}", *config.mount.fuse_options}
     if config.mount.read_only:
         options.add("ro")

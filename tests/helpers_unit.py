@@ -110,14 +110,18 @@ class InstrumentedStore:
             time.sleep(0.01)
         return self.active == 0
 
-    def put_file(self, key: str, path: Path, metadata: Mapping[str, str]) -> ObjectInfo:
-        return self.inner.put_file(key, path, metadata)
+    def put_file(
+        self, key: str, path: Path, metadata: Mapping[str, str], expect_etag: str | None
+    ) -> ObjectInfo:
+        return self.inner.put_file(key, path, metadata, expect_etag)
 
     def delete(self, key: str) -> None:
         self.inner.delete(key)
 
-    def copy(self, source: str, target: str) -> ObjectInfo:
-        return self.inner.copy(source, target)
+    def copy(
+        self, source: str, target: str, etag: str, metadata: Mapping[str, str] | None = None
+    ) -> ObjectInfo:
+        return self.inner.copy(source, target, etag, metadata)
 
     def calls_for(self, key: str) -> builtins.list[tuple[int, int]]:
         with self._lock:
@@ -240,7 +244,7 @@ async def read_all(fs: ArchiveFS, path: str, chunk: int = BS) -> bytes:
             break
         parts.append(bytes(data))
         offset += len(data)
-    fs.release(handle)
+    await fs.release(handle)
     return b"".join(parts)
 
 

@@ -87,15 +87,6 @@ def assert_refuses_writes(root: Path, existing: str) -> None:
         assert caught.value.errno == errno.EROFS, what
 
 
-def test_writable_mount_refuses_writes_with_erofs(bucket: Bucket, mount: Mounter) -> None:
-    """Writing is not supported yet: a default mount answers EROFS, never a silent success."""
-    bucket.put("a.dcm", payload(100, "rw"))
-    mounted = mount(bucket)
-    assert_refuses_writes(mounted.path, "a.dcm")
-    assert read_file(mounted.path / "a.dcm") == bucket.objects["a.dcm"]
-    assert bucket.listed_keys() == ["a.dcm"]
-
-
 def test_killed_daemon_leaves_no_wrong_bytes_and_recovers(bucket: Bucket, mount: Mounter) -> None:
     """kill -9 of the daemon: reads fail (ENOTCONN or ECONNABORTED), never return wrong bytes; a
     new mount on the dead mountpoint is refused with the remedy; `cloudfs unmount` clears it; a

@@ -15,8 +15,8 @@ from helpers_unit import BS, Rig, ino_of, make_rig, open_path, random_bytes, rea
 
 from cloudfs.catalog import ROOT
 from cloudfs.config import MountOptions
-from cloudfs.errors import CloudfsError, Unavailable
-from cloudfs.fs import ArchiveFS, FsError
+from cloudfs.errors import CloudfsError, FsError, Unavailable
+from cloudfs.fs import ArchiveFS
 from cloudfs.store import ObjectInfo
 
 pytestmark = pytest.mark.timeout(60)
@@ -226,15 +226,16 @@ def test_opendir(rig: Rig) -> None:
         os.O_RDWR | os.O_CREAT,
     ],
 )
-def test_open_for_writing_is_erofs(rig: Rig, flags: int) -> None:
-    """Any write intent on open is refused with EROFS."""
+def test_open_for_writing_is_erofs_on_a_read_only_mount(tmp_path: Path, flags: int) -> None:
+    """On a read-only mount any write intent on open is refused with EROFS."""
+    read_only = make_rig(tmp_path, FILES, mount=MountOptions(read_only=True))
 
     async def body(fs: ArchiveFS) -> None:
         with pytest.raises(FsError) as caught:
             await fs.open(await ino_of(fs, "a.txt"), flags)
         assert caught.value.errno == errno.EROFS
 
-    run_fs(rig, body)
+    run_fs(read_only, body)
 
 
 def test_open_directory_is_eisdir(rig: Rig) -> None:
@@ -263,13 +264,13 @@ def test_open_read_release(rig: Rig) -> None:
         data = FILES["dir/sub/c.dcm"]
         assert bytes(await fs.read(first, BS - 2, 10)) == data[BS - 2 : BS + 8]
         assert bytes(await fs.read(second, len(data) - 3, 100)) == data[-3:]
-        fs.release(first)
+        await fs.release(first)
         with pytest.raises(FsError) as caught:
             await fs.read(first, 0, 10)
         assert caught.value.errno == errno.EBADF
         assert bytes(await fs.read(second, 0, 5)) == data[:5]
-        fs.release(second)
-        fs.release(second)  # releasing twice is harmless
+        await fs.release(second)
+        await fs.release(second)  # releasing twice is harmless
         with pytest.raises(FsError):
             await fs.read(12345, 0, 1)
 
@@ -330,7 +331,7 @@ def test_status(rig: Rig) -> None:
         assert await read_all(fs, "dir/b.bin") == FILES["dir/b.bin"]
         handle = await open_path(fs, "a.txt")
         facts = await fs.status()
-        fs.release(handle)
+        await fs.release(handle)
         return json.loads(json.dumps(facts))
 
     status = run_fs(rig, body)

@@ -93,7 +93,7 @@ def test_concurrent_random_reads_match_source(tmp_path: Path) -> None:
             handle = await open_path(fs, "scan.bin")
             got = await fs.read(handle, offset, length)
             assert bytes(got) == data[offset : offset + length], (offset, length)
-            fs.release(handle)
+            await fs.release(handle)
 
         for batch in range(0, len(cases), 30):
             async with trio.open_nursery() as nursery:
@@ -429,7 +429,7 @@ async def read_without_read_ahead(fs: ArchiveFS, path: str) -> bytes:
     handle = await open_path(fs, path)
     tail = bytes(await fs.read(handle, 1, 1 << 30))
     head = bytes(await fs.read(handle, 0, 1))
-    fs.release(handle)
+    await fs.release(handle)
     return head + tail
 
 

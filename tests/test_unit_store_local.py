@@ -223,20 +223,20 @@ def test_put_file_delete_copy(tmp_path: Path, root: Path, store: LocalStore) -> 
     source = tmp_path / "upload.bin"
     data = os.urandom(5000)
     source.write_bytes(data)
-    info = store.put_file("new/deep/obj.bin", source, {"patient": "x"})
+    info = store.put_file("new/deep/obj.bin", source, {"patient": "x"}, None)
     assert isinstance(info, ObjectInfo)
     assert (info.key, info.size) == ("new/deep/obj.bin", 5000)
     assert (root / "new" / "deep" / "obj.bin").read_bytes() == data
     assert not list((root / "new" / "deep").glob(".*cloudfs-upload"))
     assert "new/deep/obj.bin" in keys(store)
 
-    copied = store.copy("new/deep/obj.bin", "other/copy.bin")
+    copied = store.copy("new/deep/obj.bin", "other/copy.bin", info.etag)
     assert copied.size == 5000
     assert store.get_range("other/copy.bin", 0, 5000, copied.etag) == data
 
     replacement = tmp_path / "replacement.bin"
     replacement.write_bytes(b"short")
-    replaced = store.put_file("other/copy.bin", replacement, {})
+    replaced = store.put_file("other/copy.bin", replacement, {}, copied.etag)
     assert replaced.size == 5 and replaced.etag != copied.etag
 
     store.delete("new/deep/obj.bin")
@@ -252,7 +252,7 @@ def test_put_file_refuses_escaping_key(tmp_path: Path, store: LocalStore) -> Non
     source = tmp_path / "upload.bin"
     source.write_bytes(b"x")
     with pytest.raises(NotFound):
-        store.put_file("../escaped.bin", source, {})
+        store.put_file("../escaped.bin", source, {}, None)
     assert not (tmp_path / "escaped.bin").exists()
 
 

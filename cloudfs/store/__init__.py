@@ -63,14 +63,26 @@ class ObjectStore(Protocol):
         hours, not minutes).  Asking again while a restore runs is not an error."""
         ...
 
-    def put_file(self, key: str, path: Path, metadata: Mapping[str, str]) -> ObjectInfo:
-        """Upload a local file as ``key`` with user metadata; returns the stored object's info."""
+    def put_file(
+        self, key: str, path: Path, metadata: Mapping[str, str], expect_etag: str | None
+    ) -> ObjectInfo:
+        """Upload a local file as ``key`` with user metadata, only if the store still holds the
+        version ``expect_etag`` (None: only if ``key`` is absent), so a newer object written by
+        another site is never silently overwritten: Conflict otherwise.  The bytes are checked
+        end to end; returns the stored object's info."""
         ...
 
-    def delete(self, key: str) -> None: ...
+    def delete(self, key: str) -> None:
+        """Remove ``key``; a missing key is not an error (S3 answers so)."""
+        ...
 
-    def copy(self, source: str, target: str) -> ObjectInfo:
-        """Server-side copy (the bytes never pass through this host)."""
+    def copy(
+        self, source: str, target: str, etag: str, metadata: Mapping[str, str] | None = None
+    ) -> ObjectInfo:
+        """Server-side copy (the bytes never pass through this host) of the version ``etag`` of
+        ``source``: StaleObject if it changed, NotFound if it is gone.  ``metadata`` None keeps
+        the source's metadata, anything else replaces it; copying a key onto itself with new
+        metadata is how chmod and utime of an uploaded file reach the store."""
         ...
 
 

@@ -3,32 +3,102 @@
 The directory stays a plain tree (key ``a/b.dcm`` is the file ``ROOT/a/b.dcm``).  The ETag is
 derived from size and mtime, as web servers do, so a file rewritten in place gets a new version.
 Symbolic links and special files are not objects: following them could leave the root.
+Writes fill a temporary file in the target directory and rename it into place, so a reader sees
+the old file or the new one, never part of either.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
+import secrets
 import shutil
 import stat
-from collections.abc import Iterator, Mapping
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from decimal import Decimal
 from pathlib import Path
 from typing import BinaryIO
 
-from ..errors import ConfigError, NotFound, StaleObject, Unavailable
+from ..errors import CloudfsError, ConfigError, Conflict, NotFound, StaleObject, Unavailable
 from . import ObjectInfo
 
 log = logging.getLogger(__name__)
+
+TEMPORARY_SUFFIX = ".cloudfs-upload"
+"""Ends the name of a file being written; it becomes the object only when renamed."""
+
+Place = Callable[[int, str, str, str], None]
+"""Puts the finished temporary file in place: (directory fd, temporary name, name, key)."""
 
 
 def _etag(st: os.stat_result) -> str:
     return f'"{st.st_mtime_ns:x}-{st.st_size:x}"'
 
 
+def _failure(exc: OSError, key: str) -> CloudfsError:
+    """A failed open or mkdir on the way to ``key``: a missing component, a file where a
+    directory should be or a symbolic link on the way all mean there is no such object."""
+    if exc.errno == errno.ELOOP:
+        return NotFound(f"{key}: a symbolic link is on the way")
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+        return NotFound(key)
+    return Unavailable(f"{key}: {exc.strerror}")
+
+
+def _mode(text: str) -> int | None:
+    """Permission bits only: a setuid bit set through the mount must not become a setuid file
+    owned by the daemon's user."""
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        return None
+    return mode & 0o777 if 0 <= mode <= 0o7777 else None
+
+
+def _mtime_ns(text: str) -> int | None:
+    """Seconds since the epoch as text, exactly (Decimal keeps every nanosecond a float loses)."""
+    try:
+        mtime_ns = int(Decimal(text) * 1_000_000_000)
+    except (ArithmeticError, ValueError):
+        return None
+    return mtime_ns if abs(mtime_ns) < 1 << 63 else None
+
+
+def _attributes(key: str, metadata: Mapping[str, str]) -> tuple[int | None, int | None]:
+    """The mode and mtime (ns) ``metadata`` asks for; a file has nowhere to keep the rest."""
+    mode = _mode(metadata["mode"]) if "mode" in metadata else None
+    mtime_ns = _mtime_ns(metadata["mtime"]) if "mtime" in metadata else None
+    for name, value in (("mode", mode), ("mtime", mtime_ns)):
+        if name in metadata and value is None:
+            log.warning("%s: ignoring the invalid %s %r", key, name, metadata[name])
+    return mode, mtime_ns
+
+
+def _replace(directory: int, temporary: str, name: str, key: str) -> None:
+    os.replace(temporary, name, src_dir_fd=directory, dst_dir_fd=directory)
+
+
+def _link_new(directory: int, temporary: str, name: str, key: str) -> None:
+    """Create only: link() refuses an existing name atomically, whoever made it."""
+    try:
+        os.link(temporary, name, src_dir_fd=directory, dst_dir_fd=directory)
+    except FileExistsError as exc:
+        raise Conflict(f"{key}: another writer created it first") from exc
+
+
 class LocalStore:
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._tree = threading.Lock()
+        """Held while a write makes its directories and its temporary file, and while a delete
+        prunes empty directories, so a prune never removes a directory a write is entering."""
+        self._replacing = threading.Lock()
+        """Makes the version check and the rename of a conditional replace one step (among the
+        threads of this process: a directory has no conditional rename)."""
 
     def describe(self) -> str:
         return f"file://{self.root}"
@@ -46,26 +116,49 @@ class LocalStore:
             raise NotFound(key)
         return self.root.joinpath(*parts)
 
-    def _open(self, key: str) -> int:
-        """A read descriptor on the regular file behind ``key``.  Each component is opened
-        relative to its parent without following symbolic links, so no link anywhere on the way
-        can lead outside the root; O_NONBLOCK keeps a FIFO from blocking the open."""
-        parts = self._path(key).relative_to(self.root).parts
-        directory = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+    @contextlib.contextmanager
+    def _directories(self, key: str, create: bool) -> Iterator[list[int]]:
+        """Descriptors of the root and of each directory on the way to ``key``.  Each one is
+        opened relative to its parent without following symbolic links, so no link anywhere on
+        the way can lead outside the root; ``create`` makes the missing ones."""
+        names = self._path(key).relative_to(self.root).parts[:-1]
         try:
-            for part in parts[:-1]:
-                inner = os.open(
-                    part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=directory
-                )
-                os.close(directory)
-                directory = inner
-            fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=directory)
+            chain = [os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)]
         except OSError as exc:
-            if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
-                raise NotFound(key) from exc
-            raise Unavailable(f"{key}: {exc.strerror}") from exc
+            raise Unavailable(f"{self.root}: {exc.strerror}") from exc
+        try:
+            for name in names:
+                chain.append(self._enter(chain[-1], name, key, create))
+            yield chain
         finally:
-            os.close(directory)
+            for fd in chain:
+                os.close(fd)
+
+    @staticmethod
+    def _enter(parent: int, name: str, key: str, create: bool) -> int:
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+        try:
+            try:
+                return os.open(name, flags, dir_fd=parent)
+            except FileNotFoundError:
+                if not create:
+                    raise
+            with contextlib.suppress(FileExistsError):  # another writer made it meanwhile
+                os.mkdir(name, dir_fd=parent)
+                os.fsync(parent)  # the new directory outlives a crash along with its file
+            return os.open(name, flags, dir_fd=parent)
+        except OSError as exc:
+            raise _failure(exc, key) from exc
+
+    def _open(self, key: str) -> int:
+        """A read descriptor on the regular file behind ``key``, reached without following
+        symbolic links; O_NONBLOCK keeps a FIFO from blocking the open."""
+        name = self._path(key).name
+        with self._directories(key, create=False) as chain:
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=chain[-1])
+            except OSError as exc:
+                raise _failure(exc, key) from exc
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             raise NotFound(key)
@@ -138,38 +231,146 @@ class LocalStore:
     def request_restore(self, key: str, days: int) -> None:
         """Nothing in a directory is archived: every file is readable as it is."""
 
-    def put_file(self, key: str, path: Path, metadata: Mapping[str, str]) -> ObjectInfo:
-        with open(path, "rb") as source:
-            return self._write(key, source)
-
-    def _write(self, key: str, source: BinaryIO) -> ObjectInfo:
-        """Store ``source`` as ``key`` all at once: readers see the old file or the new one."""
-        target = self._path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        root = os.path.realpath(self.root)
-        if os.path.commonpath([root, os.path.realpath(target.parent)]) != root:
-            raise NotFound(f"{key}: leads outside the store through a symbolic link")
-        temporary = target.with_name(f".{target.name}.cloudfs-upload")
+    def put_file(
+        self, key: str, path: Path, metadata: Mapping[str, str], expect_etag: str | None
+    ) -> ObjectInfo:
+        """Store a copy of ``path`` as ``key`` if the key is absent (``expect_etag`` None) or
+        still holds ``expect_etag``; Conflict otherwise.  ``mode`` and ``mtime`` metadata become
+        the file's permission bits and modification time."""
+        mode, mtime_ns = _attributes(key, metadata)
         try:
-            with open(temporary, "wb") as out:
-                shutil.copyfileobj(source, out, 1 << 20)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(temporary, target)
+            with open(path, "rb") as source:
+                if expect_etag is None:
+                    return self._write(key, source, mode, mtime_ns, _link_new, parents=True)
+                place = self._replace_version(expect_etag)
+                return self._write(key, source, mode, mtime_ns, place, parents=False)
         except OSError as exc:
-            temporary.unlink(missing_ok=True)
-            raise Unavailable(f"{key}: {exc.strerror}") from exc
-        return self.head(key)
+            raise Unavailable(f"{key}: cannot read {path}: {exc.strerror}") from exc
+
+    def _replace_version(self, expect_etag: str) -> Place:
+        def place(directory: int, temporary: str, name: str, key: str) -> None:
+            with self._replacing:
+                try:
+                    st = os.stat(name, dir_fd=directory, follow_symlinks=False)
+                except FileNotFoundError as exc:
+                    raise Conflict(f"{key}: another writer deleted it") from exc
+                if not stat.S_ISREG(st.st_mode) or _etag(st) != expect_etag:
+                    raise Conflict(f"{key}: another writer changed it")
+                _replace(directory, temporary, name, key)
+
+        return place
+
+    def _write(
+        self,
+        key: str,
+        source: BinaryIO,
+        mode: int | None,
+        mtime_ns: int | None,
+        place: Place,
+        parents: bool,
+    ) -> ObjectInfo:
+        """Store the bytes of ``source`` as ``key`` all at once.  The temporary file gets its
+        mode and mtime (part of the ETag) and reaches the disk before ``place`` gives it its
+        name, so a crash leaves the old object or the new one.  ``parents`` makes missing
+        directories; without it (replacing a version that must exist) a missing one is a
+        Conflict, and a failed write leaves no empty directories behind."""
+        if key.endswith("/"):
+            raise NotFound(f"{key}: a directory marker holds no bytes")
+        name = self._path(key).name
+        temporary = f".{secrets.token_hex(8)}{TEMPORARY_SUFFIX}"
+        with contextlib.ExitStack() as stack:
+            with self._tree:
+                try:
+                    chain = stack.enter_context(self._directories(key, create=parents))
+                except NotFound as exc:
+                    if parents:
+                        raise
+                    raise Conflict(f"{key}: another writer deleted it") from exc
+                directory = chain[-1]
+                try:
+                    fd = os.open(
+                        temporary,
+                        os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                        0o666,
+                        dir_fd=directory,
+                    )
+                except OSError as exc:
+                    raise _failure(exc, key) from exc
+            try:
+                with open(fd, "wb") as out:
+                    shutil.copyfileobj(source, out, 1 << 20)
+                    out.flush()
+                    if mode is not None:
+                        os.fchmod(fd, mode)
+                    if mtime_ns is not None:
+                        os.utime(fd, ns=(time.time_ns(), mtime_ns))
+                    os.fsync(fd)
+                    place(directory, temporary, name, key)
+                    os.fsync(directory)
+                    st = os.fstat(fd)
+            except OSError as exc:
+                raise Unavailable(f"{key}: {exc.strerror}") from exc
+            finally:
+                with contextlib.suppress(OSError):  # gone already once renamed into place
+                    os.unlink(temporary, dir_fd=directory)
+        return ObjectInfo(key, st.st_size, st.st_mtime_ns, _etag(st))
 
     def delete(self, key: str) -> None:
+        """Remove the file behind ``key`` and the directories that leaves empty, up to the root:
+        S3 has no directories, so none may linger as a "dir/" marker.  A marker key removes its
+        directory if empty.  A missing key, a symbolic link or a special file (none of them an
+        object) is left alone, as S3 answers a delete of a missing key with success."""
+        path = self._path(key)
+        names = path.relative_to(self.root).parts
         try:
-            self._path(key).unlink()
-        except FileNotFoundError:
-            pass  # S3 semantics: deleting a missing key succeeds
-        except OSError as exc:
-            if exc.errno != errno.ENOENT:
-                raise Unavailable(f"{key}: {exc.strerror}") from exc
+            with self._directories(key, create=False) as chain:
+                if not key.endswith("/"):
+                    self._unlink_file(chain[-1], path.name, key)
+                    names = names[:-1]
+                self._prune(chain, names)
+        except NotFound:
+            pass  # something on the way is missing, so the key is too
 
-    def copy(self, source: str, target: str) -> ObjectInfo:
-        with os.fdopen(self._open(source), "rb") as handle:
-            return self._write(target, handle)
+    def _prune(self, chain: Sequence[int], names: Sequence[str]) -> None:
+        """Remove the directories ``names`` (``chain[i]`` holds ``names[i]``) from the deepest
+        up while they are empty.  One that cannot go ends the pruning, never the delete: the
+        object is gone either way."""
+        with self._tree:
+            for depth in range(len(names), 0, -1):
+                try:
+                    os.rmdir(names[depth - 1], dir_fd=chain[depth - 1])
+                except OSError:
+                    return
+
+    @staticmethod
+    def _unlink_file(directory: int, name: str, key: str) -> None:
+        try:
+            st = os.stat(name, dir_fd=directory, follow_symlinks=False)
+            if stat.S_ISREG(st.st_mode):
+                os.unlink(name, dir_fd=directory)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise Unavailable(f"{key}: {exc.strerror}") from exc
+
+    def copy(
+        self, source: str, target: str, etag: str, metadata: Mapping[str, str] | None = None
+    ) -> ObjectInfo:
+        """Copy the version ``etag`` of ``source``; ``metadata`` None keeps its mode and mtime.
+        A rewrite of the source during the copy is caught before the copy takes its name."""
+        fd = self._open(source)
+        with open(fd, "rb") as handle:
+            st = os.fstat(fd)
+            if _etag(st) != etag:
+                raise StaleObject(f"{source}: changed since version {etag}")
+            mode: int | None = stat.S_IMODE(st.st_mode)
+            mtime_ns: int | None = st.st_mtime_ns
+            if metadata is not None:
+                mode, mtime_ns = _attributes(target, metadata)
+
+            def place(directory: int, temporary: str, name: str, key: str) -> None:
+                if _etag(os.fstat(fd)) != etag:
+                    raise StaleObject(f"{source}: changed while it was being copied")
+                _replace(directory, temporary, name, key)
+
+            return self._write(target, handle, mode, mtime_ns, place, parents=True)

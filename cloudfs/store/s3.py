@@ -6,20 +6,49 @@ here.  Every transport failure leaves this module as a ``cloudfs.errors`` except
 
 from __future__ import annotations
 
+import base64
+import builtins
+import hashlib
 import logging
-from collections.abc import Iterator, Mapping
+import os
+import re
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import boto3
 import botocore.config
 import botocore.exceptions as bex
 
-from ..config import S3Options
-from ..errors import S3_ERRORS, ConfigError, StaleObject, StoreUnreachable, Unavailable
+from ..config import GiB, MiB, S3Options
+from ..errors import (
+    S3_ERRORS,
+    ConfigError,
+    Conflict,
+    StaleObject,
+    StoreUnreachable,
+    Unavailable,
+)
 from . import ObjectInfo
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+MIN_PART = 5 * MiB
+"""S3 refuses a multipart upload whose parts (all but the last) are smaller."""
+MAX_PARTS = 10_000
+"""S3's limit on the parts of one multipart upload."""
+COPY_LIMIT = 5 * GiB
+"""The largest object one CopyObject call may copy; larger ones are copied part by part."""
+COPY_PART = 512 * MiB
+"""Part size of a multipart copy: the bytes never pass through this host, so large parts only
+mean fewer requests (a 5 TiB object still fits in 10,000 of them once grown, see _part_size)."""
+
+_MD5_ETAG = re.compile(r'^"[0-9a-f]{32}(-[0-9]+)?"$')
+_CONFLICT_CODES = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict", "409"})
 
 _TRANSPORT_ERRORS = (
     bex.EndpointConnectionError,
@@ -36,9 +65,53 @@ def _mtime_ns(value: Any) -> int:
     return int(value.timestamp() * 1_000_000_000)
 
 
+def _part_size(size: int, preferred: int) -> int:
+    """``preferred``, grown when ``size`` would otherwise need more than S3's 10,000 parts."""
+    return max(preferred, -(-size // MAX_PARTS))
+
+
+def _md5(data: bytes) -> Any:
+    # An integrity check S3 defines, not a security measure (FIPS builds refuse it otherwise).
+    return hashlib.md5(data, usedforsecurity=False)
+
+
+def _base64(digest: bytes) -> str:
+    return base64.b64encode(digest).decode("ascii")
+
+
+def _read(fd: int, offset: int, length: int, key: str) -> bytes:
+    """``length`` bytes of the local file at ``offset``; a short read means it shrank."""
+    try:
+        data = os.pread(fd, length, offset)
+    except OSError as exc:
+        raise Unavailable(f"{key}: cannot read the local file: {exc.strerror}") from exc
+    if len(data) != length:
+        raise Unavailable(f"{key}: the local file shrank while it was being uploaded")
+    return data
+
+
+def _check_etag(key: str, reply: Mapping[str, Any], expected: str) -> None:
+    """Compare the ETag S3 computed with the one of the bytes sent.  Under SSE-KMS or SSE-C the
+    ETag is not an MD5 of the data, so there is nothing to compare."""
+    etag = str(reply.get("ETag", ""))
+    encrypted = str(reply.get("ServerSideEncryption", "")).startswith("aws:kms")
+    if encrypted or "SSECustomerAlgorithm" in reply or not _MD5_ETAG.match(etag):
+        return
+    if etag != expected:
+        raise Unavailable(
+            f"{key}: the store holds ETag {etag} but the bytes sent have {expected}; "
+            f"the upload was damaged on the way"
+        )
+
+
 class S3Store:
     def __init__(self, bucket: str, prefix: str, options: S3Options) -> None:
+        if options.part_size < MIN_PART:
+            raise ConfigError(f"the upload part size must be at least {MIN_PART // MiB} MiB")
+        if options.upload_part_threads < 1:
+            raise ConfigError("at least one upload part thread is needed")
         self.bucket = bucket
+        self.options = options
         self.prefix = f"{prefix}/" if prefix else ""
         session = boto3.session.Session(profile_name=options.profile)
         config = botocore.config.Config(
@@ -68,6 +141,15 @@ class S3Store:
         if isinstance(exc, bex.NoCredentialsError):
             return ConfigError("no AWS credentials found (environment, profile or instance role)")
         return Unavailable(f"{key}: {exc}")
+
+    def _write_error(self, exc: Exception, key: str, condition: Mapping[str, str]) -> Exception:
+        """Like _error, but a failed condition of a write is a Conflict, not a stale read: with
+        If-None-Match the key exists, with If-Match it holds another version or none at all."""
+        if condition and isinstance(exc, bex.ClientError):
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in _CONFLICT_CODES or ("IfMatch" in condition and code == "NoSuchKey"):
+                return Conflict(f"{key}: another writer changed it in the store ({code})")
+        return self._error(exc, key)
 
     def check(self) -> None:
         where = f"s3://{self.bucket} at {self.client.meta.endpoint_url}"
@@ -150,30 +232,225 @@ class S3Store:
         except bex.BotoCoreError as exc:
             raise self._error(exc, key) from exc
 
-    def put_file(self, key: str, path: Path, metadata: Mapping[str, str]) -> ObjectInfo:
+    def put_file(
+        self, key: str, path: Path, metadata: Mapping[str, str], expect_etag: str | None
+    ) -> ObjectInfo:
+        """Upload ``path`` as ``key`` only if the store still holds ``expect_etag`` (None: only
+        if the key is absent), so a newer object from another site is never overwritten."""
+        condition = {"IfNoneMatch": "*"} if expect_etag is None else {"IfMatch": expect_etag}
         try:
-            self.client.upload_file(
-                str(path), self.bucket, self.prefix + key, ExtraArgs={"Metadata": dict(metadata)}
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise Unavailable(f"{key}: cannot open {path}: {exc.strerror}") from exc
+        try:
+            size = os.fstat(fd).st_size
+            if size <= self.options.part_size:
+                reply, expected = self._put_whole(key, fd, size, metadata, condition)
+            else:
+                reply, expected = self._put_parts(key, fd, size, metadata, condition)
+        finally:
+            os.close(fd)
+        _check_etag(key, reply, expected)
+        return ObjectInfo(key, size, time.time_ns(), reply["ETag"])
+
+    def _put_whole(
+        self, key: str, fd: int, size: int, metadata: Mapping[str, str], condition: dict[str, str]
+    ) -> tuple[dict[str, Any], str]:
+        """One PUT; Content-MD5 makes S3 refuse a body damaged on the way."""
+        data = _read(fd, 0, size, key)
+        digest = _md5(data)
+        try:
+            reply: dict[str, Any] = self.client.put_object(
+                Bucket=self.bucket,
+                Key=self.prefix + key,
+                Body=data,
+                ContentMD5=_base64(digest.digest()),
+                Metadata=dict(metadata),
+                **condition,
             )
         except (bex.BotoCoreError, bex.ClientError) as exc:
+            raise self._write_error(exc, key, condition) from exc
+        return reply, f'"{digest.hexdigest()}"'
+
+    def _put_parts(
+        self, key: str, fd: int, size: int, metadata: Mapping[str, str], condition: dict[str, str]
+    ) -> tuple[dict[str, Any], str]:
+        """A multipart upload read from disk part by part; the multipart ETag is the MD5 of the
+        parts' binary MD5s followed by the part count."""
+        part = _part_size(size, self.options.part_size)
+        offsets = range(0, size, part)
+        digests = [b""] * len(offsets)
+
+        def send(upload_id: str, number: int, offset: int) -> str:
+            data = _read(fd, offset, min(part, size - offset), key)
+            digest = _md5(data).digest()
+            digests[number - 1] = digest
+            try:
+                reply = self.client.upload_part(
+                    Bucket=self.bucket,
+                    Key=self.prefix + key,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    Body=data,
+                    ContentMD5=_base64(digest),
+                )
+            except (bex.BotoCoreError, bex.ClientError) as exc:
+                raise self._error(exc, key) from exc
+            return str(reply["ETag"])
+
+        reply = self._multipart(key, {"Metadata": dict(metadata)}, send, offsets, condition)
+        return reply, f'"{_md5(b"".join(digests)).hexdigest()}-{len(digests)}"'
+
+    def _multipart(
+        self,
+        key: str,
+        attributes: Mapping[str, Any],
+        send: Callable[[str, int, int], str],
+        offsets: Sequence[int],
+        condition: dict[str, str],
+    ) -> dict[str, Any]:
+        """Create a multipart upload of ``key``, have ``send(upload_id, number, offset)`` send
+        each part (a few at once) and complete it under ``condition``.  Any failure aborts the
+        upload: S3 would otherwise keep, and bill, the parts already sent."""
+        try:
+            upload_id = self.client.create_multipart_upload(
+                Bucket=self.bucket, Key=self.prefix + key, **attributes
+            )["UploadId"]
+        except (bex.BotoCoreError, bex.ClientError) as exc:
             raise self._error(exc, key) from exc
-        except boto3.exceptions.S3UploadFailedError as exc:
-            raise Unavailable(f"{key}: {exc}") from exc
-        return self.head(key)
+        try:
+            etags = self._in_parallel(
+                lambda number, offset: send(upload_id, number, offset), offsets
+            )
+            reply: dict[str, Any] = self.client.complete_multipart_upload(
+                Bucket=self.bucket,
+                Key=self.prefix + key,
+                UploadId=upload_id,
+                MultipartUpload={
+                    "Parts": [
+                        {"ETag": etag, "PartNumber": number} for number, etag in enumerate(etags, 1)
+                    ]
+                },
+                **condition,
+            )
+        except (bex.BotoCoreError, bex.ClientError) as exc:
+            self._abort(key, upload_id)
+            raise self._write_error(exc, key, condition) from exc
+        except BaseException:
+            self._abort(key, upload_id)
+            raise
+        return reply
+
+    def _in_parallel(
+        self, task: Callable[[int, int], T], offsets: Sequence[int]
+    ) -> builtins.list[T]:
+        """``task(part_number, offset)`` for every part, in order; the first failure is raised
+        and the parts not yet started are dropped."""
+        pool = ThreadPoolExecutor(
+            max_workers=self.options.upload_part_threads, thread_name_prefix="cloudfs-part"
+        )
+        try:
+            futures = [
+                pool.submit(task, number, offset) for number, offset in enumerate(offsets, 1)
+            ]
+            return [future.result() for future in futures]
+        finally:
+            pool.shutdown(cancel_futures=True)
+
+    def _abort(self, key: str, upload_id: str) -> None:
+        try:
+            self.client.abort_multipart_upload(
+                Bucket=self.bucket, Key=self.prefix + key, UploadId=upload_id
+            )
+        except (bex.BotoCoreError, bex.ClientError) as exc:
+            log.warning(
+                "%s: cannot abort multipart upload %s (%s); its parts stay until a lifecycle rule "
+                "for incomplete uploads removes them",
+                key,
+                upload_id,
+                exc,
+            )
 
     def delete(self, key: str) -> None:
+        """Deleting a missing key succeeds, as S3 itself answers."""
         try:
             self.client.delete_object(Bucket=self.bucket, Key=self.prefix + key)
         except (bex.BotoCoreError, bex.ClientError) as exc:
             raise self._error(exc, key) from exc
 
-    def copy(self, source: str, target: str) -> ObjectInfo:
+    def copy(
+        self, source: str, target: str, etag: str, metadata: Mapping[str, str] | None = None
+    ) -> ObjectInfo:
+        """Server-side copy of the version ``etag`` of ``source``.  ``metadata`` None keeps the
+        source's user metadata; otherwise it replaces it, which is how a key gets new metadata
+        (copied onto itself).  Content type and storage class are kept either way: S3 would
+        otherwise reset them, and a chmod must not move an object to another storage class."""
         try:
-            self.client.copy(
-                {"Bucket": self.bucket, "Key": self.prefix + source},
-                self.bucket,
-                self.prefix + target,
+            # Also the check for servers that ignore CopySourceIfMatch (moto does); on AWS the
+            # condition on the copy itself closes the window between the two requests.
+            head = self.client.head_object(
+                Bucket=self.bucket, Key=self.prefix + source, IfMatch=etag
             )
         except (bex.BotoCoreError, bex.ClientError) as exc:
             raise self._error(exc, source) from exc
-        return self.head(target)
+        size: int = head["ContentLength"]
+        kept = {name: head[name] for name in ("ContentType", "StorageClass") if name in head}
+        if size > COPY_LIMIT:
+            user = head.get("Metadata", {}) if metadata is None else dict(metadata)
+            new_etag = self._copy_parts(source, target, etag, size, {**kept, "Metadata": user})
+            mtime_ns = time.time_ns()
+        else:
+            new_etag, mtime_ns = self._copy_whole(source, target, etag, kept, metadata)
+        return ObjectInfo(target, size, mtime_ns, new_etag, head.get("StorageClass", "STANDARD"))
+
+    def _copy_whole(
+        self,
+        source: str,
+        target: str,
+        etag: str,
+        kept: Mapping[str, str],
+        metadata: Mapping[str, str] | None,
+    ) -> tuple[str, int]:
+        """One CopyObject; the new object's ETag and modification time."""
+        extra: dict[str, Any]
+        if metadata is None:
+            extra = {name: value for name, value in kept.items() if name != "ContentType"}
+        else:
+            extra = {**kept, "MetadataDirective": "REPLACE", "Metadata": dict(metadata)}
+        try:
+            reply = self.client.copy_object(
+                Bucket=self.bucket,
+                Key=self.prefix + target,
+                CopySource={"Bucket": self.bucket, "Key": self.prefix + source},
+                CopySourceIfMatch=etag,
+                **extra,
+            )
+        except (bex.BotoCoreError, bex.ClientError) as exc:
+            raise self._error(exc, source) from exc
+        result = reply["CopyObjectResult"]
+        return str(result["ETag"]), _mtime_ns(result["LastModified"])
+
+    def _copy_parts(
+        self, source: str, target: str, etag: str, size: int, attributes: Mapping[str, Any]
+    ) -> str:
+        """A multipart copy, for objects above the 5 GiB CopyObject accepts; every part is
+        copied from the version ``etag`` only.  The new object's ETag."""
+        part = _part_size(size, COPY_PART)
+
+        def send(upload_id: str, number: int, offset: int) -> str:
+            try:
+                reply = self.client.upload_part_copy(
+                    Bucket=self.bucket,
+                    Key=self.prefix + target,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    CopySource={"Bucket": self.bucket, "Key": self.prefix + source},
+                    CopySourceRange=f"bytes={offset}-{min(offset + part, size) - 1}",
+                    CopySourceIfMatch=etag,
+                )
+            except (bex.BotoCoreError, bex.ClientError) as exc:
+                raise self._error(exc, source) from exc
+            return str(reply["CopyPartResult"]["ETag"])
+
+        reply = self._multipart(target, attributes, send, range(0, size, part), {})
+        return str(reply["ETag"])

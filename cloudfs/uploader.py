@@ -1,0 +1,337 @@
+"""Write-back: carries the journal of local changes (see ``changes.py``) to the cloud.
+
+Uploads, server-side copies and deletes run in the background, oldest first, a bounded number at
+a time, and one at a time per key, so a delete and a new upload of the same name can never race.
+A failed step is retried with a growing delay (1 s doubling to 60 s) and the backlog simply waits
+through an outage: nothing leaves the staging area until the store confirmed the object (the
+store checks the ETag against the bytes sent).  After an upload, the bytes are copied into the
+block cache, so a PACS reading back what it just wrote never waits for the cloud.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import stat
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import trio
+
+from .cache import BlockCache, BlockId
+from .catalog import Node
+from .changes import Changes, Work
+from .config import WriteOptions
+from .errors import CloudfsError, Conflict, Unavailable
+from .staging import StagingArea
+from .store import ObjectInfo, ObjectStore
+
+log = logging.getLogger(__name__)
+
+_BATCH = 200
+_MAX_BACKOFF = 60.0
+_IDLE_POLL = 30.0
+"""Seconds between journal scans when nothing wakes the uploader (a safety net only)."""
+
+
+class StagingOwner(Protocol):
+    """What the filesystem tells the uploader about files it has open."""
+
+    def being_written(self, ino: int) -> bool:
+        """A writer has the file open: uploading now could send a torn copy."""
+        ...
+
+    def uploaded(self, ino: int, staged: str) -> bool:
+        """The staging file went up; True if it is still open here (its owner removes it)."""
+        ...
+
+    async def diverted(self, before: Node, after: Node) -> None:
+        """A conflict renamed a local file next to the other writer's object."""
+        ...
+
+
+@dataclass
+class UploadStats:
+    files: int = 0
+    bytes: int = 0
+    copies: int = 0
+    deletes: int = 0
+    conflicts: int = 0
+    errors: int = 0
+    last_error: str = ""
+    last_error_at: float = 0.0
+
+
+@dataclass
+class _Retry:
+    attempts: int = 0
+    due: float = 0.0
+
+
+@dataclass
+class _Waiter:
+    done: trio.Event = field(default_factory=trio.Event)
+    error: CloudfsError | None = None
+
+
+class Uploader:
+    def __init__(
+        self,
+        store: ObjectStore,
+        changes: Changes,
+        staging: StagingArea,
+        cache: BlockCache,
+        options: WriteOptions,
+        owner: StagingOwner,
+    ) -> None:
+        self.store = store
+        self.changes = changes
+        self.staging = staging
+        self.cache = cache
+        self.options = options
+        self.owner = owner
+        self.stats = UploadStats()
+        self._threads = trio.CapacityLimiter(options.upload_threads)
+        self._catalog_threads = trio.CapacityLimiter(2)
+        self._wake = trio.Event()
+        self._busy_keys: set[str] = set()
+        self._busy_items: set[tuple[str, object]] = set()
+        self._retries: dict[tuple[str, object], _Retry] = {}
+        self._uploading: set[str] = set()
+        self._urgent: dict[int, list[_Waiter]] = {}
+        self._draining = False
+        self._idle = trio.Event()
+
+    # -- what the filesystem asks ------------------------------------------------------------
+
+    def notify(self) -> None:
+        """Something was queued: look at the journal now."""
+        self._wake.set()
+
+    def is_uploading(self, staged: str) -> bool:
+        """A writer must not change this staging file: it is being read for an upload."""
+        return staged in self._uploading
+
+    async def upload_now(self, ino: int) -> None:
+        """Upload a file at once, even while open, and wait for the cloud to confirm it
+        (``--upload-mode=sync``); raises the cloud's error if it did not."""
+        waiter = _Waiter()
+        self._urgent.setdefault(ino, []).append(waiter)
+        self._retries.pop(("upload", ino), None)
+        self.notify()
+        await waiter.done.wait()
+        if waiter.error is not None:
+            raise waiter.error
+
+    async def drain(self, timeout: float) -> bool:
+        """Unmount: push what is pending for up to ``timeout`` seconds, without the usual delay
+        after close.  Returns True if nothing is left."""
+        self._draining = True
+        self._retries.clear()
+        self.notify()
+        with trio.move_on_after(timeout):
+            while True:
+                backlog = await self._catalog(self.changes.backlog)
+                if not (backlog.files or backlog.copies or backlog.deletes or self._busy_items):
+                    return True
+                await trio.sleep(0.2)
+        backlog = await self._catalog(self.changes.backlog)
+        log.warning(
+            "unmounting with %d files (%d bytes), %d renames and %d deletes not yet in the cloud: "
+            "they stay journaled and go up after the next mount",
+            backlog.files,
+            backlog.bytes,
+            backlog.copies,
+            backlog.deletes,
+        )
+        return False
+
+    async def _catalog(self, function: Callable[..., Any], *args: Any) -> Any:
+        return await trio.to_thread.run_sync(function, *args, limiter=self._catalog_threads)
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            while True:
+                self._wake = trio.Event()
+                try:
+                    work: Work = await self._catalog(self.changes.work, _BATCH)
+                except Exception:
+                    log.exception("cannot read the upload journal")
+                    work = Work([], [], [])
+                next_due = self._dispatch(work, nursery)
+                delay = min(_IDLE_POLL, max(0.05, next_due - time.monotonic()))
+                with trio.move_on_after(delay):
+                    await self._wake.wait()
+
+    def _dispatch(self, work: Work, nursery: trio.Nursery) -> float:
+        """Start every item that may start now; returns when the next one waiting becomes due."""
+        now = time.monotonic()
+        next_due = math.inf
+        wall = time.time()
+        for node in work.uploads:
+            assert node.key is not None and node.staged is not None
+            item: tuple[str, object] = ("upload", node.ino)
+            urgent = node.ino in self._urgent
+            if not urgent and self.owner.being_written(node.ino):
+                continue  # its last close wakes us
+            due = self._due(item)
+            if not (urgent or self._draining):
+                quiet_until = node.local_at / 1e9 + self.options.upload_delay
+                due = max(due, now + quiet_until - wall)
+            if due > now:
+                next_due = min(next_due, due)
+            elif self._claim(item, node.key):
+                self._uploading.add(node.staged)
+                nursery.start_soon(self._upload, item, node)
+        for node in work.copies:
+            assert node.key is not None and node.fetch_key is not None
+            item = ("copy", node.ino)
+            due = self._due(item)
+            if due > now:
+                next_due = min(next_due, due)
+            elif self._claim(item, node.key, node.fetch_key):
+                nursery.start_soon(self._copy, item, node)
+        for key, etag in work.deletes:
+            item = ("delete", key)
+            due = self._due(item)
+            if due > now:
+                next_due = min(next_due, due)
+            elif self._claim(item, key):
+                nursery.start_soon(self._delete, item, key, etag)
+        return next_due
+
+    def _due(self, item: tuple[str, object]) -> float:
+        retry = self._retries.get(item)
+        return retry.due if retry else 0.0
+
+    def _claim(self, item: tuple[str, object], *keys: str) -> bool:
+        if item in self._busy_items or any(key in self._busy_keys for key in keys):
+            return False
+        self._busy_items.add(item)
+        self._busy_keys.update(keys)
+        return True
+
+    async def _attempt(
+        self, item: tuple[str, object], keys: tuple[str, ...], step: Callable[[], Awaitable[None]]
+    ) -> CloudfsError | None:
+        """Run one journal step; a failure schedules a retry and is returned."""
+        error: CloudfsError | None = None
+        try:
+            await step()
+            self._retries.pop(item, None)
+        except CloudfsError as exc:
+            error = exc
+        except Exception as exc:
+            log.exception("%s of %s failed unexpectedly", *item)
+            error = Unavailable(f"internal error: {exc}")
+        finally:
+            self._busy_items.discard(item)
+            self._busy_keys.difference_update(keys)
+            self.notify()
+        if error is not None:
+            retry = self._retries.setdefault(item, _Retry())
+            retry.attempts += 1
+            delay = min(_MAX_BACKOFF, 2.0 ** (retry.attempts - 1))
+            retry.due = time.monotonic() + delay
+            self.stats.errors += 1
+            self.stats.last_error = str(error)
+            self.stats.last_error_at = time.time()
+            log.warning("%s of %s failed (retry in %.0fs): %s", item[0], item[1], delay, error)
+        return error
+
+    # -- the steps -----------------------------------------------------------------------------
+
+    async def _upload(self, item: tuple[str, object], node: Node) -> None:
+        assert node.key is not None and node.staged is not None
+        key, staged = node.key, node.staged
+
+        async def step() -> None:
+            path = self.staging.path(staged)
+            try:
+                info = await trio.to_thread.run_sync(
+                    self.store.put_file,
+                    key,
+                    path,
+                    object_metadata(node),
+                    node.base_etag,
+                    limiter=self._threads,
+                )
+            except Conflict:
+                self.stats.conflicts += 1
+                diverted = await self._catalog(self.changes.divert, node.ino)
+                log.warning(
+                    "%s was changed in the cloud by another writer since this host last saw "
+                    "it: the local version is kept as %s",
+                    node.key,
+                    diverted.key,
+                )
+                await self.owner.diverted(node, diverted)
+                self._retries.pop(item, None)
+                return
+            await trio.to_thread.run_sync(self._keep_in_cache, path, info, limiter=self._threads)
+            done = await self._catalog(self.changes.finish_upload, node, info)
+            self.stats.files += 1
+            self.stats.bytes += info.size
+            if done and not self.owner.uploaded(node.ino, staged):
+                await trio.to_thread.run_sync(self.staging.remove, staged)
+
+        try:
+            error = await self._attempt(item, (key,), step)
+        finally:
+            self._uploading.discard(staged)
+        for waiter in self._urgent.pop(node.ino, []):
+            waiter.error = error
+            waiter.done.set()
+
+    def _keep_in_cache(self, path: os.PathLike[str], info: ObjectInfo) -> None:
+        """Copy what went up into the block cache (skipped for files that would crowd it)."""
+        if info.size > self.cache.size_limit // 4:
+            return
+        block_size = self.cache.block_size
+        with open(path, "rb") as source:
+            for index in range((info.size + block_size - 1) // block_size or 1):
+                data = source.read(block_size)
+                if not self.cache.put(BlockId(info.key, info.etag, index), data):
+                    return
+
+    async def _copy(self, item: tuple[str, object], node: Node) -> None:
+        assert node.key is not None and node.fetch_key is not None and node.etag is not None
+        source, target, etag = node.fetch_key, node.key, node.etag
+
+        async def step() -> None:
+            metadata = object_metadata(node)
+            info = await trio.to_thread.run_sync(
+                self.store.copy, source, target, etag, metadata, limiter=self._threads
+            )
+            await self._catalog(self.changes.finish_copy, node, info)
+            self.stats.copies += 1
+
+        await self._attempt(item, (target, source), step)
+
+    async def _delete(self, item: tuple[str, object], key: str, etag: str | None) -> None:
+        async def step() -> None:
+            if not await self._catalog(self.changes.claim_delete, key, etag):
+                return
+            await trio.to_thread.run_sync(self.store.delete, key, limiter=self._threads)
+            await self._catalog(self.changes.finish_delete, key, etag)
+            self.stats.deletes += 1
+
+        await self._attempt(item, (key,), step)
+
+
+def object_metadata(node: Node) -> dict[str, str]:
+    """The file's attributes as S3 user metadata, as s3fs-fuse writes them (decimal st_mode,
+    whole seconds), so either tool shows the same attributes."""
+    metadata = {"mtime": str(node.mtime_ns // 1_000_000_000)}
+    if node.mode is not None:
+        metadata["mode"] = str(stat.S_IFREG | node.mode)
+    if node.uid is not None:
+        metadata["uid"] = str(node.uid)
+    if node.gid is not None:
+        metadata["gid"] = str(node.gid)
+    return metadata

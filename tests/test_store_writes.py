@@ -1,0 +1,409 @@
+"""The write calls of both stores: conditional puts, server-side copies and deletes.
+
+The S3 store talks to a real moto_server process (conftest); the local store writes under
+tmp_path.  Where moto does not enforce a condition AWS enforces, the test says so in its name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import botocore.exceptions as bex
+import pytest
+from conftest import REGION, Bucket, assert_bytes, payload
+
+from cloudfs.config import MiB, S3Options
+from cloudfs.errors import ConfigError, Conflict, NotFound, StaleObject, Unavailable
+from cloudfs.store import ObjectInfo, ObjectStore
+from cloudfs.store import s3 as s3_module
+from cloudfs.store.local import TEMPORARY_SUFFIX, LocalStore
+from cloudfs.store.s3 import S3Store
+
+PREFIX = "site"
+"""The S3 store works under a prefix, so every test also checks that keys carry it."""
+PART = 5 * MiB
+"""S3's smallest part, so a multipart upload stays small enough for a quick test."""
+
+
+@dataclass
+class Site:
+    """A store under test and a way to look behind it (the bucket or the directory)."""
+
+    store: ObjectStore
+    bucket: Bucket | None = None
+    root: Path | None = None
+
+    def rewrite(self, key: str, data: bytes) -> None:
+        """Another writer replaces ``key`` behind the store's back."""
+        if self.bucket is not None:
+            self.bucket.put(f"{PREFIX}/{key}", data)
+            return
+        assert self.root is not None
+        path = self.root / key
+        before = path.stat().st_mtime_ns
+        path.write_bytes(data)
+        os.utime(path, ns=(before + 1_000_000_000, before + 1_000_000_000))
+
+    def raw_client(self) -> Any:
+        assert self.bucket is not None
+        return self.bucket.server.client()
+
+    def user_metadata(self, key: str) -> dict[str, str]:
+        reply = self.raw_client().head_object(Bucket=self.bucket_name, Key=f"{PREFIX}/{key}")
+        return dict(reply["Metadata"])
+
+    def open_uploads(self) -> list[str]:
+        """Keys of multipart uploads begun and neither completed nor aborted."""
+        reply = self.raw_client().list_multipart_uploads(Bucket=self.bucket_name)
+        return [upload["Key"] for upload in reply.get("Uploads", ())]
+
+    @property
+    def bucket_name(self) -> str:
+        assert self.bucket is not None
+        return self.bucket.name
+
+
+def s3_site(bucket: Bucket) -> Site:
+    options = S3Options(
+        endpoint_url=bucket.endpoint, region=REGION, path_style=True, part_size=PART
+    )
+    return Site(S3Store(bucket.name, PREFIX, options), bucket=bucket)
+
+
+@pytest.fixture
+def s3(bucket: Bucket) -> Site:
+    return s3_site(bucket)
+
+
+@pytest.fixture
+def local(tmp_path: Path) -> Site:
+    root = tmp_path / "root"
+    root.mkdir()
+    return Site(LocalStore(root), root=root)
+
+
+@pytest.fixture(params=["s3", "local"])
+def site(request: pytest.FixtureRequest) -> Site:
+    chosen: Site = request.getfixturevalue(request.param)
+    return chosen
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> Iterator[Any]:
+    """``files(data)``: a local file holding ``data``, as the uploader hands over."""
+    directory = tmp_path / "staging"
+    directory.mkdir()
+    count = 0
+
+    def make(data: bytes) -> Path:
+        nonlocal count
+        count += 1
+        path = directory / f"file{count}"
+        path.write_bytes(data)
+        return path
+
+    yield make
+
+
+def read_all(store: ObjectStore, info: ObjectInfo) -> bytes:
+    return store.get_range(info.key, 0, info.size, info.etag)
+
+
+def multipart_etag(data: bytes, part: int) -> str:
+    digests = b"".join(
+        hashlib.md5(data[offset : offset + part]).digest() for offset in range(0, len(data), part)
+    )
+    return f'"{hashlib.md5(digests).hexdigest()}-{-(-len(data) // part)}"'
+
+
+# -- put_file ------------------------------------------------------------------------------------
+
+
+def test_small_put_then_head_and_read(site: Site, files: Any) -> None:
+    """A put returns what head then reports, and the bytes read back are the bytes sent."""
+    data = payload(100_000, "small")
+    info = site.store.put_file("dir/small.bin", files(data), {}, None)
+    assert (info.key, info.size) == ("dir/small.bin", 100_000)
+    head = site.store.head("dir/small.bin")
+    assert (head.size, head.etag) == (info.size, info.etag)
+    assert_bytes(read_all(site.store, info), data, "dir/small.bin")
+    if site.bucket is not None:
+        assert info.etag == f'"{hashlib.md5(data).hexdigest()}"'
+        assert site.bucket.listed_keys() == [f"{PREFIX}/dir/small.bin"]
+
+
+def test_empty_file_put(site: Site, files: Any) -> None:
+    """A zero-byte file is an object like any other."""
+    info = site.store.put_file("empty", files(b""), {}, None)
+    assert info.size == 0 and site.store.head("empty").etag == info.etag
+
+
+def test_metadata_round_trip_s3(s3: Site, files: Any) -> None:
+    """User metadata reaches S3 as x-amz-meta-* headers, every entry as given."""
+    metadata = {"mode": "640", "mtime": "1700000000.5", "patient": "anon-17"}
+    s3.store.put_file("meta.dcm", files(b"dicom"), metadata, None)
+    assert s3.user_metadata("meta.dcm") == metadata
+
+
+def test_metadata_round_trip_local(local: Site, files: Any) -> None:
+    """The local store keeps what a file can hold: permission bits and mtime, to the ns."""
+    metadata = {"mode": "4640", "mtime": "1700000000.123456789", "patient": "anon-17"}
+    info = local.store.put_file("meta.dcm", files(b"dicom"), metadata, None)
+    assert local.root is not None
+    st = (local.root / "meta.dcm").stat()
+    assert oct(st.st_mode & 0o7777) == oct(0o640), "setuid must be dropped"
+    assert st.st_mtime_ns == info.mtime_ns == 1_700_000_000_123_456_789
+    assert local.store.head("meta.dcm").etag == info.etag
+
+
+def test_multipart_upload(s3: Site, files: Any) -> None:
+    """Above part_size a file goes up in parts: same bytes, the '-N' ETag of three parts."""
+    data = payload(12 * MiB + 123, "multipart")
+    info = s3.store.put_file("big/scan.bin", files(data), {"mode": "600"}, None)
+    assert info.size == len(data)
+    assert info.etag.endswith('-3"') and info.etag == multipart_etag(data, PART)
+    assert s3.store.head("big/scan.bin").etag == info.etag
+    assert_bytes(read_all(s3.store, info), data, "big/scan.bin")
+    assert s3.user_metadata("big/scan.bin") == {"mode": "600"}
+    assert s3.open_uploads() == []
+
+
+def test_failed_part_aborts_the_upload(
+    s3: Site, files: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A part that fails aborts the multipart upload: no object and no parts left behind."""
+    assert isinstance(s3.store, S3Store)
+    client = s3.store.client
+    send = client.upload_part
+
+    def failing(**kwargs: Any) -> Any:
+        if kwargs["PartNumber"] == 2:
+            error = {"Error": {"Code": "InternalError", "Message": "injected"}}
+            raise bex.ClientError(error, "UploadPart")
+        return send(**kwargs)
+
+    monkeypatch.setattr(client, "upload_part", failing)
+    with pytest.raises(Unavailable, match="InternalError"):
+        s3.store.put_file("broken.bin", files(payload(11 * MiB, "broken")), {}, None)
+    assert s3.open_uploads() == []
+    with pytest.raises(NotFound):
+        s3.store.head("broken.bin")
+
+
+def test_create_only_put_refuses_an_existing_key(site: Site, files: Any) -> None:
+    """expect_etag=None never replaces an object another writer created."""
+    first = site.store.put_file("k", files(b"first"), {}, None)
+    with pytest.raises(Conflict):
+        site.store.put_file("k", files(b"second, longer"), {}, None)
+    assert read_all(site.store, site.store.head("k")) == b"first"
+    assert site.store.head("k").etag == first.etag
+
+
+def test_create_only_multipart_put_refuses_an_existing_key(s3: Site, files: Any) -> None:
+    """The create-only condition also holds for a multipart upload, which is then aborted."""
+    s3.store.put_file("k", files(b"small"), {}, None)
+    with pytest.raises(Conflict):
+        s3.store.put_file("k", files(payload(11 * MiB, "late")), {}, None)
+    assert read_all(s3.store, s3.store.head("k")) == b"small"
+    assert s3.open_uploads() == []
+
+
+def test_if_match_put_replaces_only_that_version(site: Site, files: Any) -> None:
+    """A wrong or missing version is a Conflict; the right one is replaced."""
+    old = site.store.put_file("k", files(b"version one"), {}, None)
+    with pytest.raises(Conflict):
+        site.store.put_file("k", files(b"x"), {}, '"0123456789abcdef0123456789abcdef"')
+    with pytest.raises(Conflict):
+        site.store.put_file("absent/key", files(b"x"), {}, old.etag)
+    new = site.store.put_file("k", files(b"version two, longer"), {}, old.etag)
+    assert new.etag != old.etag and site.store.head("k").etag == new.etag
+    assert read_all(site.store, new) == b"version two, longer"
+    if site.root is not None:
+        assert not (site.root / "absent").exists(), "a refused put left a directory behind"
+
+
+def test_put_never_overwrites_another_writers_version(site: Site, files: Any) -> None:
+    """The case the condition exists for: another site wrote a newer object meanwhile."""
+    mine = site.store.put_file("shared.dcm", files(b"mine"), {}, None)
+    site.rewrite("shared.dcm", b"theirs, newer")
+    with pytest.raises(Conflict):
+        site.store.put_file("shared.dcm", files(b"mine, edited"), {}, mine.etag)
+    assert read_all(site.store, site.store.head("shared.dcm")) == b"theirs, newer"
+
+
+def test_moto_ignores_if_match_on_multipart_complete(s3: Site, files: Any) -> None:
+    """moto 5 enforces If-None-Match on CompleteMultipartUpload but not If-Match (AWS does).
+    This records that gap: should moto start enforcing it, this test fails and the assertion
+    becomes pytest.raises(Conflict), as for a single PUT."""
+    s3.store.put_file("k", files(b"small"), {}, None)
+    data = payload(11 * MiB, "unchecked")
+    info = s3.store.put_file("k", files(data), {}, '"0123456789abcdef0123456789abcdef"')
+    assert info.etag == multipart_etag(data, PART)
+
+
+# -- copy ----------------------------------------------------------------------------------------
+
+
+def test_copy_keeps_bytes_and_metadata(site: Site, files: Any) -> None:
+    """Without metadata a copy keeps the source's (S3 metadata, local mode and mtime)."""
+    data = payload(70_000, "copy")
+    metadata = {"mode": "600", "mtime": "1600000000", "patient": "anon-3"}
+    source = site.store.put_file("a/src", files(data), metadata, None)
+    copied = site.store.copy("a/src", "b/dst", source.etag)
+    assert (copied.key, copied.size) == ("b/dst", len(data))
+    assert site.store.head("b/dst").etag == copied.etag
+    assert_bytes(read_all(site.store, copied), data, "b/dst")
+    if site.bucket is not None:
+        assert site.user_metadata("b/dst") == metadata
+    else:
+        assert site.root is not None
+        st = (site.root / "b" / "dst").stat()
+        assert (st.st_mode & 0o777, st.st_mtime_ns) == (0o600, 1_600_000_000 * 10**9)
+
+
+def test_copy_onto_itself_replaces_metadata(site: Site, files: Any) -> None:
+    """How chmod and utime of an uploaded file reach the store: same bytes, new metadata."""
+    data = b"pixel data"
+    source = site.store.put_file("img", files(data), {"mode": "600", "old": "yes"}, None)
+    changed = site.store.copy("img", "img", source.etag, {"mode": "644", "mtime": "1500000000"})
+    assert site.store.head("img").etag == changed.etag
+    assert read_all(site.store, changed) == data
+    if site.bucket is not None:
+        assert site.user_metadata("img") == {"mode": "644", "mtime": "1500000000"}
+    else:
+        assert site.root is not None
+        st = (site.root / "img").stat()
+        assert (st.st_mode & 0o777, st.st_mtime_ns) == (0o644, 1_500_000_000 * 10**9)
+
+
+def test_copy_of_a_changed_source_is_stale(site: Site, files: Any) -> None:
+    """A copy is of one version: once the source changed, StaleObject and no target."""
+    old = site.store.put_file("src", files(b"old bytes"), {}, None)
+    site.rewrite("src", b"new bytes, longer")
+    with pytest.raises(StaleObject):
+        site.store.copy("src", "dst", old.etag)
+    with pytest.raises(NotFound):
+        site.store.head("dst")
+
+
+def test_copy_of_a_missing_source_is_not_found(site: Site) -> None:
+    with pytest.raises(NotFound):
+        site.store.copy("never/was", "dst", '"0123456789abcdef0123456789abcdef"')
+
+
+def test_multipart_copy(s3: Site, files: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above the CopyObject limit (5 GiB, lowered here) objects are copied part by part."""
+    monkeypatch.setattr(s3_module, "COPY_LIMIT", 6 * MiB)
+    monkeypatch.setattr(s3_module, "COPY_PART", PART)
+    data = payload(12 * MiB, "copy parts")
+    source = s3.store.put_file("huge", files(data), {"patient": "anon-9"}, None)
+    copied = s3.store.copy("huge", "huge-copy", source.etag)
+    assert copied.etag.endswith('-3"') and copied.size == len(data)
+    assert s3.store.head("huge-copy").etag == copied.etag
+    assert_bytes(read_all(s3.store, copied), data, "huge-copy")
+    assert s3.user_metadata("huge-copy") == {"patient": "anon-9"}
+    assert s3.open_uploads() == []
+
+
+# -- delete --------------------------------------------------------------------------------------
+
+
+def test_delete(site: Site, files: Any) -> None:
+    """A deleted key is gone; deleting a missing one is not an error."""
+    site.store.put_file("d/x", files(b"x"), {}, None)
+    site.store.delete("d/x")
+    with pytest.raises(NotFound):
+        site.store.head("d/x")
+    site.store.delete("d/x")
+    site.store.delete("never/was")
+    assert list(site.store.list()) == []
+
+
+def test_local_delete_prunes_empty_parents(local: Site, files: Any) -> None:
+    """Directories a delete leaves empty go too, so no "dir/" marker appears; the root stays."""
+    assert local.root is not None
+    local.store.put_file("a/b/c/file", files(b"1"), {}, None)
+    local.store.put_file("a/keep", files(b"2"), {}, None)
+    local.store.delete("a/b/c/file")
+    assert [info.key for info in local.store.list()] == ["a/keep"]
+    assert not (local.root / "a" / "b").exists()
+    local.store.delete("a/keep")
+    assert list(local.store.list()) == [] and list(local.root.iterdir()) == []
+
+
+def test_local_delete_of_a_marker_removes_its_empty_directory(local: Site) -> None:
+    assert local.root is not None
+    (local.root / "p" / "empty").mkdir(parents=True)
+    assert [info.key for info in local.store.list()] == ["p/empty/"]
+    local.store.delete("p/empty/")
+    assert list(local.root.iterdir()) == []
+
+
+# -- the local store stays inside its root -------------------------------------------------------
+
+
+def test_local_put_refuses_a_path_through_a_symlink(
+    local: Site, files: Any, tmp_path: Path
+) -> None:
+    """A symbolic link on the way, or at the name itself, is never followed out of the root."""
+    assert local.root is not None
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "victim").write_bytes(b"untouched")
+    (local.root / "escape").symlink_to(outside)
+    (local.root / "victim").symlink_to(outside / "victim")
+    with pytest.raises(NotFound):
+        local.store.put_file("escape/new", files(b"evil"), {}, None)
+    with pytest.raises(Conflict):
+        local.store.put_file("escape/victim", files(b"evil"), {}, '"0-0"')
+    with pytest.raises(Conflict):
+        local.store.put_file("victim", files(b"evil"), {}, None)
+    st = (outside / "victim").stat()
+    with pytest.raises(Conflict):
+        local.store.put_file("victim", files(b"evil"), {}, f'"{st.st_mtime_ns:x}-{st.st_size:x}"')
+    assert sorted(path.name for path in outside.iterdir()) == ["victim"]
+    assert (outside / "victim").read_bytes() == b"untouched"
+    assert (local.root / "victim").is_symlink()
+
+
+def test_local_write_leaves_no_temporary_file(local: Site, files: Any) -> None:
+    """Neither a put that succeeds nor one refused leaves its temporary file behind."""
+    assert local.root is not None
+    local.store.put_file("d/f", files(b"1"), {}, None)
+    with pytest.raises(Conflict):
+        local.store.put_file("d/f", files(b"2"), {}, None)
+    assert [path.name for path in (local.root / "d").iterdir()] == ["f"]
+    assert not list(local.root.rglob(f"*{TEMPORARY_SUFFIX}"))
+
+
+# -- integrity checks ----------------------------------------------------------------------------
+
+
+def test_etag_mismatch_is_unavailable() -> None:
+    """An MD5 ETag that differs from the bytes sent fails the upload; SSE-KMS and other
+    ETags that are not an MD5 of the data are not compared."""
+    sent = f'"{hashlib.md5(b"sent").hexdigest()}"'
+    other = f'"{hashlib.md5(b"other").hexdigest()}"'
+    s3_module._check_etag("k", {"ETag": sent}, sent)
+    with pytest.raises(Unavailable, match="damaged"):
+        s3_module._check_etag("k", {"ETag": other}, sent)
+    s3_module._check_etag("k", {"ETag": other, "ServerSideEncryption": "aws:kms"}, sent)
+    s3_module._check_etag("k", {"ETag": '"not-an-md5"'}, sent)
+
+
+def test_part_size_grows_past_ten_thousand_parts() -> None:
+    """A file above 10,000 parts of part_size gets larger parts instead of failing."""
+    assert s3_module._part_size(100 * MiB, 16 * MiB) == 16 * MiB
+    huge = 10_000 * 16 * MiB + 1
+    grown = s3_module._part_size(huge, 16 * MiB)
+    assert grown > 16 * MiB and -(-huge // grown) <= 10_000
+
+
+def test_part_size_below_the_s3_minimum_is_refused() -> None:
+    with pytest.raises(ConfigError, match="part size"):
+        S3Store("bucket", "", S3Options(part_size=1 * MiB))

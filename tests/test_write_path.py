@@ -1,0 +1,464 @@
+"""Writing through a real FUSE mount to a real moto_server: what a PACS and ordinary tools do.
+
+Each test writes with ordinary system calls, then checks what the bucket holds (over HTTP with
+boto3), not only what the mount shows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import shutil
+import signal
+import socket
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from conftest import (
+    Bucket,
+    MotoServer,
+    Mount,
+    Mounter,
+    assert_bytes,
+    cloudfs,
+    drop_kernel_caches,
+    payload,
+    process_alive,
+    wait_until,
+)
+
+KiB = 1024
+MiB = 1024 * KiB
+FAST = ["--upload-delay", "0.2", "--drain-timeout", "20"]
+"""Upload soon after close, so tests need not wait for the default delay."""
+
+
+def bucket_objects(bucket: Bucket) -> dict[str, bytes]:
+    client = bucket.server.client()
+    return {
+        key: client.get_object(Bucket=bucket.name, Key=key)["Body"].read()
+        for key in bucket.listed_keys()
+    }
+
+
+def wait_for_bucket(
+    bucket: Bucket, expected: dict[str, bytes], mount: Mount, timeout: float = 60
+) -> None:
+    """Wait until the bucket holds exactly ``expected`` (keys and bytes)."""
+
+    def matches() -> bool:
+        return set(bucket.listed_keys()) == set(expected)
+
+    wait_until(matches, timeout, interval=0.2)
+    got = bucket_objects(bucket)
+    assert sorted(got) == sorted(expected), f"{sorted(got)}\n{mount.log_tail()}"
+    for key, data in expected.items():
+        assert_bytes(got[key], data, key)
+
+
+def write_synced(path: Path, data: bytes) -> None:
+    """Orthanc's way: open the final path, write it all, fdatasync, close."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
+def backlog(mount: Mount) -> dict:
+    uploads: dict = mount.status()["uploads"]
+    return uploads
+
+
+def drained(mount: Mount) -> bool:
+    pending = backlog(mount)
+    return (
+        pending["pending_files"] == 0
+        and pending["pending_renames"] == 0
+        and (pending["pending_deletes"] == 0)
+    )
+
+
+def test_create_write_read_back_and_upload(mount: Callable[..., Mount], bucket: Bucket) -> None:
+    """A new file is readable at once with the bytes written, and reaches the bucket with its
+    metadata."""
+    m = mount(bucket, options=FAST)
+    data = payload(300 * KiB, "first")
+    (m.path / "studies").mkdir()
+    write_synced(m.path / "studies" / "a.dcm", data)
+    os.chmod(m.path / "studies" / "a.dcm", 0o640)
+    assert (m.path / "studies" / "a.dcm").read_bytes() == data
+    assert (m.path / "studies" / "a.dcm").stat().st_size == len(data)
+    wait_for_bucket(bucket, {"studies/a.dcm": data}, m)
+    assert wait_until(lambda: drained(m), 30)
+    head = bucket.server.client().head_object(Bucket=bucket.name, Key="studies/a.dcm")
+    assert int(head["Metadata"]["mode"]) & 0o7777 == 0o640, head["Metadata"]
+    drop_kernel_caches()
+    assert (m.path / "studies" / "a.dcm").read_bytes() == data
+    assert (m.path / "studies" / "a.dcm").stat().st_mode & 0o7777 == 0o640
+
+
+class Gate:
+    """A TCP relay in front of the S3 server that a test can close and reopen: while closed,
+    connections are refused at once, as when a site's uplink is down."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self._listener: socket.socket | None = None
+        self._connections: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self.open()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def open(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def close(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            with contextlib.suppress(OSError):  # wakes the thread blocked in accept()
+                listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
+        with self._lock:
+            for connection in self._connections:
+                with contextlib.suppress(OSError):
+                    connection.shutdown(socket.SHUT_RDWR)
+                connection.close()
+            self._connections.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            with self._lock:
+                self._connections += [client, upstream]
+            for source, target in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(source, target), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, target: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(1 << 16):
+                target.sendall(data)
+        for end in (source, target):
+            with contextlib.suppress(OSError):
+                end.close()
+
+
+@pytest.fixture
+def gate(s3_server: MotoServer) -> Iterator[Gate]:
+    relay = Gate(s3_server.port)
+    yield relay
+    relay.close()
+
+
+def test_pacs_workload_temp_fsync_rename_delete(
+    mount: Callable[..., Mount], bucket: Bucket
+) -> None:
+    """dcm4chee/rsync style: write to a temp name, fsync, rename into a dated tree; read back;
+    delete some; the bucket ends with exactly the expected keys and bytes."""
+    m = mount(bucket, options=FAST)
+    expected: dict[str, bytes] = {}
+    for index in range(40):
+        day = f"2026/11/{10 + index % 3:02d}"
+        folder = m.path / day / f"study{index % 4}"
+        folder.mkdir(parents=True, exist_ok=True)
+        data = payload(20 * KiB + index * 997, f"pacs{index}")
+        temp = folder / f".tmp-{index}"
+        write_synced(temp, data)
+        os.rename(temp, folder / f"{index}.dcm")
+        expected[f"{day}/study{index % 4}/{index}.dcm"] = data
+    for key, data in expected.items():
+        assert (m.path / key).read_bytes() == data
+    for index in range(0, 40, 5):
+        key = next(k for k in expected if k.endswith(f"/{index}.dcm"))
+        os.unlink(m.path / key)
+        del expected[key]
+    wait_for_bucket(bucket, expected, m)
+    assert wait_until(lambda: drained(m), 30), backlog(m)
+    assert not any(".tmp-" in key for key in bucket.listed_keys())
+    # A relist agrees with what the mount shows.
+    m.refresh()
+    shown = sorted(str(p.relative_to(m.path)) for p in m.path.rglob("*.dcm"))
+    assert shown == sorted(expected)
+
+
+def test_orthanc_and_dcm4chee_patterns_from_many_threads(
+    mount: Callable[..., Mount], bucket: Bucket
+) -> None:
+    """Concurrent ``mkdir -p`` of the same shard never fails a writer; O_EXCL is honoured and an
+    EEXIST retry under another name works; delete + rmdir of parents relies on ENOTEMPTY."""
+    m = mount(bucket, options=FAST)
+    shards = ["ab/cd", "ab/ce", "ff/00"]
+    written: dict[str, bytes] = {}
+    lock = threading.Lock()
+
+    def orthanc(worker: int) -> None:
+        for n in range(12):
+            shard = shards[(worker + n) % len(shards)]
+            (m.path / shard).mkdir(parents=True, exist_ok=True)
+            name = f"{shard}/{uuid.uuid4()}"
+            data = payload(8 * KiB + n, name)
+            write_synced(m.path / name, data)
+            with lock:
+                written[name] = data
+
+    def dcm4chee(worker: int) -> None:
+        folder = m.path / "2026" / "11" / "23"
+        folder.mkdir(parents=True, exist_ok=True)
+        for n in range(8):
+            attempt = 0
+            while True:
+                name = f"2026/11/23/sop-{n}-{attempt}"
+                try:
+                    fd = os.open(m.path / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                except FileExistsError:
+                    attempt += 1
+                    continue
+                data = payload(4 * KiB, f"{name}-{worker}")
+                os.write(fd, data)
+                os.fsync(fd)
+                os.close(fd)
+                with lock:
+                    written[name] = data
+                break
+
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(orthanc, w) for w in range(4)]
+        futures += [pool.submit(dcm4chee, w) for w in range(4)]
+        for future in futures:
+            future.result()
+    # Four dcm4chee writers raced for each name: each got its own, none overwrote another.
+    assert len([k for k in written if k.startswith("2026/")]) == 32
+    with pytest.raises(FileExistsError):
+        os.open(m.path / "2026/11/23/sop-0-0", os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    for name, data in written.items():
+        assert (m.path / name).read_bytes() == data, name
+    # Orthanc's delete: unlink, then rmdir the parents and rely on ENOTEMPTY.
+    victim = next(k for k in written if k.startswith("ab/cd/"))
+    os.unlink(m.path / victim)
+    del written[victim]
+    with pytest.raises(OSError) as caught:
+        os.rmdir(m.path / "ab" / "cd")
+    assert caught.value.errno == errno.ENOTEMPTY
+    for name in [k for k in written if k.startswith("ff/00/")]:
+        os.unlink(m.path / name)
+        del written[name]
+    os.rmdir(m.path / "ff" / "00")
+    os.rmdir(m.path / "ff")
+    assert not (m.path / "ff").exists()
+    wait_for_bucket(bucket, written, m)
+
+
+def test_kill_9_mid_burst_loses_no_fsynced_file(mount: Mounter, bucket: Bucket) -> None:
+    """kill -9 during a write burst; after a remount, every file whose fsync returned is in the
+    bucket with its bytes, and a file never fsync'd nor closed is not uploaded as complete."""
+    cache_dir = mount.tmp_path / "crash-cache"
+    # A long delay after close keeps the burst in the journal when the daemon dies.
+    m = mount(bucket, cache_dir=cache_dir, options=["--upload-delay", "3600"])
+    synced: dict[str, bytes] = {}
+    for index in range(30):
+        data = payload(64 * KiB + index, f"crash{index}")
+        write_synced(m.path / f"synced-{index}.dcm", data)
+        synced[f"synced-{index}.dcm"] = data
+    half = os.open(m.path / "half-written.dcm", os.O_WRONLY | os.O_CREAT, 0o644)
+    os.write(half, payload(100 * KiB, "half"))
+    os.kill(m.pid, signal.SIGKILL)
+    assert wait_until(lambda: not process_alive(m.pid), 10)
+    with contextlib.suppress(OSError):
+        os.close(half)  # the daemon is gone: close may report it
+    cleared = cloudfs("unmount", m.path)
+    assert cleared.returncode == 0, cleared.stderr
+    assert bucket.listed_keys() == []  # nothing went up before the crash
+    again = mount(bucket, mountpoint=m.path, cache_dir=cache_dir, options=FAST)
+    wait_for_bucket(bucket, synced, again)
+    assert not (again.path / "half-written.dcm").exists()
+    assert "never fsync'd or closed" in again.log_text()
+    assert (cache_dir / "staging" / "unsynced").is_dir()
+
+
+def test_outage_writes_queue_and_drain_when_the_cloud_returns(
+    mount: Callable[..., Mount], bucket: Bucket, gate: Gate
+) -> None:
+    """With the cloud unreachable, writes, renames, deletes and cached reads keep working; the
+    backlog drains by itself when it returns, and status shows it meanwhile."""
+    old = payload(200 * KiB, "before")
+    bucket.put("old.dcm", old)
+    m = mount(bucket, endpoint=gate.endpoint, options=FAST)
+    assert (m.path / "old.dcm").read_bytes() == old  # cached now
+    gate.close()
+    expected = {"old.dcm": old}
+    for index in range(10):
+        data = payload(50 * KiB, f"outage{index}")
+        write_synced(m.path / f"during-{index}.dcm", data)
+        expected[f"during-{index}.dcm"] = data
+    os.rename(m.path / "during-0.dcm", m.path / "renamed.dcm")
+    expected["renamed.dcm"] = expected.pop("during-0.dcm")
+    os.unlink(m.path / "during-1.dcm")
+    del expected["during-1.dcm"]
+    drop_kernel_caches()
+    assert (m.path / "old.dcm").read_bytes() == old
+    assert wait_until(lambda: backlog(m)["errors"] > 0, 30)
+    pending = backlog(m)
+    assert pending["pending_files"] == 9 and pending["last_error"], pending
+    assert pending["oldest_pending_age"] is not None
+    gate.open()
+    wait_for_bucket(bucket, expected, m, timeout=120)
+    assert wait_until(lambda: drained(m), 60), backlog(m)
+
+
+def test_large_file_multipart_and_in_place_changes(
+    mount: Callable[..., Mount], bucket: Bucket
+) -> None:
+    """A file of a few hundred MiB goes up in parts; overwrites at random offsets, truncate down
+    and up, and append on an uploaded file all end in the bucket byte for byte."""
+    m = mount(bucket, options=[*FAST, "--part-size", "16M"])
+    size = 200 * MiB
+    chunk = payload(4 * MiB, "big")
+    with open(m.path / "volume.raw", "wb") as out:
+        for _ in range(size // len(chunk)):
+            out.write(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+    expected = bytearray(chunk * (size // len(chunk)))
+    wait_for_bucket(bucket, {"volume.raw": bytes(expected)}, m, timeout=180)
+    etag = bucket.server.client().head_object(Bucket=bucket.name, Key="volume.raw")["ETag"]
+    assert etag.strip('"').endswith("-13"), etag  # 200 MiB in 16 MiB parts
+
+    small = payload(3 * MiB, "small")
+    (m.path / "edit.bin").write_bytes(small)
+    wait_for_bucket(bucket, {"volume.raw": bytes(expected), "edit.bin": small}, m)
+    edited = bytearray(small)
+    with open(m.path / "edit.bin", "r+b") as f:
+        for offset in (0, 12345, 1_500_000, len(small) - 10):
+            patch = payload(10, offset)
+            f.seek(offset)
+            f.write(patch)
+            edited[offset : offset + 10] = patch
+    os.truncate(m.path / "edit.bin", 2 * MiB)
+    del edited[2 * MiB :]
+    os.truncate(m.path / "edit.bin", 2 * MiB + 5000)
+    edited += bytes(5000)
+    with open(m.path / "edit.bin", "ab") as f:
+        f.write(b"appended")
+    edited += b"appended"
+    got = (m.path / "edit.bin").read_bytes()
+    assert len(got) == len(edited), m.log_tail()
+    assert_bytes(got, bytes(edited), "edit.bin")
+    wait_for_bucket(bucket, {"volume.raw": bytes(expected), "edit.bin": bytes(edited)}, m)
+    drop_kernel_caches()
+    assert (m.path / "edit.bin").read_bytes() == bytes(edited)
+
+
+def test_rename_directory_of_2000_files_and_rename_over_a_file(
+    mount: Callable[..., Mount], bucket: Bucket
+) -> None:
+    """A directory of 2,000 objects is renamed at once in the namespace; the bucket converges
+    to the new keys by server-side copies.  Renaming over an existing file replaces it."""
+    client = bucket.server.client()
+    expected = {}
+    for index in range(2000):
+        key = f"series/{index:04d}.dcm"
+        data = f"instance {index}".encode()
+        client.put_object(Bucket=bucket.name, Key=key, Body=data)
+        expected[key] = data
+    bucket.put("a.txt", b"replacement")
+    bucket.put("b.txt", b"old target")
+    m = mount(bucket, options=FAST)
+    os.rename(m.path / "series", m.path / "renamed")
+    assert len(os.listdir(m.path / "renamed")) == 2000
+    assert not (m.path / "series").exists()
+    assert (m.path / "renamed" / "1234.dcm").read_bytes() == b"instance 1234"
+    os.rename(m.path / "a.txt", m.path / "b.txt")
+    assert (m.path / "b.txt").read_bytes() == b"replacement"
+    final = {key.replace("series/", "renamed/"): data for key, data in expected.items()}
+    final["b.txt"] = b"replacement"
+    wait_for_bucket(bucket, final, m, timeout=240)
+    assert wait_until(lambda: drained(m), 60), backlog(m)
+
+
+def test_full_staging_area_gives_enospc_and_loses_nothing(
+    mount: Callable[..., Mount], bucket: Bucket, gate: Gate
+) -> None:
+    """With the cloud down and the staging area full of data not yet uploaded, a write fails
+    with ENOSPC; everything written before survives and goes up when the cloud returns."""
+    m = mount(bucket, endpoint=gate.endpoint, options=[*FAST, "--staging-size", "4M"])
+    gate.close()
+    kept = {}
+    with pytest.raises(OSError) as caught:
+        for index in range(10):
+            data = payload(MiB, f"full{index}")
+            write_synced(m.path / f"f{index}", data)
+            kept[f"f{index}"] = data
+    assert caught.value.errno == errno.ENOSPC
+    assert len(kept) == 4  # 4 MiB of staging holds four 1 MiB files
+    for name, data in kept.items():
+        assert (m.path / name).read_bytes() == data
+    assert "staging area full" in m.log_text()
+    gate.open()
+    partial = {p.name for p in m.path.iterdir()} - set(kept)
+    for name in partial:  # the file that hit ENOSPC holds what fitted; drop it
+        os.unlink(m.path / name)
+    wait_for_bucket(bucket, kept, m, timeout=120)
+
+
+def test_posix_corners(mount: Callable[..., Mount], bucket: Bucket) -> None:
+    """What ordinary tools meet: EEXIST and ENOTEMPTY where POSIX says, locks that work on one
+    host, hard links and device files refused with EPERM, a large stable statfs, no NO_MOUNT."""
+    m = mount(bucket, options=FAST)
+    (m.path / "d").mkdir()
+    with pytest.raises(FileExistsError):
+        (m.path / "d").mkdir()
+    (m.path / "d" / "f").write_bytes(b"x")
+    with pytest.raises(OSError) as caught:
+        (m.path / "d").rmdir()
+    assert caught.value.errno == errno.ENOTEMPTY
+    with pytest.raises(OSError) as caught:
+        os.link(m.path / "d" / "f", m.path / "d" / "g")
+    assert caught.value.errno == errno.EPERM
+    with pytest.raises(OSError) as caught:
+        os.mkfifo(m.path / "fifo")
+    assert caught.value.errno == errno.EPERM
+    with pytest.raises(OSError) as caught:
+        os.symlink("d/f", m.path / "link")
+    assert caught.value.errno == errno.EPERM
+    with pytest.raises(OSError) as caught:
+        (m.path / "NO_MOUNT").write_bytes(b"")
+    assert caught.value.errno == errno.EACCES
+    first, second = os.statvfs(m.path), os.statvfs(m.path)
+    assert first.f_bavail * first.f_frsize >= 1 << 40
+    assert first.f_bavail == second.f_bavail
+    # Locks are kernel-local: a second open file description conflicts with the first.
+    with open(m.path / "d" / "f", "r+b") as one, open(m.path / "d" / "f", "r+b") as two:
+        fcntl.flock(one, fcntl.LOCK_EX)
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(two, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(one, fcntl.LOCK_UN)
+        fcntl.flock(two, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    shutil.copytree(m.path / "d", m.path / "copy")
+    assert (m.path / "copy" / "f").read_bytes() == b"x"
+    os.utime(m.path / "copy" / "f", (1_000_000_000, 1_000_000_000))
+    assert (m.path / "copy" / "f").stat().st_mtime == 1_000_000_000
