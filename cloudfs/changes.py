@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from .catalog import (
     CLEAN,
+    NAME_MAX,
     NODE_COLUMNS,
     NOT_MOUNTED_MARKER,
     READY,
@@ -194,9 +195,11 @@ class Changes:
     def stage(self, ino: int, staged: str) -> None:
         """The file's bytes now live in a staging file (opened for writing)."""
         with self.catalog.transaction() as db:
+            # A file already durable stays so: its new staging file starts as a copy of it.
             db.execute(
-                "UPDATE nodes SET staged=?, dirty=?, local_at=? WHERE ino=?",
-                (staged, WRITING, time.time_ns(), ino),
+                "UPDATE nodes SET staged=?, dirty=CASE WHEN dirty=? THEN ? ELSE ? END, local_at=? "
+                "WHERE ino=?",
+                (staged, READY, READY, WRITING, time.time_ns(), ino),
             )
 
     def record_write(self, ino: int, size: int, mtime_ns: int, ready: bool, durable: bool) -> None:
@@ -226,7 +229,7 @@ class Changes:
             db.execute(
                 "UPDATE nodes SET mode=coalesce(?, mode), uid=coalesce(?, uid), "
                 "gid=coalesce(?, gid), mtime_ns=coalesce(?, mtime_ns), local_at=?, "
-                "fetch_key=CASE WHEN is_dir=0 AND etag IS NOT NULL AND staged IS NULL "
+                f"fetch_key=CASE WHEN is_dir=0 AND etag IS NOT NULL AND dirty={CLEAN} "
                 "THEN coalesce(fetch_key, key) ELSE fetch_key END WHERE ino=?",
                 (mode, uid, gid, mtime_ns, time.time_ns(), ino),
             )
@@ -354,24 +357,47 @@ class Changes:
         else:
             self._queue_delete(db, key, etag)
 
-    def finish_upload(self, uploaded: Node, info: ObjectInfo) -> bool:
+    def finish_upload(
+        self, uploaded: Node, info: ObjectInfo, keep_staged: bool
+    ) -> tuple[bool, bool]:
         """Record an upload of ``uploaded`` (the node as it was when the upload started).
-        Returns True when its staging file is no longer needed."""
+        ``keep_staged``: a writer still has the file open, so its staging file stays the copy
+        it reads and writes.  Returns (the cloud now has the node's bytes, the staging file that
+        went up is no longer named by the node)."""
         with self.catalog.transaction() as db:
             node = self._row(db, "ino=?", uploaded.ino)
             if node is None or node.key != uploaded.key:
                 self._orphan_object(db, info.key, info.etag)
-                return node is None or node.staged != uploaded.staged
+                return False, node is None or node.staged != uploaded.staged
             if node.staged == uploaded.staged and node.local_at == uploaded.local_at:
+                # local_at moves on: a relist whose listing predates the upload leaves it alone.
                 db.execute(
-                    "UPDATE nodes SET dirty=?, staged=NULL, etag=?, base_etag=?, fetch_key=NULL, "
-                    "storage_class='STANDARD', size=? WHERE ino=?",
-                    (CLEAN, info.etag, info.etag, info.size, node.ino),
+                    "UPDATE nodes SET dirty=?, staged=?, etag=?, base_etag=?, fetch_key=NULL, "
+                    "storage_class='STANDARD', size=?, local_at=? WHERE ino=?",
+                    (
+                        CLEAN,
+                        node.staged if keep_staged else None,
+                        info.etag,
+                        info.etag,
+                        info.size,
+                        time.time_ns(),
+                        node.ino,
+                    ),
                 )
-                return True
+                return True, not keep_staged
             # Changed while it went up: the cloud has an older copy, the next upload replaces it.
             db.execute("UPDATE nodes SET base_etag=? WHERE ino=?", (info.etag, node.ino))
-            return node.staged != uploaded.staged
+            return False, node.staged != uploaded.staged
+
+    def unstage(self, ino: int, staged: str) -> bool:
+        """The cloud has the bytes of a staging file kept while it was open: read them from the
+        cloud (and the block cache) from now on.  False if the node changed meanwhile."""
+        with self.catalog.transaction() as db:
+            changed = db.execute(
+                "UPDATE nodes SET staged=NULL WHERE ino=? AND staged=? AND dirty=?",
+                (ino, staged, CLEAN),
+            ).rowcount
+        return changed == 1
 
     def finish_copy(self, copied: Node, info: ObjectInfo) -> None:
         with self.catalog.transaction() as db:
@@ -380,9 +406,11 @@ class Changes:
                 self._orphan_object(db, info.key, info.etag)
                 return
             if node.fetch_key == copied.fetch_key and node.etag == copied.etag:
+                # Metadata changed during the copy: one more copy, onto itself, carries it.
+                again = node.key if node.local_at != copied.local_at else None
                 db.execute(
-                    "UPDATE nodes SET fetch_key=NULL, etag=?, base_etag=? WHERE ino=?",
-                    (info.etag, info.etag, node.ino),
+                    "UPDATE nodes SET fetch_key=?, etag=?, base_etag=?, local_at=? WHERE ino=?",
+                    (again, info.etag, info.etag, time.time_ns(), node.ino),
                 )
             else:
                 db.execute("UPDATE nodes SET base_etag=? WHERE ino=?", (info.etag, node.ino))
@@ -416,8 +444,7 @@ class Changes:
             node = self._row(db, "ino=?", ino)
             if node is None:
                 raise FsError(errno.ENOENT)
-            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-            name = f"{node.name}.conflict-{stamp}-{socket.gethostname()}"
+            name = self._conflict_name(db, node)
             key = self._key(db, node.parent, name)
             db.execute(
                 "UPDATE nodes SET name=?, key=?, base_etag=NULL, local_at=? WHERE ino=?",
@@ -426,6 +453,18 @@ class Changes:
             diverted = self._row(db, "ino=?", ino)
         assert diverted is not None
         return diverted
+
+    def _conflict_name(self, db: sqlite3.Connection, node: Node) -> str:
+        """``<name>.conflict-<UTC>-<host>``, shortened to fit NAME_MAX and made unique."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        suffix = f".conflict-{stamp}-{socket.gethostname()[:32]}"
+        room = NAME_MAX - len(suffix.encode()) - 4  # 4: room for "-999"
+        base = node.name.encode()[:room].decode(errors="ignore")
+        for attempt in range(1000):
+            name = base + suffix + (f"-{attempt}" if attempt else "")
+            if self._row(db, "parent=? AND name=?", node.parent, name) is None:
+                return name
+        raise FsError(errno.EEXIST, "no free conflict name")
 
     def recover(self) -> tuple[list[Node], list[Node]]:
         """After a crash: files being written whose bytes were never made durable (no fsync, no

@@ -447,7 +447,7 @@ def unmount(mountpoint: Path, timeout: float) -> None:
 @click.argument("mountpoint", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
 def status(mountpoint: Path, as_json: bool) -> None:
-    """Show cache use, hit ratio, bytes fetched and requests in flight of a mount."""
+    """Show cache use, hit ratio, bytes fetched, requests in flight and the upload backlog."""
     facts = _ask(mountpoint, "status")
     if as_json:
         click.echo(json.dumps(facts, indent=2))
@@ -470,14 +470,32 @@ def status(mountpoint: Path, as_json: bool) -> None:
         f"catalog:           {catalog['files']} files, {catalog['directories']} directories, "
         f"{format_size(catalog['bytes'])}, refreshed {synced}",
         f"open files:        {facts['open_files']}",
+        _upload_line(facts["uploads"]),
     ]
     if reads["last_error"]:
         lines.append(f"last cloud error:  {reads['last_error']}")
+    if facts["uploads"]["last_error"]:
+        lines.append(f"last upload error: {facts['uploads']['last_error']}")
     if catalog["last_refresh_error"]:
         lines.append(f"last refresh error: {catalog['last_refresh_error']}")
     if catalog["rejected_keys"]:
         lines.append(f"keys not shown:    {catalog['rejected_keys']} (see --json for examples)")
     click.echo("\n".join(lines))
+
+
+def _upload_line(uploads: dict[str, Any]) -> str:
+    age = uploads["oldest_pending_age"]
+    pending = (
+        f"{uploads['pending_files']} files ({format_size(uploads['pending_bytes'])}), "
+        f"{uploads['pending_renames']} renames, {uploads['pending_deletes']} deletes pending"
+        + (f", oldest {age:.0f}s" if age is not None else "")
+    )
+    return (
+        f"uploads:           {pending}; {uploads['uploaded_files']} files "
+        f"({format_size(uploads['uploaded_bytes'])}) uploaded, {uploads['conflicts']} conflicts, "
+        f"staging {format_size(uploads['staging_bytes'])} of "
+        f"{format_size(uploads['staging_limit'])} ({uploads['mode']})"
+    )
 
 
 @main.command()

@@ -104,6 +104,10 @@ class StagedFile:
     writers: int = 0
     writes: int = 0
     """Writes since the size was last recorded in the catalog."""
+    ready: bool = False
+    """The catalog holds these bytes as complete (READY): a close need not record them again."""
+    in_cloud: bool = False
+    """Uploaded while a writer kept it open (``--upload-mode=sync``) and unchanged since."""
     detached: bool = False
     """Uploaded (or unlinked) meanwhile: the catalog no longer names this staging file, so a
     new writer gets a fresh copy and the last close removes it."""
@@ -117,6 +121,8 @@ class OpenFile:
     version: ObjectVersion | None
     """The cloud version read, or None for a file staged when opened."""
     read_ahead: ReadAhead
+    staged: StagedFile | None = None
+    """The staging file this handle opened; it outlives an unlink or a replacing rename."""
     writable: bool = False
     cancelled: Cancelled = field(default_factory=Cancelled)
     warmed_from: int = -1
@@ -316,6 +322,7 @@ class ArchiveFS:
             ino,
             version,
             ReadAhead(self.cache.block_size, options.readahead_initial, options.readahead_max),
+            staged,
             writable,
         )
         return handle
@@ -390,8 +397,9 @@ class ArchiveFS:
         staged.detached = True
         if self._staged.get(staged.ino) is staged:
             del self._staged[staged.ino]
-        if staged.handles == 0:
+        if staged.handles == 0 and staged.fd >= 0:
             os.close(staged.fd)
+            staged.fd = -1
             if not self.uploader.is_uploading(staged.name):  # else the uploader removes it
                 self._nursery_or_fail().start_soon(self._disk, self.staging.remove, staged.name)
 
@@ -439,12 +447,13 @@ class ArchiveFS:
         open_file = self._handles.get(handle)
         if open_file is None:
             raise FsError(errno.EBADF)
-        staged = self._staged.get(open_file.ino)
-        if staged is not None or open_file.version is None:
-            if staged is None:
-                raise FsError(errno.EBADF)
+        # The newest bytes of the file, even if another writer made a fresh staging copy.
+        staged = self._staged.get(open_file.ino) or open_file.staged
+        if staged is not None:
             data: bytes = await self._disk(os.pread, staged.fd, size, offset)
             return data
+        if open_file.version is None:
+            raise FsError(errno.EBADF)
         version = open_file.version
         read_ahead = open_file.read_ahead
         # Small objects are fetched whole by the first read: read-ahead would only split that GET.
@@ -466,10 +475,9 @@ class ArchiveFS:
 
     def _writable(self, handle: int) -> StagedFile:
         open_file = self._handles.get(handle)
-        staged = None if open_file is None else self._staged.get(open_file.ino)
-        if open_file is None or not open_file.writable or staged is None:
+        if open_file is None or not open_file.writable or open_file.staged is None:
             raise FsError(errno.EBADF)
-        return staged
+        return open_file.staged
 
     async def write(self, handle: int, offset: int, data: bytes) -> int:
         staged = self._writable(handle)
@@ -483,9 +491,14 @@ class ArchiveFS:
                 self.staging.release(growth)
                 raise
             staged.size = max(staged.size, offset + written)
-            staged.mtime_ns = time.time_ns()
-            staged.writes += 1
+            self._changed(staged)
         return written
+
+    @staticmethod
+    def _changed(staged: StagedFile) -> None:
+        staged.mtime_ns = time.time_ns()
+        staged.writes += 1
+        staged.ready = staged.in_cloud = False
 
     async def _truncate(self, staged: StagedFile, size: int) -> None:
         async with staged.lock:
@@ -495,8 +508,7 @@ class ArchiveFS:
             if growth < 0:
                 self.staging.release(-growth)
             staged.size = size
-            staged.mtime_ns = time.time_ns()
-            staged.writes += 1
+            self._changed(staged)
 
     async def flush(self, handle: int) -> None:
         """close(2): as durable as fsync when the mount asks for it (``--sync-on-close``)."""
@@ -510,9 +522,9 @@ class ArchiveFS:
         open_file = self._handles.get(handle)
         if open_file is None:
             raise FsError(errno.EBADF)
-        staged = self._staged.get(open_file.ino)
-        if staged is None:
-            return  # nothing written: the cloud already has these bytes
+        staged = open_file.staged
+        if staged is None or staged.detached:
+            return  # nothing staged, or bytes nobody will read again (unlinked)
         async with staged.lock:
             await self._disk(self.staging.durable, staged.fd)
             await self._record(staged, ready=True, durable=True)
@@ -526,6 +538,7 @@ class ArchiveFS:
         )
         staged.writes -= writes
         if ready:
+            staged.ready = staged.writes == 0
             self.uploader.notify()
 
     async def release(self, handle: int) -> None:
@@ -533,19 +546,26 @@ class ArchiveFS:
         if open_file is None:
             return
         open_file.cancelled.is_set = True
-        staged = self._staged.get(open_file.ino)
-        if staged is None or open_file.version is not None:
+        staged = open_file.staged
+        if staged is None:
             return
         staged.handles -= 1
         staged.writers -= open_file.writable
-        if open_file.writable and staged.writers == 0:
+        if open_file.writable and staged.writers == 0 and not staged.detached:
             # The last writer closed: the file is complete and may go up.
-            await self._record(staged, ready=True)
-        if staged.handles == 0 and self._staged.get(staged.ino) is staged:
-            del self._staged[staged.ino]
-            os.close(staged.fd)
+            if staged.in_cloud and not staged.writes:
+                if await self._catalog(self.changes.unstage, staged.ino, staged.name):
+                    self._retire(staged)
+            elif staged.writes or not staged.ready:
+                await self._record(staged, ready=True)
+            else:
+                self.uploader.notify()
+        if staged.handles == 0:
             if staged.detached:
-                await self._disk(self.staging.remove, staged.name)
+                self._retire(staged)  # closes and removes it
+            else:
+                del self._staged[staged.ino]
+                os.close(staged.fd)
 
     # -- what the uploader asks (StagingOwner) ---------------------------------------------
 
@@ -553,11 +573,14 @@ class ArchiveFS:
         staged = self._staged.get(ino)
         return staged is not None and staged.writers > 0
 
-    def uploaded(self, ino: int, staged_name: str) -> bool:
+    def uploaded(self, ino: int, staged_name: str, kept: bool) -> bool:
         staged = self._staged.get(ino)
         if staged is None or staged.name != staged_name:
             return False
-        staged.detached = True
+        if kept:
+            staged.in_cloud = not staged.writes
+        else:
+            staged.detached = True
         return True
 
     async def diverted(self, before: Node, after: Node) -> None:

@@ -44,8 +44,9 @@ class StagingOwner(Protocol):
         """A writer has the file open: uploading now could send a torn copy."""
         ...
 
-    def uploaded(self, ino: int, staged: str) -> bool:
-        """The staging file went up; True if it is still open here (its owner removes it)."""
+    def uploaded(self, ino: int, staged: str, kept: bool) -> bool:
+        """The staging file went up and the node is clean; True if the file is open here (its
+        owner then removes it at the last close, or keeps using it if ``kept``)."""
         ...
 
     async def diverted(self, before: Node, after: Node) -> None:
@@ -274,10 +275,12 @@ class Uploader:
                 self._retries.pop(item, None)
                 return
             await trio.to_thread.run_sync(self._keep_in_cache, path, info, limiter=self._threads)
-            done = await self._catalog(self.changes.finish_upload, node, info)
+            kept = self.owner.being_written(node.ino)
+            clean, free = await self._catalog(self.changes.finish_upload, node, info, kept)
             self.stats.files += 1
             self.stats.bytes += info.size
-            if done and not self.owner.uploaded(node.ino, staged):
+            held = clean and self.owner.uploaded(node.ino, staged, kept)
+            if free and not held:
                 await trio.to_thread.run_sync(self.staging.remove, staged)
 
         try:

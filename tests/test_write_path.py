@@ -325,6 +325,8 @@ def test_outage_writes_queue_and_drain_when_the_cloud_returns(
     pending = backlog(m)
     assert pending["pending_files"] == 9 and pending["last_error"], pending
     assert pending["oldest_pending_age"] is not None
+    human = cloudfs("status", m.path)
+    assert "9 files" in human.stdout and "last upload error:" in human.stdout, human.stdout
     gate.open()
     wait_for_bucket(bucket, expected, m, timeout=120)
     assert wait_until(lambda: drained(m), 60), backlog(m)
@@ -462,3 +464,75 @@ def test_posix_corners(mount: Callable[..., Mount], bucket: Bucket) -> None:
     assert (m.path / "copy" / "f").read_bytes() == b"x"
     os.utime(m.path / "copy" / "f", (1_000_000_000, 1_000_000_000))
     assert (m.path / "copy" / "f").stat().st_mtime == 1_000_000_000
+
+
+def test_conflicting_writer_is_never_silently_overwritten(
+    mount: Callable[..., Mount], bucket: Bucket
+) -> None:
+    """Another site writes the same key before this host's upload: both versions survive, the
+    other writer's under the key and the local one under a conflict name beside it."""
+    m = mount(bucket, options=["--upload-delay", "1.5"])
+    local = payload(40 * KiB, "local version")
+    write_synced(m.path / "report.pdf", local)
+    remote = payload(30 * KiB, "remote version")
+    bucket.put("report.pdf", remote)  # lands before the delayed upload
+
+    def conflict_keys() -> list[str]:
+        return [key for key in bucket.listed_keys() if key.startswith("report.pdf.conflict-")]
+
+    assert wait_until(lambda: len(conflict_keys()) == 1, 60), m.log_tail()
+    objects = bucket_objects(bucket)
+    assert_bytes(objects["report.pdf"], remote, "the other writer's object")
+    assert_bytes(objects[conflict_keys()[0]], local, "the local version")
+    assert "changed in the cloud by another writer" in m.log_text()
+    assert backlog(m)["conflicts"] == 1
+    names = sorted(os.listdir(m.path))
+    assert names[0] == "report.pdf" and names[1].startswith("report.pdf.conflict-"), names
+    assert wait_until(lambda: (m.path / "report.pdf").read_bytes() == remote, 30)
+
+
+def test_sync_upload_mode_fsync_waits_for_the_cloud(
+    mount: Callable[..., Mount], bucket: Bucket, gate: Gate
+) -> None:
+    """--upload-mode=sync: when fsync returns the object is in the bucket; with the cloud down,
+    fsync fails with EIO, and the data still goes up once the cloud returns."""
+    m = mount(bucket, endpoint=gate.endpoint, options=["--upload-mode", "sync"])
+    data = payload(100 * KiB, "sync mode")
+    write_synced(m.path / "now.dcm", data)
+    assert bucket_objects(bucket) == {"now.dcm": data}  # no waiting
+    gate.close()
+    later = payload(10 * KiB, "later")
+    with pytest.raises(OSError) as caught:
+        write_synced(m.path / "later.dcm", later)
+    assert caught.value.errno == errno.EIO
+    gate.open()
+    wait_for_bucket(bucket, {"now.dcm": data, "later.dcm": later}, m, timeout=120)
+
+
+def test_unmount_drains_uploads_or_leaves_them_journaled(
+    mount: Callable[..., Mount], bucket: Bucket, gate: Gate
+) -> None:
+    """Unmount waits for pending uploads (even those still in their delay after close); with
+    the cloud down it gives up after --drain-timeout, says so, and the next mount uploads them."""
+    m = mount(bucket, options=["--upload-delay", "3600"])
+    first = payload(64 * KiB, "drained")
+    write_synced(m.path / "first.dcm", first)
+    m.unmount()
+    assert bucket_objects(bucket) == {"first.dcm": first}
+
+    cache_dir = mount.tmp_path / "drain-cache"
+    down = mount(
+        bucket,
+        endpoint=gate.endpoint,
+        cache_dir=cache_dir,
+        options=["--upload-delay", "3600", "--drain-timeout", "2"],
+    )
+    gate.close()
+    second = payload(64 * KiB, "journaled")
+    write_synced(down.path / "second.dcm", second)
+    down.unmount()
+    assert "stay journaled" in down.log_text()
+    assert set(bucket.listed_keys()) == {"first.dcm"}
+    gate.open()
+    again = mount(bucket, endpoint=gate.endpoint, cache_dir=cache_dir, options=FAST)
+    wait_for_bucket(bucket, {"first.dcm": first, "second.dcm": second}, again)

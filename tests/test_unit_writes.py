@@ -1,0 +1,153 @@
+"""The write path of the filesystem core, driven without a kernel, over a local-directory store."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+from pathlib import Path
+
+import pytest
+from helpers_unit import Rig, ino_of, make_rig, read_all, run_fs, wait_until
+
+from cloudfs.catalog import READY, ROOT, WRITING
+from cloudfs.config import WriteOptions
+from cloudfs.errors import CloudfsError, FsError
+from cloudfs.fs import ArchiveFS
+
+UID, GID = os.getuid(), os.getgid()
+
+
+def with_writes(rig: Rig, **options: object) -> Rig:
+    rig.config = dataclasses.replace(rig.config, write=WriteOptions(**options))  # type: ignore[arg-type]
+    return rig
+
+
+async def create(fs: ArchiveFS, name: str, data: bytes, parent: int = ROOT) -> int:
+    handle, _ = await fs.create(parent, name, 0o644, os.O_WRONLY | os.O_CREAT, UID, GID)
+    assert await fs.write(handle, 0, data) == len(data)
+    return handle
+
+
+@pytest.mark.parametrize("sync_on_close", [False, True])
+def test_close_is_durable_only_with_sync_on_close(tmp_path: Path, sync_on_close: bool) -> None:
+    """--sync-on-close: close (flush) journals the file as complete, like fsync; without it the
+    file is complete only once the last handle is released."""
+    rig = with_writes(make_rig(tmp_path, {}), sync_on_close=sync_on_close, upload_delay=3600)
+
+    async def body(fs: ArchiveFS) -> tuple[int, int]:
+        handle = await create(fs, "a.dcm", b"x" * 1000)
+        await fs.flush(handle)
+        node = rig.catalog.lookup(ROOT, "a.dcm")
+        assert node is not None
+        after_flush = node.dirty
+        await fs.release(handle)
+        node = rig.catalog.lookup(ROOT, "a.dcm")
+        assert node is not None
+        return after_flush, node.dirty
+
+    after_flush, after_release = run_fs(rig, body)
+    assert after_flush == (READY if sync_on_close else WRITING)
+    assert after_release == READY
+
+
+def test_written_bytes_read_back_and_go_up_then_staging_is_emptied(tmp_path: Path) -> None:
+    """Bytes written are read back at once with the right size; once uploaded, the store holds
+    them, the staging area is empty and reads come from the block cache, not the store."""
+    rig = with_writes(make_rig(tmp_path, {}), upload_delay=0)
+    data = os.urandom(300_000)
+
+    async def body(fs: ArchiveFS) -> None:
+        directory = await fs.mkdir(ROOT, "study", 0o755, UID, GID)
+        handle = await create(fs, "1.dcm", data, parent=directory.ino)
+        assert (await fs.getattr(await ino_of(fs, "study/1.dcm"))).size == len(data)
+        assert bytes(await fs.read(handle, 1000, 50)) == data[1000:1050]
+        await fs.fsync(handle)
+        await fs.release(handle)
+        assert await wait_until(lambda: (rig.source / "study" / "1.dcm").exists(), 10)
+        assert await wait_until(lambda: fs.staging.used == 0, 10)
+        calls = len(rig.store.calls)
+        assert await read_all(fs, "study/1.dcm") == data
+        assert len(rig.store.calls) == calls  # served from the block cache
+
+    run_fs(rig, body)
+    assert (rig.source / "study" / "1.dcm").read_bytes() == data
+    assert not [p for p in (rig.config.cache.directory / "staging").iterdir() if p.is_file()]
+
+
+def test_exclusive_create_and_plain_create_of_an_existing_name(tmp_path: Path) -> None:
+    """O_EXCL on an existing name is EEXIST; without O_EXCL the existing file is opened."""
+    rig = with_writes(make_rig(tmp_path, {"old.dcm": b"old bytes"}), upload_delay=3600)
+
+    async def body(fs: ArchiveFS) -> bytes:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        with pytest.raises(FsError) as caught:
+            await fs.create(ROOT, "old.dcm", 0o644, flags, UID, GID)
+        assert caught.value.errno == errno.EEXIST
+        handle, attributes = await fs.create(ROOT, "old.dcm", 0o644, os.O_RDWR, UID, GID)
+        assert attributes.size == len(b"old bytes")
+        await fs.write(handle, 0, b"new")
+        await fs.release(handle)
+        return await read_all(fs, "old.dcm")
+
+    assert run_fs(rig, body) == b"new bytes"
+
+
+def test_staging_limit_gives_enospc_and_keeps_what_fitted(tmp_path: Path) -> None:
+    """Past the staging limit a write fails with ENOSPC; the bytes written before it stay."""
+    rig = with_writes(make_rig(tmp_path, {}), staging_limit=100_000, upload_delay=3600)
+
+    async def body(fs: ArchiveFS) -> None:
+        handle = await create(fs, "a", b"a" * 60_000)
+        with pytest.raises(CloudfsError) as caught:
+            await fs.write(handle, 60_000, b"b" * 60_000)
+        assert caught.value.errno == errno.ENOSPC
+        assert bytes(await fs.read(handle, 0, 100_000)) == b"a" * 60_000
+        await fs.release(handle)
+        assert fs.staging.used == 60_000
+
+    run_fs(rig, body)
+
+
+def test_sync_mode_write_after_fsync_is_not_lost(tmp_path: Path) -> None:
+    """--upload-mode=sync: fsync uploads while the writer keeps the file open; bytes written
+    after it still go up at close, and the staging area empties afterwards."""
+    rig = with_writes(make_rig(tmp_path, {}), upload_mode="sync", upload_delay=0)
+
+    async def body(fs: ArchiveFS) -> None:
+        handle = await create(fs, "a.dcm", b"first part ")
+        await fs.fsync(handle)
+        assert (rig.source / "a.dcm").read_bytes() == b"first part "
+        await fs.write(handle, 11, b"second part")
+        await fs.fsync(handle)
+        assert (rig.source / "a.dcm").read_bytes() == b"first part second part"
+        await fs.release(handle)
+        assert await wait_until(lambda: fs.staging.used == 0, 10)
+        assert await read_all(fs, "a.dcm") == b"first part second part"
+        handle = await create(fs, "b.dcm", b"synced")
+        await fs.fsync(handle)
+        await fs.write(handle, 6, b" then more")
+        await fs.release(handle)
+        assert await wait_until(
+            lambda: (rig.source / "b.dcm").read_bytes() == b"synced then more", 10
+        )
+
+    run_fs(rig, body)
+
+
+def test_unlinked_open_file_stays_usable_and_never_goes_up(tmp_path: Path) -> None:
+    """An open file that is unlinked can still be written and read through its handle; it is
+    never uploaded and its staging file goes at the last close."""
+    rig = with_writes(make_rig(tmp_path, {}), upload_delay=0)
+
+    async def body(fs: ArchiveFS) -> None:
+        handle = await create(fs, "scratch", b"abc")
+        await fs.unlink(ROOT, "scratch")
+        assert await fs.write(handle, 3, b"def") == 3
+        assert bytes(await fs.read(handle, 0, 10)) == b"abcdef"
+        await fs.release(handle)
+        assert await wait_until(lambda: fs.staging.used == 0, 10)
+        assert await fs.lookup(ROOT, "scratch") is None
+
+    run_fs(rig, body)
+    assert not (rig.source / "scratch").exists()
