@@ -82,6 +82,11 @@ NODE_COLUMNS = (
     "mode, uid, gid, staged, dirty, fetch_key, base_etag, local_at"
 )
 
+_JOURNAL_INDEXES = """
+CREATE INDEX IF NOT EXISTS nodes_dirty ON nodes(dirty, local_at);
+CREATE INDEX IF NOT EXISTS nodes_moved ON nodes(fetch_key, local_at) WHERE fetch_key IS NOT NULL;
+"""
+
 CLEAN, WRITING, READY = 0, 1, 2
 """``Node.dirty``: the cloud has the bytes; being written, not yet durable (dropped by recovery
 after a crash); durable and waiting for its upload."""
@@ -184,7 +189,8 @@ class Catalog:
             for column, kind in _LOCAL_COLUMNS.items():
                 if column not in present:
                     db.execute(f"ALTER TABLE nodes ADD COLUMN {column} {kind}")
-            db.execute("CREATE INDEX IF NOT EXISTS nodes_pending ON nodes(dirty) WHERE dirty>0")
+            # The journal's queries must not scan a million-node table on every close.
+            db.executescript(_JOURNAL_INDEXES)
             db.execute(
                 "INSERT OR IGNORE INTO nodes(ino, parent, name, is_dir, mtime_ns) "
                 "VALUES (?, 0, '', 1, ?)",

@@ -13,6 +13,8 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -460,6 +462,19 @@ def test_posix_corners(mount: Callable[..., Mount], bucket: Bucket) -> None:
             fcntl.flock(two, fcntl.LOCK_EX | fcntl.LOCK_NB)
         fcntl.flock(one, fcntl.LOCK_UN)
         fcntl.flock(two, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # POSIX record locks are per process: another process must see this one.
+        fcntl.lockf(one, fcntl.LOCK_EX)
+        probe = (
+            "import fcntl, sys\n"
+            "with open(sys.argv[1], 'r+b') as f:\n"
+            "    try: fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+            "    except OSError: sys.exit(3)\n"
+        )
+        held = subprocess.run([sys.executable, "-c", probe, str(m.path / "d" / "f")], timeout=30)
+        assert held.returncode == 3
+        fcntl.lockf(one, fcntl.LOCK_UN)
+        free = subprocess.run([sys.executable, "-c", probe, str(m.path / "d" / "f")], timeout=30)
+        assert free.returncode == 0
     shutil.copytree(m.path / "d", m.path / "copy")
     assert (m.path / "copy" / "f").read_bytes() == b"x"
     os.utime(m.path / "copy" / "f", (1_000_000_000, 1_000_000_000))
