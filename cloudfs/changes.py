@@ -20,6 +20,7 @@ import errno
 import socket
 import sqlite3
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from .catalog import (
@@ -319,10 +320,14 @@ class Changes:
 
     # -- the journal -------------------------------------------------------------------------
 
-    def work(self, limit: int) -> Work:
-        """Pending cloud work, oldest first."""
+    def work(self, limit: int, wanted: Collection[int] = ()) -> Work:
+        """Pending cloud work, oldest first, plus the uploads of the ``wanted`` inodes."""
         catalog = self.catalog
         uploads = catalog.select(f"dirty={READY} ORDER BY local_at LIMIT ?", limit)
+        listed = {node.ino for node in uploads}
+        for ino in wanted:
+            if ino not in listed:
+                uploads += catalog.select(f"dirty={READY} AND ino=?", ino)
         copies = catalog.select(
             f"dirty={CLEAN} AND fetch_key IS NOT NULL ORDER BY local_at LIMIT ?", limit
         )

@@ -74,8 +74,15 @@ class _Retry:
 
 @dataclass
 class _Waiter:
+    """An fsync waiting for the cloud: only an upload that starts after it can satisfy it."""
+
+    since: int
     done: trio.Event = field(default_factory=trio.Event)
     error: CloudfsError | None = None
+
+    def settle(self, error: CloudfsError | None) -> None:
+        self.error = error
+        self.done.set()
 
 
 class Uploader:
@@ -103,6 +110,9 @@ class Uploader:
         self._retries: dict[tuple[str, object], _Retry] = {}
         self._uploading: set[str] = set()
         self._urgent: dict[int, list[_Waiter]] = {}
+        self._rounds = 0
+        """Counts journal reads: an fsync waiting for the cloud is settled only by a read (and
+        the upload it starts) that began after the fsync asked."""
         self._draining = False
         self._idle = trio.Event()
 
@@ -119,7 +129,7 @@ class Uploader:
     async def upload_now(self, ino: int) -> None:
         """Upload a file at once, even while open, and wait for the cloud to confirm it
         (``--upload-mode=sync``); raises the cloud's error if it did not."""
-        waiter = _Waiter()
+        waiter = _Waiter(self._rounds)
         self._urgent.setdefault(ino, []).append(waiter)
         self._retries.pop(("upload", ino), None)
         self.notify()
@@ -159,21 +169,27 @@ class Uploader:
         async with trio.open_nursery() as nursery:
             while True:
                 self._wake = trio.Event()
+                self._rounds += 1
+                current = self._rounds
                 try:
-                    work: Work = await self._catalog(self.changes.work, _BATCH)
+                    work: Work = await self._catalog(self.changes.work, _BATCH, list(self._urgent))
                 except Exception:
                     log.exception("cannot read the upload journal")
                     work = Work([], [], [])
-                next_due = self._dispatch(work, nursery)
+                next_due = self._dispatch(work, nursery, current)
                 delay = min(_IDLE_POLL, max(0.05, next_due - time.monotonic()))
                 with trio.move_on_after(delay):
                     await self._wake.wait()
 
-    def _dispatch(self, work: Work, nursery: trio.Nursery) -> float:
+    def _dispatch(self, work: Work, nursery: trio.Nursery, current: int) -> float:
         """Start every item that may start now; returns when the next one waiting becomes due."""
         now = time.monotonic()
         next_due = math.inf
         wall = time.time()
+        listed = {node.ino for node in work.uploads}
+        for ino in [ino for ino in self._urgent if ino not in listed]:
+            # Not pending in a journal read begun after the fsync asked: gone, or already up.
+            self._settle(ino, current, None)
         for node in work.uploads:
             assert node.key is not None and node.staged is not None
             item: tuple[str, object] = ("upload", node.ino)
@@ -188,7 +204,7 @@ class Uploader:
                 next_due = min(next_due, due)
             elif self._claim(item, node.key):
                 self._uploading.add(node.staged)
-                nursery.start_soon(self._upload, item, node)
+                nursery.start_soon(self._upload, item, node, current)
         for node in work.copies:
             assert node.key is not None and node.fetch_key is not None
             item = ("copy", node.ino)
@@ -247,7 +263,17 @@ class Uploader:
 
     # -- the steps -----------------------------------------------------------------------------
 
-    async def _upload(self, item: tuple[str, object], node: Node) -> None:
+    def _settle(self, ino: int, current: int, error: CloudfsError | None) -> None:
+        """Answer the fsyncs of ``ino`` that asked before journal read ``current`` began."""
+        waiters = self._urgent.pop(ino, [])
+        later = [waiter for waiter in waiters if waiter.since >= current]
+        if later:
+            self._urgent[ino] = later
+        for waiter in waiters:
+            if waiter.since < current:
+                waiter.settle(error)
+
+    async def _upload(self, item: tuple[str, object], node: Node, current: int) -> None:
         assert node.key is not None and node.staged is not None
         key, staged = node.key, node.staged
 
@@ -287,9 +313,7 @@ class Uploader:
             error = await self._attempt(item, (key,), step)
         finally:
             self._uploading.discard(staged)
-        for waiter in self._urgent.pop(node.ino, []):
-            waiter.error = error
-            waiter.done.set()
+        self._settle(node.ino, current, error)
 
     def _keep_in_cache(self, path: os.PathLike[str], info: ObjectInfo) -> None:
         """Copy what went up into the block cache (skipped for files that would crowd it)."""
