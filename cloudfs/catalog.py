@@ -21,6 +21,7 @@ sync).  Only one sync runs at a time; the caller guarantees it.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import sqlite3
 import threading
@@ -182,6 +183,10 @@ class Catalog:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._local = threading.local()
+        self.write_lock = threading.Lock()
+        """Writers of this process queue here rather than in SQLite's busy handler, which
+        sleeps milliseconds between retries: a PACS's creates and the uploader's commits would
+        otherwise wait on each other's sleeps."""
         self._reported: set[str] = set()
         with self.connection() as db:
             db.executescript(_SCHEMA)
@@ -213,19 +218,20 @@ class Catalog:
         """One write transaction on this thread's connection.  ``durable`` makes its commit
         survive a power cut (SQLite syncs the journal), which an fsync promise needs."""
         db = self.connection()
-        if durable:
-            db.execute("PRAGMA synchronous=FULL")
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        else:
-            db.execute("COMMIT")
-        finally:
+        with self.write_lock:
             if durable:
-                db.execute("PRAGMA synchronous=NORMAL")
+                db.execute("PRAGMA synchronous=FULL")
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            else:
+                db.execute("COMMIT")
+            finally:
+                if durable:
+                    db.execute("PRAGMA synchronous=NORMAL")
 
     def select(self, where: str, *args: object) -> list[Node]:
         sql = f"SELECT {NODE_COLUMNS} FROM nodes WHERE {where}"
@@ -315,32 +321,44 @@ class Catalog:
         mount are not brought back while their delete is pending (or finished after the start)."""
         started = time.monotonic()
         report = SyncReport()
-        writer = _Writer(self.connection(), report, self._reported)
+        writer = _Writer(self.connection(), report, self._reported, self.write_lock)
         since = time.time()
         writer.tombstones = self._tombstones(since)
         old = self._cataloged()
         current = next(old, None)
-        writer.begin()
-        writer.db.execute("DELETE FROM rejected")
-        for info in listing:
-            while current is not None and current[0] < info.key:
-                writer.remove(current[0])
-                current = next(old, None)
-            if current is not None and current[0] == info.key:
-                mtime = None if current[1][2] is None else info.mtime_ns
-                if current[1] != (info.etag, info.size, mtime, info.storage_class):
-                    writer.update(info)
-                current = next(old, None)
-            else:
-                writer.add(info)
-            writer.maybe_commit()
-        while current is not None:
-            writer.remove(current[0])
-            current = next(old, None)
-            writer.maybe_commit()
-        writer.retry_shadowed()
-        writer.db.execute("DELETE FROM deletes WHERE done_at < ?", (since,))
-        writer.commit()
+        first = True
+        # Each page of the listing is fetched outside any transaction (it may take a WAN round
+        # trip) and applied in one, so writers through the mount never wait for the network.
+        for page in _pages(listing, _BATCH):
+            with writer.batch():
+                if first:
+                    writer.db.execute("DELETE FROM rejected")
+                    first = False
+                for info in page:
+                    while current is not None and current[0] < info.key:
+                        writer.remove(current[0])
+                        current = next(old, None)
+                    if current is not None and current[0] == info.key:
+                        mtime = None if current[1][2] is None else info.mtime_ns
+                        if current[1] != (info.etag, info.size, mtime, info.storage_class):
+                            writer.update(info)
+                        current = next(old, None)
+                    else:
+                        writer.add(info)
+        while True:
+            with writer.batch():
+                if first:
+                    writer.db.execute("DELETE FROM rejected")
+                    first = False
+                for _ in range(_BATCH):
+                    if current is None:
+                        break
+                    writer.remove(current[0])
+                    current = next(old, None)
+                if current is None:
+                    writer.retry_shadowed()
+                    writer.db.execute("DELETE FROM deletes WHERE done_at < ?", (since,))
+                    break
         self.set_meta("synced_at", str(time.time()))
         report.seconds = time.monotonic() - started
         return report
@@ -354,19 +372,24 @@ class Catalog:
     def refresh_object(self, info: ObjectInfo | None, key: str) -> SyncReport:
         """Record one object's new state (``None``: it is gone), as learned from a HEAD."""
         report = SyncReport()
-        writer = _Writer(self.connection(), report, self._reported)
+        writer = _Writer(self.connection(), report, self._reported, self.write_lock)
         writer.tombstones = self._tombstones(time.time())
-        writer.begin()
-        existing = self.by_key(key)
-        if info is None:
-            if existing is not None:
-                writer.remove(key)
-        elif existing is None:
-            writer.add(info)
-        else:
-            writer.update(info)
-        writer.commit()
+        with writer.batch():
+            existing = self.by_key(key)
+            if info is None:
+                if existing is not None:
+                    writer.remove(key)
+            elif existing is None:
+                writer.add(info)
+            else:
+                writer.update(info)
         return report
+
+
+def _pages(items: Iterable[ObjectInfo], size: int) -> Iterator[list[ObjectInfo]]:
+    iterator = iter(items)
+    while page := list(itertools.islice(iterator, size)):
+        yield page
 
 
 _UNTOUCHED = "dirty=0 AND fetch_key IS NULL AND local_at<?"
@@ -376,11 +399,17 @@ _UNTOUCHED = "dirty=0 AND fetch_key IS NULL AND local_at<?"
 class _Writer:
     """Applies listing differences inside batched transactions, keeping the tree well formed."""
 
-    def __init__(self, db: sqlite3.Connection, report: SyncReport, reported: set[str]) -> None:
+    def __init__(
+        self,
+        db: sqlite3.Connection,
+        report: SyncReport,
+        reported: set[str],
+        lock: threading.Lock,
+    ) -> None:
         self.db = db
+        self.lock = lock
         self.report = report
         self.reported = reported
-        self.pending = 0
         self.dirs: dict[tuple[int, str], int] = {}
         self.shadowed: list[ObjectInfo] = []
         """Files hidden by a directory of the same name during this sync."""
@@ -397,18 +426,17 @@ class _Writer:
             self.report.rejected -= 1
             self.add(info)
 
-    def begin(self) -> None:
-        self.db.execute("BEGIN IMMEDIATE")
-
-    def commit(self) -> None:
-        self.db.execute("COMMIT")
-        self.pending = 0
-
-    def maybe_commit(self) -> None:
-        self.pending += 1
-        if self.pending >= _BATCH:
-            self.commit()
-            self.begin()
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """One write transaction; rolled back (and the lock freed) if anything fails."""
+        with self.lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
 
     def reject(self, key: str, reason: str) -> None:
         self.db.execute("INSERT OR REPLACE INTO rejected VALUES (?, ?)", (key, reason))

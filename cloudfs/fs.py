@@ -526,16 +526,21 @@ class ArchiveFS:
         if staged is None or staged.detached:
             return  # nothing staged, or bytes nobody will read again (unlinked)
         async with staged.lock:
-            await self._disk(self.staging.durable, staged.fd)
             await self._record(staged, ready=True, durable=True)
             if self.config.write.upload_mode == "sync":
                 await self.uploader.upload_now(staged.ino)
 
     async def _record(self, staged: StagedFile, ready: bool, durable: bool = False) -> None:
+        """Journal the staged file's size (and with ``durable``, first make its bytes durable:
+        one worker-thread call for the fsync path)."""
         writes = staged.writes
-        await self._catalog(
-            self.changes.record_write, staged.ino, staged.size, staged.mtime_ns, ready, durable
-        )
+
+        def record() -> None:
+            if durable:
+                self.staging.durable(staged.fd)
+            self.changes.record_write(staged.ino, staged.size, staged.mtime_ns, ready, durable)
+
+        await self._catalog(record)
         staged.writes -= writes
         if ready:
             staged.ready = staged.writes == 0
@@ -600,14 +605,22 @@ class ArchiveFS:
         """Create and open a file (O_CREAT); an existing name is opened unless O_EXCL."""
         self._refuse_if_read_only()
         staging_name = self.staging.new_name()
-        fd = await self._disk(self.staging.create, staging_name)
+
+        def create_both() -> tuple[int, Node]:
+            """One worker-thread call for both: a PACS creates thousands of files a minute."""
+            fd = self.staging.create(staging_name)
+            try:
+                return fd, self.changes.create_file(
+                    parent, name, mode & 0o7777, uid, gid, staging_name
+                )
+            except BaseException:
+                os.close(fd)
+                self.staging.remove(staging_name)
+                raise
+
         try:
-            node = await self._catalog(
-                self.changes.create_file, parent, name, mode & 0o7777, uid, gid, staging_name
-            )
+            fd, node = await self._catalog(create_both)
         except FsError as exc:
-            os.close(fd)
-            await self._disk(self.staging.remove, staging_name)
             if exc.errno != errno.EEXIST or flags & os.O_EXCL:
                 raise
             existing = await self._catalog(self.catalog.lookup, parent, name)

@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 _BATCH = 200
 _MAX_BACKOFF = 60.0
+_COALESCE = 0.01
+"""Seconds to wait after a wake-up before reading the journal, so a burst of closes costs one
+read, not one each."""
 _IDLE_POLL = 30.0
 """Seconds between journal scans when nothing wakes the uploader (a safety net only)."""
 
@@ -107,6 +110,8 @@ class Uploader:
         self._wake = trio.Event()
         self._busy_keys: set[str] = set()
         self._busy_items: set[tuple[str, object]] = set()
+        self._finished: dict[tuple[str, object], int] = {}
+        """Items that finished during a journal read: that read may still list them."""
         self._retries: dict[tuple[str, object], _Retry] = {}
         self._uploading: set[str] = set()
         self._urgent: dict[int, list[_Waiter]] = {}
@@ -180,12 +185,17 @@ class Uploader:
                 delay = min(_IDLE_POLL, max(0.05, next_due - time.monotonic()))
                 with trio.move_on_after(delay):
                     await self._wake.wait()
+                    # A PACS closes files by the hundred a second: one journal read for a burst.
+                    await trio.sleep(_COALESCE)
 
     def _dispatch(self, work: Work, nursery: trio.Nursery, current: int) -> float:
         """Start every item that may start now; returns when the next one waiting becomes due."""
         now = time.monotonic()
         next_due = math.inf
         wall = time.time()
+        self._finished = {
+            item: finished for item, finished in self._finished.items() if finished >= current
+        }
         listed = {node.ino for node in work.uploads}
         for ino in [ino for ino in self._urgent if ino not in listed]:
             # Not pending in a journal read begun after the fsync asked: gone, or already up.
@@ -202,7 +212,7 @@ class Uploader:
                 due = max(due, now + quiet_until - wall)
             if due > now:
                 next_due = min(next_due, due)
-            elif self._claim(item, node.key):
+            elif self._claim(item, current, node.key):
                 self._uploading.add(node.staged)
                 nursery.start_soon(self._upload, item, node, current)
         for node in work.copies:
@@ -211,14 +221,14 @@ class Uploader:
             due = self._due(item)
             if due > now:
                 next_due = min(next_due, due)
-            elif self._claim(item, node.key, node.fetch_key):
+            elif self._claim(item, current, node.key, node.fetch_key):
                 nursery.start_soon(self._copy, item, node)
         for key, etag in work.deletes:
             item = ("delete", key)
             due = self._due(item)
             if due > now:
                 next_due = min(next_due, due)
-            elif self._claim(item, key):
+            elif self._claim(item, current, key):
                 nursery.start_soon(self._delete, item, key, etag)
         return next_due
 
@@ -226,9 +236,11 @@ class Uploader:
         retry = self._retries.get(item)
         return retry.due if retry else 0.0
 
-    def _claim(self, item: tuple[str, object], *keys: str) -> bool:
+    def _claim(self, item: tuple[str, object], current: int, *keys: str) -> bool:
         if item in self._busy_items or any(key in self._busy_keys for key in keys):
             return False
+        if self._finished.get(item, 0) >= current:
+            return False  # this journal read began before it finished: stale
         self._busy_items.add(item)
         self._busy_keys.update(keys)
         return True
@@ -249,6 +261,7 @@ class Uploader:
         finally:
             self._busy_items.discard(item)
             self._busy_keys.difference_update(keys)
+            self._finished[item] = self._rounds
             self.notify()
         if error is not None:
             retry = self._retries.setdefault(item, _Retry())
@@ -287,6 +300,9 @@ class Uploader:
                     object_metadata(node),
                     node.base_etag,
                     limiter=self._threads,
+                    # Unmount must not wait for a stalled upload; a retry after the next mount
+                    # recognises its own bytes if this one lands after all.
+                    abandon_on_cancel=True,
                 )
             except Conflict:
                 self.stats.conflicts += 1
@@ -300,12 +316,15 @@ class Uploader:
                 await self.owner.diverted(node, diverted)
                 self._retries.pop(item, None)
                 return
-            await trio.to_thread.run_sync(self._keep_in_cache, path, info, limiter=self._threads)
             kept = self.owner.being_written(node.ino)
             clean, free = await self._catalog(self.changes.finish_upload, node, info, kept)
             self.stats.files += 1
             self.stats.bytes += info.size
             held = clean and self.owner.uploaded(node.ino, staged, kept)
+            if clean:
+                await trio.to_thread.run_sync(
+                    self._keep_in_cache, path, info, limiter=self._threads
+                )
             if free and not held:
                 await trio.to_thread.run_sync(self.staging.remove, staged)
 
@@ -320,11 +339,14 @@ class Uploader:
         if info.size > self.cache.size_limit // 4:
             return
         block_size = self.cache.block_size
-        with open(path, "rb") as source:
-            for index in range((info.size + block_size - 1) // block_size or 1):
-                data = source.read(block_size)
-                if not self.cache.put(BlockId(info.key, info.etag, index), data):
-                    return
+        try:
+            with open(path, "rb") as source:
+                for index in range((info.size + block_size - 1) // block_size or 1):
+                    data = source.read(block_size)
+                    if not self.cache.put(BlockId(info.key, info.etag, index), data):
+                        return
+        except OSError:
+            return  # its last reader closed and removed it: the cloud serves it instead
 
     async def _copy(self, item: tuple[str, object], node: Node) -> None:
         assert node.key is not None and node.fetch_key is not None and node.etag is not None

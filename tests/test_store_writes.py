@@ -204,6 +204,16 @@ def test_create_only_put_refuses_an_existing_key(site: Site, files: Any) -> None
     assert site.store.head("k").etag == first.etag
 
 
+def test_retried_upload_finds_its_own_bytes_and_succeeds(s3: Site, files: Any) -> None:
+    """An upload retried after its reply was lost meets its own object: not a conflict."""
+    small = files(b"same bytes")
+    first = s3.store.put_file("k", small, {}, None)
+    assert s3.store.put_file("k", small, {}, None).etag == first.etag
+    large = files(payload(11 * MiB, "retried"))
+    uploaded = s3.store.put_file("big", large, {}, None)
+    assert s3.store.put_file("big", large, {}, None).etag == uploaded.etag
+
+
 def test_create_only_multipart_put_refuses_an_existing_key(s3: Site, files: Any) -> None:
     """The create-only condition also holds for a multipart upload, which is then aborted."""
     s3.store.put_file("k", files(b"small"), {}, None)
@@ -384,16 +394,32 @@ def test_local_write_leaves_no_temporary_file(local: Site, files: Any) -> None:
 # -- integrity checks ----------------------------------------------------------------------------
 
 
-def test_etag_mismatch_is_unavailable() -> None:
-    """An MD5 ETag that differs from the bytes sent fails the upload; SSE-KMS and other
-    ETags that are not an MD5 of the data are not compared."""
-    sent = f'"{hashlib.md5(b"sent").hexdigest()}"'
+def test_etag_mismatch_is_unavailable(tmp_path: Path) -> None:
+    """An MD5 ETag that differs from the bytes sent fails the upload; the whole-object MD5 some
+    servers give multipart uploads is accepted; SSE-KMS and other ETags that are not an MD5 of
+    the data are not compared."""
+    data = b"sent" * 1000
+    path = tmp_path / "sent"
+    path.write_bytes(data)
+    sent = f'"{hashlib.md5(data).hexdigest()}"'
     other = f'"{hashlib.md5(b"other").hexdigest()}"'
-    s3_module._check_etag("k", {"ETag": sent}, sent)
-    with pytest.raises(Unavailable, match="damaged"):
-        s3_module._check_etag("k", {"ETag": other}, sent)
-    s3_module._check_etag("k", {"ETag": other, "ServerSideEncryption": "aws:kms"}, sent)
-    s3_module._check_etag("k", {"ETag": '"not-an-md5"'}, sent)
+    multipart = '"0123456789abcdef0123456789abcdef-2"'
+    fd = os.open(path, os.O_RDONLY)
+    try:
+
+        def check(reply: dict[str, str], expected: str) -> None:
+            s3_module._check_etag("k", reply, expected, fd, len(data), 2500)
+
+        check({"ETag": sent}, sent)
+        with pytest.raises(Unavailable, match="damaged"):
+            check({"ETag": other}, sent)
+        check({"ETag": sent}, multipart)  # a server that answers the MD5 of the whole
+        with pytest.raises(Unavailable, match="damaged"):
+            check({"ETag": other}, multipart)
+        check({"ETag": other, "ServerSideEncryption": "aws:kms"}, sent)
+        check({"ETag": '"not-an-md5"'}, sent)
+    finally:
+        os.close(fd)
 
 
 def test_part_size_grows_past_ten_thousand_parts() -> None:

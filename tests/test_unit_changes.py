@@ -844,11 +844,8 @@ def test_sync_keeps_file_uploaded_while_it_runs(catalog: Catalog, changes: Chang
     def pages() -> Iterator[ObjectInfo]:
         page = [obj("a"), obj("z")]  # one page, read before "m" reached the bucket
         yield page[0]
-        # The upload finishes at a batch boundary of the relist (its commit lets it in).
-        db = catalog.connection()
-        db.execute("COMMIT")
+        # The upload finishes while the relist reads its listing.
         changes.finish_upload(uploading, obj("m", etag='"up"'), False)
-        db.execute("BEGIN IMMEDIATE")
         yield page[1]
 
     catalog.sync(pages())
