@@ -9,6 +9,11 @@ One run measures, against the same S3 endpoint and the same bytes:
   file from memory, at the kernel's default read-ahead and at 1 MiB,
 * a plain local-disk read of the same bytes for reference.
 
+``python -m bench write`` (``bench/write.py``) measures the write path the same way: a large file
+written with ``dd conv=fsync`` and a PACS-like ingest of small files with ``fdatasync``, through
+cloudfs and to the local disk, the time until the bucket has them, and the endpoint's raw upload
+speed with boto3.
+
 Each figure only means something next to the one that bounds it, so the report gives ratios
 (cloudfs cold / the endpoint's parallel limit, cloudfs cached / the FUSE ceiling) as well as the
 absolute numbers.

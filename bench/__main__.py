@@ -1,6 +1,14 @@
-"""Entry point: ``python -m bench [--size 1G] [--repeat 3] [--quick] [--wan]``."""
+"""Entry point: ``python -m bench [--size 1G] [--repeat 3] [--quick] [--wan]`` for the read path,
+``python -m bench write [--quick] [--wan] ...`` for the write path."""
 
 from __future__ import annotations
+
+import sys
+
+if sys.argv[1:2] == ["write"]:
+    from .write import main
+
+    raise SystemExit(main(sys.argv[2:]))
 
 from .run import main
 

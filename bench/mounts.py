@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +27,22 @@ MOUNT_TIMEOUT = 60.0
 
 
 class CloudfsMount:
-    """One cloudfs mount of the benchmark bucket with a given cache directory."""
+    """One cloudfs mount of the benchmark bucket with a given cache directory.
 
-    def __init__(self, endpoint: Endpoint, mountpoint: Path, cache_dir: Path) -> None:
+    ``options`` replace the benchmark's own mount options (``--cache-size``) when given: the write
+    benchmark mounts with cloudfs's defaults except where it says otherwise."""
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        mountpoint: Path,
+        cache_dir: Path,
+        options: Sequence[str] | None = None,
+    ) -> None:
         self.endpoint = endpoint
         self.mountpoint = mountpoint
         self.cache_dir = cache_dir
+        self.options = ("--cache-size", CACHE_SIZE) if options is None else tuple(options)
         self.pid: int | None = None
 
     @property
@@ -59,8 +70,7 @@ class CloudfsMount:
             "--path-style",
             "--cache-dir",
             str(self.cache_dir),
-            "--cache-size",
-            CACHE_SIZE,
+            *self.options,
         ]
 
     def mount(self) -> None:
