@@ -184,7 +184,7 @@ def main() -> None:
 @click.option(
     "--upload-threads",
     type=click.IntRange(min=1, max=64),
-    default=4,
+    default=8,
     show_default=True,
     help="Files uploaded at once.",
 )

@@ -154,8 +154,10 @@ class WriteOptions:
     """Seconds after the last close before an upload starts: a writer that renames its temp file
     into place (editors, rsync) does so within this time, and the upload goes to the final key
     once instead of to the temp name and then a copy."""
-    upload_threads: int = 4
-    """Files uploaded at once; each large file also sends its parts in parallel."""
+    upload_threads: int = 8
+    """Files uploaded at once; each large file also sends its parts in parallel.  A small file's
+    PUT over a 20 ms WAN spends most of its time waiting: measured here, 4 at once uploaded about
+    60 files of 512 KiB a second, fewer than a modality sends; 8 raw boto3 PUTs at once gave 133."""
     drain_timeout: float = 30.0
     """On unmount or SIGTERM, seconds to wait for uploads in progress; the rest stays journaled
     and goes up after the next mount."""

@@ -348,9 +348,8 @@ class ArchiveFS:
             staged = await self._open_staged(node)
         if staged is not None and (staged.detached or self.uploader.is_uploading(staged.name)):
             # Copy on write: the upload in progress keeps reading the bytes it started with.
-            name = self.staging.new_name()
             size = 0 if truncate else staged.size
-            fd = await self._disk(self.staging.copy, staged.fd, size, name)
+            name, fd = await self._disk(self.staging.copy, staged.fd, size)
             await self._catalog(self.changes.stage, node.ino, name)
             replacement = StagedFile(node.ino, name, fd, size, time.time_ns())
             self._retire(staged)
@@ -362,8 +361,7 @@ class ArchiveFS:
         return staged
 
     async def _stage_from_cloud(self, node: Node, truncate: bool) -> StagedFile:
-        name = self.staging.new_name()
-        fd = await self._disk(self.staging.create, name)
+        name, fd = await self._disk(self.staging.take)
         size = 0
         try:
             if not truncate and node.size:
@@ -604,22 +602,20 @@ class ArchiveFS:
     ) -> tuple[int, Attributes]:
         """Create and open a file (O_CREAT); an existing name is opened unless O_EXCL."""
         self._refuse_if_read_only()
-        staging_name = self.staging.new_name()
 
-        def create_both() -> tuple[int, Node]:
+        def create_both() -> tuple[str, int, Node]:
             """One worker-thread call for both: a PACS creates thousands of files a minute."""
-            fd = self.staging.create(staging_name)
+            staging_name, fd = self.staging.take()
             try:
-                return fd, self.changes.create_file(
-                    parent, name, mode & 0o7777, uid, gid, staging_name
-                )
+                node = self.changes.create_file(parent, name, mode & 0o7777, uid, gid, staging_name)
             except BaseException:
                 os.close(fd)
                 self.staging.remove(staging_name)
                 raise
+            return staging_name, fd, node
 
         try:
-            fd, node = await self._catalog(create_both)
+            staging_name, fd, node = await self._catalog(create_both)
         except FsError as exc:
             if exc.errno != errno.EEXIST or flags & os.O_EXCL:
                 raise

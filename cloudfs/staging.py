@@ -24,6 +24,9 @@ from .errors import CloudfsError
 
 log = logging.getLogger(__name__)
 
+_AHEAD = 64
+"""Empty staging files made at once, with one directory sync for all of them."""
+
 
 class NoSpace(CloudfsError):
     errno = errno.ENOSPC
@@ -35,6 +38,8 @@ class StagingArea:
         self.limit = limit
         self.directory.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._making = threading.Lock()
+        self._ready: list[str] = []
         self._used = 0
         self._names = itertools.count()
         self._prefix = f"{time.time_ns():x}"
@@ -47,8 +52,19 @@ class StagingArea:
     def path(self, name: str) -> Path:
         return self.directory / name
 
-    def new_name(self) -> str:
-        return f"{self._prefix}-{next(self._names)}"
+    def take(self) -> tuple[str, int]:
+        """A new, empty staging file, open for reading and writing, whose directory entry is
+        already durable: files are made ahead in batches with one directory sync per batch, so
+        an fsync costs a sync of the file alone."""
+        with self._making:
+            if not self._ready:
+                for _ in range(_AHEAD):
+                    name = f"{self._prefix}-{next(self._names)}"
+                    os.close(os.open(self.path(name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+                    self._ready.append(name)
+                self._sync_directory()
+            name = self._ready.pop()
+        return name, self.open(name)
 
     def scan(self, referenced: set[str], unsynced: set[str]) -> None:
         """At start: count what is staged, set aside ``unsynced`` files, remove leftovers."""
@@ -92,16 +108,13 @@ class StagingArea:
         with self._lock:
             self._used = max(0, self._used - amount)
 
-    def create(self, name: str) -> int:
-        return os.open(self.path(name), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-
     def open(self, name: str) -> int:
         return os.open(self.path(name), os.O_RDWR | os.O_CLOEXEC)
 
-    def copy(self, source_fd: int, size: int, name: str) -> int:
+    def copy(self, source_fd: int, size: int) -> tuple[str, int]:
         """A new staging file holding the first ``size`` bytes of ``source_fd``."""
         self.reserve(size)
-        fd = self.create(name)
+        name, fd = self.take()
         try:
             offset = 0
             while offset < size:
@@ -113,11 +126,14 @@ class StagingArea:
             os.close(fd)
             self.remove(name)
             raise
-        return fd
+        return name, fd
 
     def durable(self, fd: int) -> None:
-        """fsync the file and the directory entry naming it: the promise fsync() makes."""
+        """The promise fsync() makes: the file's bytes and size on disk (its directory entry
+        was made durable by ``take``)."""
         os.fdatasync(fd)
+
+    def _sync_directory(self) -> None:
         directory = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(directory)
