@@ -509,10 +509,19 @@ class ArchiveFS:
             self._changed(staged)
 
     async def flush(self, handle: int) -> None:
-        """close(2): as durable as fsync when the mount asks for it (``--sync-on-close``)."""
+        """close(2), which waits for this (release comes later, and never if the daemon stops
+        first): the bytes are journaled as complete, and as durable as by fsync when the mount
+        asks for it (``--sync-on-close``)."""
         open_file = self._handles.get(handle)
-        if open_file is not None and open_file.writable and self.config.write.sync_on_close:
+        if open_file is None or not open_file.writable:
+            return
+        if self.config.write.sync_on_close:
             await self.fsync(handle)
+            return
+        staged = open_file.staged
+        if staged is not None and not staged.detached and (staged.writes or not staged.ready):
+            async with staged.lock:
+                await self._record(staged, ready=True)
 
     async def fsync(self, handle: int) -> None:
         """Durable on local disk and journaled before returning; with ``--upload-mode=sync``

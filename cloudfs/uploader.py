@@ -143,8 +143,9 @@ class Uploader:
             raise waiter.error
 
     async def drain(self, timeout: float) -> bool:
-        """Unmount: push what is pending for up to ``timeout`` seconds, without the usual delay
-        after close.  Returns True if nothing is left."""
+        """After the FUSE session ended: push what is pending for up to ``timeout`` seconds,
+        without the usual delay after close, including files whose release the kernel never
+        got to send.  Returns True if nothing is left."""
         self._draining = True
         self._retries.clear()
         self.notify()
@@ -204,8 +205,8 @@ class Uploader:
             assert node.key is not None and node.staged is not None
             item: tuple[str, object] = ("upload", node.ino)
             urgent = node.ino in self._urgent
-            if not urgent and self.owner.being_written(node.ino):
-                continue  # its last close wakes us
+            if not (urgent or self._draining) and self.owner.being_written(node.ino):
+                continue  # its last close wakes us; after unmount no writer is left
             due = self._due(item)
             if not (urgent or self._draining):
                 quiet_until = node.local_at / 1e9 + self.options.upload_delay

@@ -527,12 +527,14 @@ def test_sync_upload_mode_fsync_waits_for_the_cloud(
 def test_unmount_drains_uploads_or_leaves_them_journaled(
     mount: Callable[..., Mount], bucket: Bucket, gate: Gate
 ) -> None:
-    """Unmount waits for pending uploads (even those still in their delay after close); with
-    the cloud down it gives up after --drain-timeout, says so, and the next mount uploads them."""
+    """SIGTERM and unmount wait for pending uploads (even those still in their delay after
+    close); with the cloud down they give up after --drain-timeout, say so, and the next mount
+    uploads the rest."""
     m = mount(bucket, options=["--upload-delay", "3600"])
     first = payload(64 * KiB, "drained")
     write_synced(m.path / "first.dcm", first)
-    m.unmount()
+    os.kill(m.pid, signal.SIGTERM)  # as systemd stops the service
+    assert wait_until(lambda: not process_alive(m.pid), 60), m.log_tail()
     assert bucket_objects(bucket) == {"first.dcm": first}
 
     cache_dir = mount.tmp_path / "drain-cache"
