@@ -300,9 +300,9 @@ class WriteBench(Bench):
         for threads in PUT_THREADS:
             self.attempt(f"rep {rep} boto3 put_object, {threads} threads", partial(puts, threads))
 
-    def write_mount(self, cache: Path) -> CloudfsMount:
+    def write_mount(self, cache: Path, options: tuple[str, ...] = MOUNT_OPTIONS) -> CloudfsMount:
         assert self.endpoint is not None
-        return CloudfsMount(self.endpoint, self.workdir / "mnt", cache, MOUNT_OPTIONS)
+        return CloudfsMount(self.endpoint, self.workdir / "mnt", cache, options)
 
     def through_cloudfs(
         self,
@@ -310,12 +310,13 @@ class WriteBench(Bench):
         label: str,
         measure: Callable[[CloudfsMount, dict[str, Any]], None],
         threads: int | None = None,
+        options: tuple[str, ...] = MOUNT_OPTIONS,
     ) -> None:
         """One cloudfs measurement on a fresh cache directory and an empty bucket; afterwards
         the cache directory goes, and what is in the bucket once the daemon has exited (an upload
         retried while it drained may land after the measurement's own cleanup)."""
         cache = self.workdir / f"cache-{rep}-{label}"
-        mount = self.write_mount(cache)
+        mount = self.write_mount(cache, options)
         facts: dict[str, Any] = {"repetition": rep, "measurement": label, "threads": threads}
         self.details["cloudfs"].append(facts)
         self.empty_bucket(f"before cloudfs {label} (repetition {rep + 1})")
@@ -398,7 +399,22 @@ class WriteBench(Bench):
             self.record(f"cloudfs_ingest_{threads}_in_bucket", uploaded - start)
             self.record(f"cloudfs_ingest_{threads}_bucket_rate", plan.count / (uploaded - start))
 
+        def held_back(mount: CloudfsMount, facts: dict[str, Any]) -> None:
+            """The acknowledged path alone: no upload competes for the two cores meanwhile."""
+            plan = self.ingest(f"held-r{rep}", seed=900 + rep)
+            self.settle()
+            seconds, phases = wm.timed_ingest(mount.mountpoint, plan, 1)
+            self.record("cloudfs_ingest_held", plan.count / seconds)
+            facts["seconds"] = {"ingest": round(seconds, 3)}
+            facts["mean_ms_per_step"] = phases
+
         self.attempt(f"rep {rep} cloudfs dd", lambda: self.through_cloudfs(rep, "dd", big))
+        self.attempt(
+            f"rep {rep} cloudfs ingest, uploads held back",
+            lambda: self.through_cloudfs(
+                rep, "held", held_back, 1, ("--upload-delay", "3600", "--drain-timeout", "0")
+            ),
+        )
         for threads in INGEST_THREADS:
             self.attempt(
                 f"rep {rep} cloudfs ingest, {threads} threads",

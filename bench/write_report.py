@@ -47,6 +47,13 @@ def metrics(threads: tuple[int, ...], put_threads: tuple[int, ...]) -> tuple[Met
                 "files/s",
             ),
         ]
+    found.append(
+        Metric(
+            "cloudfs_ingest_held",
+            "cloudfs: PACS ingest, 1 thread, acknowledged, uploads held back (--upload-delay 3600)",
+            "files/s",
+        )
+    )
     for count in put_threads:
         found.append(
             Metric(

@@ -152,6 +152,8 @@ class ArchiveFS:
         self._opened_versions: dict[int, str] = {}
         self._catalog_threads = trio.CapacityLimiter(4)
         self._disk_threads = trio.CapacityLimiter(config.cache.disk_threads)
+        self._fsync_threads = trio.CapacityLimiter(4)
+        self._making_ahead = False
         self._store_threads = trio.CapacityLimiter(4)
         self._refresh_wanted = trio.Event()
         self._refresh_done = trio.Event()
@@ -547,7 +549,9 @@ class ArchiveFS:
                 self.staging.durable(staged.fd)
             self.changes.record_write(staged.ino, staged.size, staged.mtime_ns, ready, durable)
 
-        await self._catalog(record)
+        # fsyncs take milliseconds: on threads of their own, so lookups never queue behind them.
+        limiter = self._fsync_threads if durable else self._catalog_threads
+        await trio.to_thread.run_sync(record, limiter=limiter)
         staged.writes -= writes
         if ready:
             staged.ready = staged.writes == 0
@@ -623,6 +627,9 @@ class ArchiveFS:
                 raise
             return staging_name, fd, node
 
+        if self.staging.running_low and not self._making_ahead and self._nursery is not None:
+            self._making_ahead = True
+            self._nursery.start_soon(self._make_ahead)
         try:
             staging_name, fd, node = await self._catalog(create_both)
         except FsError as exc:
@@ -637,6 +644,12 @@ class ArchiveFS:
         self._staged[node.ino] = staged
         handle = self._new_handle(node.ino, None, staged, True)
         return handle, self.attributes(node)
+
+    async def _make_ahead(self) -> None:
+        try:
+            await self._disk(self.staging.make_ahead)
+        finally:
+            self._making_ahead = False
 
     async def mkdir(self, parent: int, name: str, mode: int, uid: int, gid: int) -> Attributes:
         self._refuse_if_read_only()

@@ -54,17 +54,32 @@ class StagingArea:
 
     def take(self) -> tuple[str, int]:
         """A new, empty staging file, open for reading and writing, whose directory entry is
-        already durable: files are made ahead in batches with one directory sync per batch, so
-        an fsync costs a sync of the file alone."""
+        already durable: files are made ahead in batches with one directory sync per batch
+        (``make_ahead``), so an fsync costs a sync of the file alone."""
         with self._making:
             if not self._ready:
-                for _ in range(_AHEAD):
-                    name = f"{self._prefix}-{next(self._names)}"
-                    os.close(os.open(self.path(name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-                    self._ready.append(name)
-                self._sync_directory()
+                self._make(_AHEAD)
             name = self._ready.pop()
         return name, self.open(name)
+
+    @property
+    def running_low(self) -> bool:
+        return len(self._ready) < _AHEAD // 2
+
+    def make_ahead(self) -> None:
+        """Top the batch of ready files up, off the path of a create."""
+        with self._making:
+            if self.running_low:
+                self._make(_AHEAD - len(self._ready))
+
+    def _make(self, count: int) -> None:
+        made = []
+        for _ in range(count):
+            name = f"{self._prefix}-{next(self._names)}"
+            os.close(os.open(self.path(name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            made.append(name)
+        self._sync_directory()
+        self._ready[:0] = made
 
     def scan(self, referenced: set[str], unsynced: set[str]) -> None:
         """At start: count what is staged, set aside ``unsynced`` files, remove leftovers."""
