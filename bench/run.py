@@ -468,14 +468,11 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if not is_root():
-        print("bench: needs root (drop_caches, read_ahead_kb, FUSE mounts)", file=sys.stderr)
-        return 2
+def execute(bench: Bench, tables: Callable[[], str]) -> tuple[dict[str, Any], str, bool]:
+    """Set up, measure and clean up ``bench`` (Ctrl-C and SIGTERM stop it cleanly), then print
+    its ``tables()`` and notes.  Returns the result, the tables and whether it was stopped."""
     signal.signal(signal.SIGTERM, _interrupt)
     started = time.perf_counter()
-    bench = Bench(args)
     interrupted = False
     try:
         bench.setup()
@@ -489,15 +486,15 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         bench.cleanup()
     result = bench.result(time.perf_counter() - started)
-    table = report.tables(bench.samples)
+    table = tables()
     print(table)
     for note in result["notes"]:
         print(f"- {note}")
-    name = "quick.json" if args.quick else "latest.json"
-    report.write_json(REPO / "bench" / "results" / name, result)
-    if not (args.no_docs or interrupted or result["missing"]):
-        page = "benchmarks-wan.md" if args.wan else "benchmarks.md"
-        (REPO / "docs" / page).write_text(report.markdown_page(result, table))
+    return result, table, interrupted
+
+
+def conclude(bench: Bench, result: dict[str, Any], interrupted: bool, name: str) -> int:
+    """The exit status; the scratch directory is kept, with its logs, when anything failed."""
     if result["errors"] or result["missing"] or interrupted:
         bench.say(f"kept the scratch directory with the logs: {bench.workdir}")
         for error in result["errors"]:
@@ -508,3 +505,18 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(bench.workdir, ignore_errors=True)
     bench.say(f"done in {result['runtime_seconds']:.0f}s; results in bench/results/{name}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not is_root():
+        print("bench: needs root (drop_caches, read_ahead_kb, FUSE mounts)", file=sys.stderr)
+        return 2
+    bench = Bench(args)
+    result, table, interrupted = execute(bench, lambda: report.tables(bench.samples))
+    name = "quick.json" if args.quick else "latest.json"
+    report.write_json(REPO / "bench" / "results" / name, result)
+    if not (args.no_docs or interrupted or result["missing"]):
+        page = "benchmarks-wan.md" if args.wan else "benchmarks.md"
+        (REPO / "docs" / page).write_text(report.markdown_page(result, table))
+    return conclude(bench, result, interrupted, name)

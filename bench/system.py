@@ -61,16 +61,21 @@ def set_read_ahead_kb(path: Path, kilobytes: int) -> None:
         raise BenchError(f"{target} did not take the value {kilobytes}")
 
 
-def timed_dd(path: Path, size: int) -> float:
-    """Seconds dd takes to read ``path`` with 1 MiB blocks; checks that it read ``size`` bytes."""
-    command = ["dd", f"if={path}", "of=/dev/null", "bs=1M", "status=none"]
+def timed_dd(path: Path, size: int, target: Path | None = None) -> float:
+    """Seconds dd takes, with 1 MiB blocks, to read ``path`` or, given a ``target``, to copy it
+    there with ``conv=fsync``; checks that the file read or written holds ``size`` bytes."""
+    if target is None:
+        command = ["dd", f"if={path}", "of=/dev/null", "bs=1M", "status=none"]
+    else:
+        command = ["dd", f"if={path}", f"of={target}", "bs=1M", "conv=fsync", "status=none"]
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if result.returncode != 0:
-        raise BenchError(f"dd {path} failed: {result.stderr.strip()}")
-    if os.stat(path).st_size != size:
-        raise BenchError(f"{path}: size {os.stat(path).st_size}, expected {size}")
+        raise BenchError(f"dd {path} {target or ''} failed: {result.stderr.strip()}")
+    checked = target or path
+    if os.stat(checked).st_size != size:
+        raise BenchError(f"{checked}: size {os.stat(checked).st_size}, expected {size}")
     return seconds
 
 

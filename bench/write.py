@@ -26,7 +26,6 @@ import hashlib
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -45,7 +44,7 @@ from . import write_report
 from .data import generate, write_file
 from .mounts import CloudfsMount
 from .report import medians, write_json
-from .run import Bench, _interrupt
+from .run import Bench, conclude, execute
 from .servers import BUCKET, REPO, Endpoint, Process
 from .system import BenchError, free_port, is_root, machine, port_open, timed_dd, wait_for
 
@@ -254,7 +253,7 @@ class WriteBench(Bench):
             target = self.workdir / "local-big.bin"
             self.warm_source()
             self.settle()
-            seconds = wm.timed_dd_write(self.source, target, self.size)
+            seconds = timed_dd(self.source, self.size, target)
             target.unlink()
             self.record("local_dd", wm.mb_per_s(self.size, seconds))
 
@@ -366,7 +365,7 @@ class WriteBench(Bench):
             self.warm_source()
             self.settle()
             start = time.perf_counter()
-            seconds = wm.timed_dd_write(self.source, target, self.size)
+            seconds = timed_dd(self.source, self.size, target)
             acknowledged = time.perf_counter()
             self.record("cloudfs_dd", wm.mb_per_s(self.size, seconds))
             facts["seconds"] = {"dd": round(seconds, 3)}
@@ -567,26 +566,11 @@ def main(argv: list[str] | None = None) -> int:
     if not is_root():
         print("bench: needs root (FUSE mounts with cloudfs's defaults)", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _interrupt)
-    started = time.perf_counter()
     bench = WriteBench(args)
-    interrupted = False
-    try:
-        bench.setup()
-        bench.measure()
-    except KeyboardInterrupt:
-        interrupted = True
-        bench.say("interrupted: cleaning up")
-    except Exception as exc:
-        bench.errors.append(f"setup: {str(exc).splitlines()[0]}")
-        bench.say(f"FAILED: {exc}")
-    finally:
-        bench.cleanup()
-    result = bench.result(time.perf_counter() - started)
-    table = write_report.tables(bench.samples, bench.metrics, bench.ratio_rows, bench.goals)
-    print(table)
-    for note in result["notes"]:
-        print(f"- {note}")
+    result, table, interrupted = execute(
+        bench,
+        lambda: write_report.tables(bench.samples, bench.metrics, bench.ratio_rows, bench.goals),
+    )
     section = write_report.section_name(result)
     name = "write-quick.json" if args.quick else f"write-{section}.json"
     write_json(REPO / "bench" / "results" / name, result)
@@ -595,13 +579,4 @@ def main(argv: list[str] | None = None) -> int:
         existing = page.read_text() if page.exists() else None
         body = write_report.section(result, table)
         page.write_text(write_report.updated_page(existing, section, body))
-    if result["errors"] or result["missing"] or interrupted:
-        bench.say(f"kept the scratch directory with the logs: {bench.workdir}")
-        for error in result["errors"]:
-            bench.say(f"error: {error}")
-        if result["missing"]:
-            bench.say(f"missing figures: {', '.join(result['missing'])}")
-        return 130 if interrupted else 1
-    shutil.rmtree(bench.workdir, ignore_errors=True)
-    bench.say(f"done in {result['runtime_seconds']:.0f}s; results in bench/results/{name}")
-    return 0
+    return conclude(bench, result, interrupted, name)

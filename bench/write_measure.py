@@ -13,7 +13,6 @@ import contextlib
 import os
 import random
 import statistics
-import subprocess
 import threading
 import time
 import uuid
@@ -49,19 +48,6 @@ def mb_per_s(size: int, seconds: float) -> float:
 
 
 # -- the writers ---------------------------------------------------------------------------------
-
-
-def timed_dd_write(source: Path, target: Path, size: int) -> float:
-    """Seconds ``dd bs=1M conv=fsync`` takes to copy ``source`` to a new ``target``."""
-    command = ["dd", f"if={source}", f"of={target}", "bs=1M", "conv=fsync", "status=none"]
-    start = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    if result.returncode != 0:
-        raise BenchError(f"dd to {target} failed: {result.stderr.strip()}")
-    if os.stat(target).st_size != size:
-        raise BenchError(f"{target}: size {os.stat(target).st_size} after dd, expected {size}")
-    return seconds
 
 
 @dataclass(frozen=True)

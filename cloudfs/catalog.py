@@ -78,7 +78,7 @@ _LOCAL_COLUMNS = {
 }
 """Columns of local changes, added to catalogs created before the write path existed."""
 
-NODE_COLUMNS = (
+_NODE_COLUMNS = (
     "ino, parent, name, is_dir, key, size, mtime_ns, etag, storage_class, "
     "mode, uid, gid, staged, dirty, fetch_key, base_etag, local_at"
 )
@@ -158,7 +158,7 @@ class SyncReport:
         }
 
 
-def node_from_row(row: tuple) -> Node:
+def _node(row: tuple) -> Node:
     return Node(row[0], row[1], row[2], bool(row[3]), *row[4:])
 
 
@@ -234,8 +234,8 @@ class Catalog:
                     db.execute("PRAGMA synchronous=NORMAL")
 
     def select(self, where: str, *args: object) -> list[Node]:
-        sql = f"SELECT {NODE_COLUMNS} FROM nodes WHERE {where}"
-        return [node_from_row(row) for row in self.connection().execute(sql, args).fetchall()]
+        sql = f"SELECT {_NODE_COLUMNS} FROM nodes WHERE {where}"
+        return [_node(row) for row in self.connection().execute(sql, args).fetchall()]
 
     # -- meta ------------------------------------------------------------------------------
 
@@ -248,35 +248,37 @@ class Catalog:
 
     # -- reads -----------------------------------------------------------------------------
 
-    def _one(self, where: str, *args: object) -> Node | None:
+    def find(self, where: str, *args: object) -> Node | None:
+        """The node matching an SQL condition, on this thread's connection (so inside a
+        ``transaction`` it sees that transaction's changes)."""
         row = (
             self.connection()
-            .execute(f"SELECT {NODE_COLUMNS} FROM nodes WHERE {where}", args)
+            .execute(f"SELECT {_NODE_COLUMNS} FROM nodes WHERE {where}", args)
             .fetchone()
         )
-        return node_from_row(row) if row else None
+        return _node(row) if row else None
 
     def get(self, ino: int) -> Node | None:
-        return self._one("ino=?", ino)
+        return self.find("ino=?", ino)
 
     def lookup(self, parent: int, name: str) -> Node | None:
-        return self._one("parent=? AND name=?", parent, name)
+        return self.find("parent=? AND name=?", parent, name)
 
     def by_key(self, key: str) -> Node | None:
-        return self._one("key=?", key)
+        return self.find("key=?", key)
 
     def children(self, parent: int, after: int, limit: int) -> list[Node]:
         """Entries of a directory with inode above ``after``: readdir offsets survive changes."""
         rows = (
             self.connection()
             .execute(
-                f"SELECT {NODE_COLUMNS} FROM nodes WHERE parent=? AND ino>? AND ino!=? "
+                f"SELECT {_NODE_COLUMNS} FROM nodes WHERE parent=? AND ino>? AND ino!=? "
                 "ORDER BY ino LIMIT ?",
                 (parent, after, ROOT, limit),
             )
             .fetchall()
         )
-        return [node_from_row(row) for row in rows]
+        return [_node(row) for row in rows]
 
     def counts(self) -> dict[str, int]:
         db = self.connection()

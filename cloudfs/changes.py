@@ -26,14 +26,12 @@ from dataclasses import dataclass
 from .catalog import (
     CLEAN,
     NAME_MAX,
-    NODE_COLUMNS,
     NOT_MOUNTED_MARKER,
     READY,
     ROOT,
     WRITING,
     Catalog,
     Node,
-    node_from_row,
 )
 from .errors import FsError
 from .store import ObjectInfo
@@ -67,19 +65,14 @@ class Changes:
 
     # -- helpers (inside a transaction) ----------------------------------------------------
 
-    @staticmethod
-    def _row(db: sqlite3.Connection, where: str, *args: object) -> Node | None:
-        row = db.execute(f"SELECT {NODE_COLUMNS} FROM nodes WHERE {where}", args).fetchone()
-        return node_from_row(row) if row else None
-
-    def _existing(self, db: sqlite3.Connection, parent: int, name: str) -> Node:
-        node = self._row(db, "parent=? AND name=?", parent, name)
+    def _existing(self, parent: int, name: str) -> Node:
+        node = self.catalog.find("parent=? AND name=?", parent, name)
         if node is None:
             raise FsError(errno.ENOENT)
         return node
 
-    def _directory(self, db: sqlite3.Connection, ino: int) -> Node:
-        node = self._row(db, "ino=?", ino)
+    def _directory(self, ino: int) -> Node:
+        node = self.catalog.find("ino=?", ino)
         if node is None:
             raise FsError(errno.ENOENT)
         if not node.is_dir:
@@ -101,13 +94,13 @@ class Changes:
         prefix = self._path(db, parent)
         return f"{prefix}/{name}" if prefix else name
 
-    def _check_new_name(self, db: sqlite3.Connection, parent: int, name: str) -> None:
-        self._directory(db, parent)
+    def _check_new_name(self, parent: int, name: str) -> None:
+        self._directory(parent)
         if parent == ROOT and name == NOT_MOUNTED_MARKER:
             raise FsError(
                 errno.EACCES, f"{NOT_MOUNTED_MARKER} would tell a PACS nothing is mounted"
             )
-        if self._row(db, "parent=? AND name=?", parent, name) is not None:
+        if self.catalog.find("parent=? AND name=?", parent, name) is not None:
             raise FsError(errno.EEXIST)
 
     @staticmethod
@@ -151,14 +144,14 @@ class Changes:
         """A directory made through the mount lives in the catalog only (no marker object): a
         PACS makes thousands of shard directories and the bucket needs none of them."""
         with self.catalog.transaction() as db:
-            self._check_new_name(db, parent, name)
+            self._check_new_name(parent, name)
             now = time.time_ns()
             ino = db.execute(
                 "INSERT INTO nodes(parent, name, is_dir, mtime_ns, mode, uid, gid, local_at) "
                 "VALUES (?, ?, 1, ?, ?, ?, ?, ?)",
                 (parent, name, now, mode, uid, gid, now),
             ).lastrowid
-            node = self._row(db, "ino=?", ino)
+            node = self.catalog.find("ino=?", ino)
         assert node is not None
         return node
 
@@ -168,7 +161,7 @@ class Changes:
         """A new empty file whose bytes live in staging file ``staged``; EEXIST if the name is
         taken (the caller decides whether that is an error: O_EXCL)."""
         with self.catalog.transaction() as db:
-            self._check_new_name(db, parent, name)
+            self._check_new_name(parent, name)
             key = self._key(db, parent, name)
             now = time.time_ns()
             ino = db.execute(
@@ -189,7 +182,7 @@ class Changes:
                     now,
                 ),
             ).lastrowid
-            node = self._row(db, "ino=?", ino)
+            node = self.catalog.find("ino=?", ino)
         assert node is not None
         return node
 
@@ -224,7 +217,7 @@ class Changes:
         """chmod, chown, utime: kept in the catalog and sent as object metadata (an uploaded file
         gets it through a server-side copy onto itself)."""
         with self.catalog.transaction() as db:
-            node = self._row(db, "ino=?", ino)
+            node = self.catalog.find("ino=?", ino)
             if node is None:
                 raise FsError(errno.ENOENT)
             db.execute(
@@ -234,14 +227,14 @@ class Changes:
                 "THEN coalesce(fetch_key, key) ELSE fetch_key END WHERE ino=?",
                 (mode, uid, gid, mtime_ns, time.time_ns(), ino),
             )
-            node = self._row(db, "ino=?", ino)
+            node = self.catalog.find("ino=?", ino)
         assert node is not None
         return node
 
     def unlink(self, parent: int, name: str) -> Node:
         """Remove a file; returns it (its staging file is the caller's to remove)."""
         with self.catalog.transaction() as db:
-            node = self._existing(db, parent, name)
+            node = self._existing(parent, name)
             if node.is_dir:
                 raise FsError(errno.EISDIR)
             self._forget(db, node)
@@ -249,7 +242,7 @@ class Changes:
 
     def remove_directory(self, parent: int, name: str) -> Node:
         with self.catalog.transaction() as db:
-            node = self._existing(db, parent, name)
+            node = self._existing(parent, name)
             if not node.is_dir:
                 raise FsError(errno.ENOTDIR)
             if db.execute("SELECT 1 FROM nodes WHERE parent=? LIMIT 1", (node.ino,)).fetchone():
@@ -267,11 +260,11 @@ class Changes:
         if flags & RENAME_EXCHANGE:
             raise FsError(errno.EINVAL, "RENAME_EXCHANGE is not supported")
         with self.catalog.transaction() as db:
-            node = self._existing(db, parent, name)
-            self._directory(db, new_parent)
+            node = self._existing(parent, name)
+            self._directory(new_parent)
             if new_parent == ROOT and new_name == NOT_MOUNTED_MARKER:
                 raise FsError(errno.EACCES)
-            target = self._row(db, "parent=? AND name=?", new_parent, new_name)
+            target = self.catalog.find("parent=? AND name=?", new_parent, new_name)
             if target is not None and target.ino == node.ino:
                 return node, None
             if target is not None:
@@ -302,19 +295,16 @@ class Changes:
                 self._move_tree(db, old_prefix, new_prefix, now)
             else:
                 self._move(db, node, new_prefix, now)
-            moved = self._row(db, "ino=?", node.ino)
+            moved = self.catalog.find("ino=?", node.ino)
         assert moved is not None
         return moved, target
 
     def _move_tree(self, db: sqlite3.Connection, old: str, new: str, now: int) -> None:
         """Re-key everything under a renamed directory (its marker object included)."""
         # '0' is the character after '/': the range holds exactly the keys under old + '/'.
-        rows = db.execute(
-            f"SELECT {NODE_COLUMNS} FROM nodes WHERE key >= ? AND key < ? ORDER BY key DESC",
-            (old + "/", old + "0"),
-        ).fetchall()
-        for row in rows:
-            node = node_from_row(row)
+        for node in self.catalog.select(
+            "key >= ? AND key < ? ORDER BY key DESC", old + "/", old + "0"
+        ):
             assert node.key is not None
             self._move(db, node, new + node.key[len(old) :], now)
 
@@ -356,7 +346,7 @@ class Changes:
     def _orphan_object(self, db: sqlite3.Connection, key: str, etag: str) -> None:
         """An object was written at ``key`` for a node that has moved on: a node now holding the
         key replaces it, otherwise it is deleted."""
-        holder = self._row(db, "key=?", key)
+        holder = self.catalog.find("key=?", key)
         if holder is not None:
             db.execute("UPDATE nodes SET base_etag=? WHERE ino=?", (etag, holder.ino))
         else:
@@ -370,7 +360,7 @@ class Changes:
         it reads and writes.  Returns (the cloud now has the node's bytes, the staging file that
         went up is no longer named by the node)."""
         with self.catalog.transaction() as db:
-            node = self._row(db, "ino=?", uploaded.ino)
+            node = self.catalog.find("ino=?", uploaded.ino)
             if node is None or node.key != uploaded.key:
                 self._orphan_object(db, info.key, info.etag)
                 return False, node is None or node.staged != uploaded.staged
@@ -406,7 +396,7 @@ class Changes:
 
     def finish_copy(self, copied: Node, info: ObjectInfo) -> None:
         with self.catalog.transaction() as db:
-            node = self._row(db, "ino=?", copied.ino)
+            node = self.catalog.find("ino=?", copied.ino)
             if node is None or node.key != copied.key:
                 self._orphan_object(db, info.key, info.etag)
                 return
@@ -424,7 +414,7 @@ class Changes:
         """Whether a pending delete must really be sent: not when a node holds the key again
         (its own upload or copy replaces the object), in which case it is settled here."""
         with self.catalog.transaction() as db:
-            if self._row(db, "key=?", key) is None:
+            if self.catalog.find("key=?", key) is None:
                 return True
             db.execute(
                 "UPDATE deletes SET done_at=? WHERE key=? AND etag IS ?", (time.time(), key, etag)
@@ -446,20 +436,20 @@ class Changes:
         """Another writer changed the key this node was to replace: keep both, by giving the
         local version a name of its own next to it."""
         with self.catalog.transaction() as db:
-            node = self._row(db, "ino=?", ino)
+            node = self.catalog.find("ino=?", ino)
             if node is None:
                 raise FsError(errno.ENOENT)
-            name = self._conflict_name(db, node)
+            name = self._conflict_name(node)
             key = self._key(db, node.parent, name)
             db.execute(
                 "UPDATE nodes SET name=?, key=?, base_etag=NULL, local_at=? WHERE ino=?",
                 (name, key, time.time_ns(), ino),
             )
-            diverted = self._row(db, "ino=?", ino)
+            diverted = self.catalog.find("ino=?", ino)
         assert diverted is not None
         return diverted
 
-    def _conflict_name(self, db: sqlite3.Connection, node: Node) -> str:
+    def _conflict_name(self, node: Node) -> str:
         """``<name>.conflict-<UTC>-<host>``, shortened to fit NAME_MAX and made unique."""
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         suffix = f".conflict-{stamp}-{socket.gethostname()[:32]}"
@@ -467,7 +457,7 @@ class Changes:
         base = node.name.encode()[:room].decode(errors="ignore")
         for attempt in range(1000):
             name = base + suffix + (f"-{attempt}" if attempt else "")
-            if self._row(db, "parent=? AND name=?", node.parent, name) is None:
+            if self.catalog.find("parent=? AND name=?", node.parent, name) is None:
                 return name
         raise FsError(errno.EEXIST, "no free conflict name")
 
@@ -476,11 +466,8 @@ class Changes:
         close) are not uploaded as if complete.  Returns (reverted to their cloud version,
         removed as never stored); their staging files are the caller's to set aside."""
         with self.catalog.transaction() as db:
-            rows = db.execute(
-                f"SELECT {NODE_COLUMNS} FROM nodes WHERE dirty=?", (WRITING,)
-            ).fetchall()
             reverted, removed = [], []
-            for node in map(node_from_row, rows):
+            for node in self.catalog.select("dirty=?", WRITING):
                 if node.etag is not None:
                     db.execute(
                         "UPDATE nodes SET dirty=?, staged=NULL WHERE ino=?", (CLEAN, node.ino)

@@ -371,12 +371,13 @@ class ArchiveFS:
                 if node.storage_class in ARCHIVE_CLASSES:
                     await self._check_restored(node.cloud_key)
                 version = ObjectVersion(node.cloud_key, node.etag, node.size)
-                self.staging.reserve(node.size)
-                size = node.size
                 chunk = self.config.cache.fetch_chunk
                 for offset in range(0, node.size, chunk):
                     data = await self.reader.read(version, offset, min(chunk, node.size - offset))
+                    # Reserved as written: removing a part-filled file gives back exactly this.
+                    self.staging.reserve(len(data))
                     await self._disk(os.pwrite, fd, data, offset)
+                    size += len(data)
             await self._catalog(self.changes.stage, node.ino, name)
         except BaseException:
             os.close(fd)
@@ -521,9 +522,8 @@ class ArchiveFS:
             await self.fsync(handle)
             return
         staged = open_file.staged
-        if staged is not None and not staged.detached and (staged.writes or not staged.ready):
-            async with staged.lock:
-                await self._record(staged, ready=True)
+        if staged is not None and not staged.detached:
+            await self._journal_complete(staged)
 
     async def fsync(self, handle: int) -> None:
         """Durable on local disk and journaled before returning; with ``--upload-mode=sync``
@@ -535,27 +535,34 @@ class ArchiveFS:
         if staged is None or staged.detached:
             return  # nothing staged, or bytes nobody will read again (unlinked)
         async with staged.lock:
-            await self._record(staged, ready=True, durable=True)
+            await self._record(staged, durable=True)
             if self.config.write.upload_mode == "sync":
                 await self.uploader.upload_now(staged.ino)
 
-    async def _record(self, staged: StagedFile, ready: bool, durable: bool = False) -> None:
-        """Journal the staged file's size (and with ``durable``, first make its bytes durable:
-        one worker-thread call for the fsync path)."""
+    async def _journal_complete(self, staged: StagedFile) -> bool:
+        """Journal the file as complete unless it already is; returns whether it did."""
+        if staged.ready and not staged.writes:
+            return False
+        async with staged.lock:
+            await self._record(staged)
+        return True
+
+    async def _record(self, staged: StagedFile, durable: bool = False) -> None:
+        """Journal the staged file's size as complete (READY); with ``durable``, first make its
+        bytes durable, in the same worker-thread call (the fsync path)."""
         writes = staged.writes
 
         def record() -> None:
             if durable:
                 self.staging.durable(staged.fd)
-            self.changes.record_write(staged.ino, staged.size, staged.mtime_ns, ready, durable)
+            self.changes.record_write(staged.ino, staged.size, staged.mtime_ns, True, durable)
 
         # fsyncs take milliseconds: on threads of their own, so lookups never queue behind them.
         limiter = self._fsync_threads if durable else self._catalog_threads
         await trio.to_thread.run_sync(record, limiter=limiter)
         staged.writes -= writes
-        if ready:
-            staged.ready = staged.writes == 0
-            self.uploader.notify()
+        staged.ready = staged.writes == 0
+        self.uploader.notify()
 
     async def release(self, handle: int) -> None:
         open_file = self._handles.pop(handle, None)
@@ -572,10 +579,8 @@ class ArchiveFS:
             if staged.in_cloud and not staged.writes:
                 if await self._catalog(self.changes.unstage, staged.ino, staged.name):
                     self._retire(staged)
-            elif staged.writes or not staged.ready:
-                await self._record(staged, ready=True)
-            else:
-                self.uploader.notify()
+            elif not await self._journal_complete(staged):
+                self.uploader.notify()  # it was waiting for this writer to go
         if staged.handles == 0:
             if staged.detached:
                 self._retire(staged)  # closes and removes it

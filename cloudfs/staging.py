@@ -38,7 +38,7 @@ class StagingArea:
         self.limit = limit
         self.directory.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._making = threading.Lock()
+        self._ready_lock = threading.Lock()
         self._ready: list[str] = []
         self._used = 0
         self._names = itertools.count()
@@ -56,10 +56,12 @@ class StagingArea:
         """A new, empty staging file, open for reading and writing, whose directory entry is
         already durable: files are made ahead in batches with one directory sync per batch
         (``make_ahead``), so an fsync costs a sync of the file alone."""
-        with self._making:
-            if not self._ready:
-                self._make(_AHEAD)
-            name = self._ready.pop()
+        with self._ready_lock:
+            name = self._ready.pop() if self._ready else None
+        if name is None:
+            made = self._make(_AHEAD)
+            name = made.pop()
+            self._add_ready(made)
         return name, self.open(name)
 
     @property
@@ -67,19 +69,23 @@ class StagingArea:
         return len(self._ready) < _AHEAD // 2
 
     def make_ahead(self) -> None:
-        """Top the batch of ready files up, off the path of a create."""
-        with self._making:
-            if self.running_low:
-                self._make(_AHEAD - len(self._ready))
+        """Top the batch of ready files up, off the path of a create (no lock is held while the
+        files are made, so creates go on meanwhile)."""
+        if self.running_low:
+            self._add_ready(self._make(_AHEAD - len(self._ready)))
 
-    def _make(self, count: int) -> None:
+    def _add_ready(self, names: list[str]) -> None:
+        with self._ready_lock:
+            self._ready[:0] = names
+
+    def _make(self, count: int) -> list[str]:
         made = []
         for _ in range(count):
             name = f"{self._prefix}-{next(self._names)}"
             os.close(os.open(self.path(name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
             made.append(name)
         self._sync_directory()
-        self._ready[:0] = made
+        return made
 
     def scan(self, referenced: set[str], unsynced: set[str]) -> None:
         """At start: count what is staged, set aside ``unsynced`` files, remove leftovers."""
@@ -130,8 +136,8 @@ class StagingArea:
         """A new staging file holding the first ``size`` bytes of ``source_fd``."""
         self.reserve(size)
         name, fd = self.take()
+        offset = 0
         try:
-            offset = 0
             while offset < size:
                 sent = os.copy_file_range(source_fd, fd, size - offset, offset, offset)
                 if sent == 0:
@@ -139,7 +145,8 @@ class StagingArea:
                 offset += sent
         except BaseException:
             os.close(fd)
-            self.remove(name)
+            self.remove(name)  # gives back the bytes copied so far
+            self.release(size - offset)
             raise
         return name, fd
 

@@ -119,7 +119,6 @@ class Uploader:
         """Counts journal reads: an fsync waiting for the cloud is settled only by a read (and
         the upload it starts) that began after the fsync asked."""
         self._draining = False
-        self._idle = trio.Event()
 
     # -- what the filesystem asks ------------------------------------------------------------
 
@@ -142,10 +141,10 @@ class Uploader:
         if waiter.error is not None:
             raise waiter.error
 
-    async def drain(self, timeout: float) -> bool:
+    async def drain(self, timeout: float) -> None:
         """After the FUSE session ended: push what is pending for up to ``timeout`` seconds,
         without the usual delay after close, including files whose release the kernel never
-        got to send.  Returns True if nothing is left."""
+        got to send; say what is left."""
         self._draining = True
         self._retries.clear()
         self.notify()
@@ -153,7 +152,7 @@ class Uploader:
             while True:
                 backlog = await self._catalog(self.changes.backlog)
                 if not (backlog.files or backlog.copies or backlog.deletes or self._busy_items):
-                    return True
+                    return
                 await trio.sleep(0.2)
         backlog = await self._catalog(self.changes.backlog)
         log.warning(
@@ -164,7 +163,6 @@ class Uploader:
             backlog.copies,
             backlog.deletes,
         )
-        return False
 
     async def _catalog(self, function: Callable[..., Any], *args: Any) -> Any:
         return await trio.to_thread.run_sync(function, *args, limiter=self._catalog_threads)
@@ -322,12 +320,15 @@ class Uploader:
             self.stats.files += 1
             self.stats.bytes += info.size
             held = clean and self.owner.uploaded(node.ino, staged, kept)
-            if clean:
-                await trio.to_thread.run_sync(
-                    self._keep_in_cache, path, info, limiter=self._threads
-                )
-            if free and not held:
-                await trio.to_thread.run_sync(self.staging.remove, staged)
+
+            def settle_locally() -> None:
+                """One worker-thread call: cache the bytes, then drop the staging file."""
+                if clean:
+                    self._keep_in_cache(path, info)
+                if free and not held:
+                    self.staging.remove(staged)
+
+            await trio.to_thread.run_sync(settle_locally, limiter=self._threads)
 
         try:
             error = await self._attempt(item, (key,), step)

@@ -8,7 +8,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import trio
 
 from cloudfs.cache import BlockCache
-from cloudfs.catalog import ROOT, Catalog
+from cloudfs.catalog import ROOT, Catalog, Node
 from cloudfs.config import CacheOptions, Config, KiB, MiB, MountOptions
 from cloudfs.errors import Unavailable
 from cloudfs.fs import ArchiveFS
@@ -268,3 +268,26 @@ def corrupt_one_block(directory: Path) -> Path:
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
     return path
+
+
+# -- catalog listings ----------------------------------------------------------------------------
+
+
+def obj(key: str, size: int = 10, etag: str = '"e1"', mtime_ns: int = 1_000) -> ObjectInfo:
+    return ObjectInfo(key, size, mtime_ns, etag)
+
+
+def listing(objects: Iterable[ObjectInfo]) -> list[ObjectInfo]:
+    """Objects in the order a store lists them: ascending UTF-8 bytes of the key."""
+    return sorted(objects, key=lambda info: info.key.encode("utf-8"))
+
+
+def node_at(catalog: Catalog, path: str) -> Node | None:
+    """Walk ``a/b/c`` from the root by lookups, as the kernel would."""
+    node = catalog.get(ROOT)
+    for name in path.split("/"):
+        assert node is not None
+        node = catalog.lookup(node.ino, name)
+        if node is None:
+            return None
+    return node

@@ -2,33 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
+from helpers_unit import listing, node_at, obj
 
 from cloudfs.catalog import NAME_MAX, ROOT, Catalog, Node, key_problem
 from cloudfs.store import ObjectInfo
-
-
-def obj(key: str, size: int = 10, etag: str = '"e1"', mtime_ns: int = 1_000) -> ObjectInfo:
-    return ObjectInfo(key, size, mtime_ns, etag)
-
-
-def listing(objects: Iterable[ObjectInfo]) -> list[ObjectInfo]:
-    """Objects in the order a store lists them: ascending UTF-8 bytes of the key."""
-    return sorted(objects, key=lambda info: info.key.encode("utf-8"))
-
-
-def node_at(catalog: Catalog, path: str) -> Node | None:
-    """Walk ``a/b/c`` from the root by lookups, as the kernel would."""
-    node = catalog.get(ROOT)
-    for name in path.split("/"):
-        assert node is not None
-        node = catalog.lookup(node.ino, name)
-        if node is None:
-            return None
-    return node
 
 
 def all_children(catalog: Catalog, parent: int, limit: int = 1000) -> list[Node]:
