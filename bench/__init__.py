@@ -14,6 +14,11 @@ written with ``dd conv=fsync`` and a PACS-like ingest of small files with ``fdat
 cloudfs and to the local disk, the time until the bucket has them, and the endpoint's raw upload
 speed with boto3.
 
+``python -m bench viewer`` (``bench/viewer.py``) measures a radiologist's viewer reading a cold
+CT series instance by instance through cloudfs, with study prefetch on and off, beside boto3
+fetching the same series with one reader and with eight, and the same series again from cloudfs's
+caches.
+
 Each figure only means something next to the one that bounds it, so the report gives ratios
 (cloudfs cold / the endpoint's parallel limit, cloudfs cached / the FUSE ceiling) as well as the
 absolute numbers.

@@ -1,5 +1,6 @@
 """Entry point: ``python -m bench [--size 1G] [--repeat 3] [--quick] [--wan]`` for the read path,
-``python -m bench write [--quick] [--wan] ...`` for the write path."""
+``python -m bench write [--quick] [--wan] ...`` for the write path,
+``python -m bench viewer [--quick] [--wan] [--repeat N]`` for a viewer reading a cold CT series."""
 
 from __future__ import annotations
 
@@ -9,6 +10,11 @@ if sys.argv[1:2] == ["write"]:
     from .write import main
 
     raise SystemExit(main(sys.argv[2:]))
+
+if sys.argv[1:2] == ["viewer"]:
+    from .viewer import main as viewer_main
+
+    raise SystemExit(viewer_main(sys.argv[2:]))
 
 from .run import main
 

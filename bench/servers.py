@@ -136,12 +136,25 @@ def install_s3rver() -> Path:
     return script
 
 
+def node_options() -> list[str]:
+    """``--openssl-legacy-provider`` where node knows it (17 and later).
+
+    s3rver 3.7.1 encrypts the continuation token of a truncated ListObjectsV2 with DES, which
+    OpenSSL 3 (node 17 and later) only offers through its legacy provider: without it, every
+    listing with more keys than ``MaxKeys`` fails with InternalError, and cloudfs's startup check
+    (``MaxKeys=1``) fails on any bucket holding two objects or more."""
+    flag = "--openssl-legacy-provider"
+    probe = subprocess.run(["node", flag, "-e", ""], capture_output=True)
+    return [flag] if probe.returncode == 0 else []
+
+
 def start_s3rver(workdir: Path) -> tuple[Process, Endpoint]:
     script = install_s3rver()
     data_dir = workdir / "s3rver"
     data_dir.mkdir()
     port = free_port()
-    command = ["node", str(script), "-d", str(data_dir), "-a", "127.0.0.1", "-p", str(port)]
+    command = ["node", *node_options(), str(script), "-d", str(data_dir)]
+    command += ["-a", "127.0.0.1", "-p", str(port)]
     process = Process(
         "s3rver", [*command, "--silent", "--no-vhost-buckets"], workdir / "s3rver.log"
     )

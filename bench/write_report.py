@@ -224,12 +224,13 @@ def section(result: dict[str, Any], table: str) -> str:
     return "\n".join(lines)
 
 
-def updated_page(existing: str | None, name: str, body: str) -> str:
-    """The page with the section ``name`` replaced by ``body`` (added if new), others kept."""
+def updated_page(existing: str | None, name: str, body: str, head: str = PAGE_HEAD) -> str:
+    """The page with the section ``name`` replaced by ``body`` (added if new), others kept; a
+    page that does not start with ``head``'s title is started afresh."""
     start, end = f"<!-- section: {name} -->", f"<!-- end of section: {name} -->"
     block = f"{start}\n{body}\n{end}"
     if existing and start in existing and end in existing:
         pattern = re.escape(start) + r".*?" + re.escape(end)
         return re.sub(pattern, lambda _: block, existing, count=1, flags=re.DOTALL)
-    page = existing if existing and existing.startswith(PAGE_HEAD.splitlines()[0]) else PAGE_HEAD
+    page = existing if existing and existing.startswith(head.splitlines()[0]) else head
     return page.rstrip("\n") + "\n\n" + block + "\n"

@@ -14,14 +14,32 @@ even right after an insert.  There is no periodic sweep to fall behind.
 Recency: diskcache's own LRU policy writes to SQLite on every read, which serialises parallel
 readers on the database's write lock (measured: 42% of a cached sequential read spent waiting for
 it).  Reads here are plain SELECTs instead; the names of blocks read are queued and
-``record_recency`` moves their store time to now in one transaction every few seconds, which makes
-the store-time order an LRU order, a few seconds late.
+``record_recency`` moves their store time to now in batched transactions every few seconds, which
+makes the store-time order an LRU order, a few seconds late.
+
+Pinning: a tiering policy may pin blocks so that they outlive every unpinned block.  A pinned
+block's store time is moved to ``_PINNED_EPOCH`` plus the time it was pinned, tens of thousands of
+years ahead, so diskcache's cull, which takes the oldest store times first, reaches pinned blocks
+only when no unpinned block is left, and then the oldest pin first.  The state lives in the rows
+themselves, so pins survive a restart; the set of pinned object keys does not, the policy sets it
+again at start.  ``record_recency`` leaves pinned rows alone and ``unpin`` moves a row's store time
+back to now.  Two SQLite triggers, installed when the cache opens, keep pins across diskcache's own
+writes: a block inserted with the pin tag (its key is in ``pin_keys``) is pinned in the insert's
+own transaction, and re-storing a pinned block keeps its pin, where diskcache alone would reset its
+store time.  Pinning after the insert from here instead would leave a window in which another
+thread's cull or a crash silently unpins the block, and would cost a second write per block.
+Pinned blocks still count towards the cap, which holds exactly as before: if pins fill the cache
+(or leave fewer unpinned blocks than one cull takes), diskcache evicts pinned blocks too, oldest pin
+first.  Callers therefore refuse pins bigger than a fraction of the cache.
 
 A full disk or any storage error on insert is logged and reported (the read still succeeds from the
-fetched bytes); it never raises into the read path.
+fetched bytes); it never raises into the read path.  The pinning calls serve the tiering policy, not
+reads, and let ``sqlite3.Error`` through: the policy retries on its next run.
 
-Threads: every method blocks and is safe to call from many threads at once (diskcache keeps one
-SQLite connection per thread).  Knows nothing of FUSE or of the store.
+Threads: every method blocks and is safe to call from many threads at once.  diskcache keeps one
+SQLite connection per thread, and so does this class for its own updates; those run a bounded number
+of rows per transaction, so a large pin neither holds the write lock for long nor grows the
+write-ahead log past its reserve.  Knows nothing of FUSE or of the store.
 """
 
 from __future__ import annotations
@@ -30,9 +48,10 @@ import hashlib
 import logging
 import sqlite3
 import struct
+import threading
 import time
 from collections import deque
-from contextlib import closing
+from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -47,6 +66,39 @@ _WAL_RESERVE = 8 * 1024 * 1024
 _CULL_PER_INSERT = 16
 """Entries diskcache may evict per insert: more than a fetch chunk's worth of blocks is never
 needed because every insert adds one block."""
+_PINNED_EPOCH = 1e12
+"""Store times at or above this mark pinned blocks: 1e12 s is some 30,000 years after 1970, so no
+clock reaches it, and adding the pin time keeps pinned blocks in pin order among themselves."""
+_PIN_TAG = 1
+"""diskcache tag given to blocks inserted for a pinned key; the insert trigger pins them."""
+_WAL_PAGES_PER_ROW = 4
+"""Pages one store-time update may add to the write-ahead log, which bounds the rows one transaction
+updates within the log's reserve (measured on rows in random order: 3 pages for a lone row, its
+table page, an index page and diskcache's size counter; under 2 a row from ten rows on)."""
+_MAX_ROWS_PER_TRANSACTION = 1000
+"""Rows per update transaction at most: keeps the write lock held for milliseconds even on a large
+cache whose log reserve would allow more."""
+_PAGE_SIZE = 4096
+
+_TRIGGERS = {
+    "cloudfs_pin_on_insert": f"""
+        AFTER INSERT ON Cache
+        WHEN NEW.tag = {_PIN_TAG} AND NEW.store_time < {_PINNED_EPOCH}
+        BEGIN
+            UPDATE Cache SET store_time = NEW.store_time + {_PINNED_EPOCH} WHERE rowid = NEW.rowid;
+        END""",
+    # Only diskcache's set() assigns filename: the updates made here never fire this one.
+    "cloudfs_pin_on_restore": f"""
+        AFTER UPDATE OF filename ON Cache
+        WHEN NEW.store_time < {_PINNED_EPOCH}
+            AND (OLD.store_time >= {_PINNED_EPOCH} OR NEW.tag = {_PIN_TAG})
+        BEGIN
+            UPDATE Cache SET store_time = CASE
+                WHEN OLD.store_time >= {_PINNED_EPOCH} THEN OLD.store_time
+                ELSE NEW.store_time + {_PINNED_EPOCH} END
+            WHERE rowid = NEW.rowid;
+        END""",
+}
 
 
 class BlockId(NamedTuple):
@@ -97,10 +149,58 @@ class BlockCache:
             statistics=False,
         )
         self._database = directory / diskcache.core.DBNAME
+        self._checkpoint_pages = max(wal_reserve // 2 // _PAGE_SIZE, 16)
+        self._rows_per_transaction = min(
+            max(wal_reserve // 2 // (_WAL_PAGES_PER_ROW * _PAGE_SIZE), 1), _MAX_ROWS_PER_TRANSACTION
+        )
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
+        self._pinned_keys: frozenset[str] = frozenset()
+        self._install_triggers()
         self._recently_read: deque[str] = deque()
         self.corrupt_blocks = 0
         self.failed_inserts = 0
         self._last_failure_log = 0.0
+
+    def _db(self) -> sqlite3.Connection:
+        """This thread's connection for the updates diskcache has no call for."""
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            # Shared with close() only, which runs once the worker threads are done.
+            db = sqlite3.connect(
+                self._database, timeout=30, isolation_level="IMMEDIATE", check_same_thread=False
+            )
+            # The durability and log size diskcache's own connections use: committing here must
+            # not fsync where an insert would not, nor let the log outgrow its reserve.
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute(f"PRAGMA wal_autocheckpoint={self._checkpoint_pages}")
+            with self._connections_lock:
+                self._connections.append(db)
+            self._local.db = db
+        return db
+
+    def _install_triggers(self) -> None:
+        # Replaced on every open, so a cache directory always runs this version's definitions.
+        with self._db() as db:
+            # Explicit: the module only opens transactions by itself for DML, not for DDL.
+            db.execute("BEGIN IMMEDIATE")
+            for name, body in _TRIGGERS.items():
+                db.execute(f"DROP TRIGGER IF EXISTS {name}")
+                db.execute(f"CREATE TRIGGER {name} {body}")
+
+    def _update(self, statement: str, rows: list[tuple[float, str]]) -> int:
+        """Run ``statement`` once per row, a bounded chunk per transaction; rows changed."""
+        db = self._db()
+        changed = 0
+        for start in range(0, len(rows), self._rows_per_transaction):
+            with db:
+                cursor = db.executemany(statement, rows[start : start + self._rows_per_transaction])
+                changed += cursor.rowcount
+        return changed
+
+    def _names(self, blocks: Iterable[BlockId]) -> list[str]:
+        return list(dict.fromkeys(block.cache_key(self.block_size) for block in blocks))
 
     def _identity(self, block: BlockId) -> tuple[str, bytes]:
         name = block.cache_key(self.block_size)
@@ -141,13 +241,58 @@ class BlockCache:
             return
         now = time.time()
         try:
-            with closing(sqlite3.connect(self._database, timeout=30)) as db, db:
-                db.executemany(
-                    "UPDATE Cache SET store_time=? WHERE key=? AND raw=1",
-                    [(now, name) for name in names],
-                )
+            self._update(
+                f"UPDATE Cache SET store_time=? WHERE key=? AND raw=1"
+                f" AND store_time < {_PINNED_EPOCH}",
+                [(now, name) for name in names],
+            )
         except sqlite3.Error as exc:
             log.warning("cannot record block recency: %s", exc)
+
+    def pin_keys(self, keys: set[str]) -> None:
+        """Object keys whose blocks are pinned: blocks stored from now on for these keys are pinned
+        at insert; this replaces the previous set (it is the whole policy's current answer)."""
+        # Rebinding is atomic: put() sees the old set or the new one, never a half-built one.
+        self._pinned_keys = frozenset(keys)
+
+    def pin(self, blocks: Iterable[BlockId]) -> int:
+        """Pin blocks already in the cache; returns how many were found (absent ones are
+        ignored)."""
+        # Pinned blocks keep their pin time, so that the oldest pin stays the first to go.
+        pinned_at = _PINNED_EPOCH + time.time()
+        return self._update(
+            f"UPDATE Cache SET store_time = CASE WHEN store_time < {_PINNED_EPOCH} THEN ?"
+            f" ELSE store_time END WHERE key=? AND raw=1",
+            [(pinned_at, name) for name in self._names(blocks)],
+        )
+
+    def unpin(self, blocks: Iterable[BlockId]) -> int:
+        """Make blocks evictable again (as if just stored); returns how many were found."""
+        now = time.time()
+        return self._update(
+            "UPDATE Cache SET store_time=? WHERE key=? AND raw=1",
+            [(now, name) for name in self._names(blocks)],
+        )
+
+    def pinned_volume(self) -> int:
+        """Bytes held by pinned blocks (payload sizes as diskcache records them)."""
+        (total,) = (
+            self._db()
+            .execute(f"SELECT total(size) FROM Cache WHERE store_time >= {_PINNED_EPOCH}")
+            .fetchone()
+        )
+        return int(total)
+
+    def is_pinned(self, block: BlockId) -> bool:
+        row = (
+            self._db()
+            .execute(
+                "SELECT store_time FROM Cache WHERE key=? AND raw=1",
+                (block.cache_key(self.block_size),),
+            )
+            .fetchone()
+        )
+        return row is not None and row[0] >= _PINNED_EPOCH
 
     def contains(self, block: BlockId) -> bool:
         return block.cache_key(self.block_size) in self._store
@@ -159,7 +304,9 @@ class BlockCache:
         try:
             # A file object with read=True: given bytes, diskcache writes them line by line
             # (thousands of write calls per block, measured at 46% of the daemon's CPU).
-            self._store.set(name, _Chunks(header, payload), read=True)
+            # The tag makes the insert pin the block (see the module docstring).
+            tag = _PIN_TAG if block.key in self._pinned_keys else None
+            self._store.set(name, _Chunks(header, payload), read=True, tag=tag)
             return True
         except (OSError, sqlite3.Error) as exc:
             self.failed_inserts += 1
@@ -177,4 +324,9 @@ class BlockCache:
         return len(self._store)
 
     def close(self) -> None:
+        with self._connections_lock:
+            connections, self._connections = self._connections, []
+        for db in connections:
+            db.close()
+        self._local = threading.local()
         self._store.close()

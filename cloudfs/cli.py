@@ -23,9 +23,11 @@ import click
 
 from . import __version__, control
 from .config import (
+    PATIENT_FOLDERS,
     UPLOAD_MODES,
     CacheOptions,
     Config,
+    DicomOptions,
     MountOptions,
     S3Options,
     WriteOptions,
@@ -223,6 +225,59 @@ def main() -> None:
     help="FUSE mount options, e.g. -o allow_other (ro is the same as --read-only).",
 )
 @click.option(
+    "--dicom-index/--no-dicom-index",
+    default=True,
+    show_default=True,
+    help="Index DICOM headers (needed by the view, study prefetch and pins).",
+)
+@click.option(
+    "--view-dir",
+    default=DicomOptions.view_dir,
+    show_default=True,
+    help="Name of the read-only DICOM browse tree at the mount's root ('' for none).",
+)
+@click.option(
+    "--patient-folder",
+    type=click.Choice(PATIENT_FOLDERS),
+    default=DicomOptions.patient_folder,
+    show_default=True,
+    help="Name patient folders by ID only, or by name and ID (names are PHI).",
+)
+@click.option(
+    "--study-prefetch/--no-study-prefetch",
+    default=True,
+    show_default=True,
+    help="On open of an instance, fetch the rest of its study in the background.",
+)
+@click.option(
+    "--prefetch-threads",
+    type=click.IntRange(1, 64),
+    default=DicomOptions.prefetch_threads,
+    show_default=True,
+    help="Instances study prefetch fetches at once.",
+)
+@click.option(
+    "--max-study-size",
+    type=SIZE,
+    default="4G",
+    show_default=True,
+    help="Larger studies are not prefetched whole.",
+)
+@click.option(
+    "--priors",
+    type=click.IntRange(0, 20),
+    default=DicomOptions.priors,
+    show_default=True,
+    help="Prior studies of the patient prefetched after an opened study.",
+)
+@click.option(
+    "--keep-recent-days",
+    type=click.IntRange(0),
+    default=0,
+    show_default=True,
+    help="Pin studies of the last N days in the cache (0: off).",
+)
+@click.option(
     "-f",
     "--foreground",
     is_flag=True,
@@ -265,6 +320,14 @@ def mount(
     profile: str | None,
     path_style: bool,
     fuse_options: tuple[str, ...],
+    dicom_index: bool,
+    view_dir: str,
+    patient_folder: str,
+    study_prefetch: bool,
+    prefetch_threads: int,
+    max_study_size: int,
+    priors: int,
+    keep_recent_days: int,
     foreground: bool,
     log_level: str,
     log_file: Path | None,
@@ -312,6 +375,16 @@ def mount(
             upload_delay=upload_delay,
             upload_threads=upload_threads,
             drain_timeout=drain_timeout,
+        ),
+        dicom=DicomOptions(
+            index=dicom_index,
+            view_dir=view_dir if dicom_index else "",
+            patient_folder=patient_folder,
+            study_prefetch=study_prefetch and dicom_index,
+            prefetch_threads=prefetch_threads,
+            max_study_size=max_study_size,
+            priors=priors,
+            keep_recent_days=keep_recent_days,
         ),
     )
     try:
@@ -393,12 +466,12 @@ def _start_daemon(args: list[str], cache_dir: Path, log_file: Path | None) -> No
     )
 
 
-def _ask(mountpoint: Path, command: str) -> dict[str, Any]:
+def _ask(mountpoint: Path, command: str, arguments: dict[str, Any] | None = None) -> dict[str, Any]:
     """Send a control command to the daemon serving ``mountpoint``."""
     if not mounted_cloudfs(mountpoint):
         raise click.ClickException(f"{mountpoint}: not a cloudfs mount")
     try:
-        return control.request(mountpoint, command)
+        return control.request(mountpoint, command, arguments=arguments)
     except OSError as exc:
         raise click.ClickException(
             f"{mountpoint}: its daemon does not answer ({exc.strerror or exc}); "
@@ -507,6 +580,207 @@ def refresh(mountpoint: Path) -> None:
         f"catalog refreshed in {report['seconds']:.1f}s: {report['added']} added, "
         f"{report['changed']} changed, {report['removed']} removed"
     )
+
+
+_DATE = re.compile(r"^\d{4}-?\d{2}-?\d{2}$")
+
+
+def _date(context: click.Context, parameter: click.Parameter, value: str | None) -> str | None:
+    """YYYY-MM-DD or YYYYMMDD, as DICOM's StudyDate keeps it (YYYYMMDD)."""
+    if value is None:
+        return None
+    if not _DATE.match(value):
+        raise click.BadParameter("expected a date as YYYY-MM-DD")
+    return value.replace("-", "")
+
+
+def selector_options(command: Any) -> Any:
+    """The options that name a set of studies or files, shared by the DICOM commands."""
+    options = [
+        click.option("--patient", help="PatientID."),
+        click.option("--study", help="StudyInstanceUID."),
+        click.option("--path", help="A file or directory under the mount (raw tree)."),
+        click.option("--from", "date_from", callback=_date, help="StudyDate from (YYYY-MM-DD)."),
+        click.option("--to", "date_to", callback=_date, help="StudyDate up to (YYYY-MM-DD)."),
+        click.option("--modality", help="Modality (CT, MR, CR ...)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _selector(mountpoint: Path, **given: str | None) -> dict[str, str]:
+    path = given.pop("path", None)
+    selector = {
+        "from" if name == "date_from" else "to" if name == "date_to" else name: value
+        for name, value in given.items()
+        if value
+    }
+    if path:
+        absolute = Path(os.path.abspath(path))
+        root = Path(os.path.abspath(mountpoint))
+        if absolute != root and root not in absolute.parents:
+            relative = Path(path)
+        else:
+            relative = absolute.relative_to(root)
+        selector["path"] = relative.as_posix().strip("/")
+    return selector
+
+
+def _need_selector(selector: dict[str, str]) -> None:
+    if not selector:
+        raise click.UsageError("name what: --patient, --study, --path, --from/--to, --modality")
+
+
+@main.group()
+def index() -> None:
+    """The DICOM header index of a mount."""
+
+
+@index.command("status")
+@click.argument("mountpoint", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the raw figures as JSON.")
+def index_status(mountpoint: Path, as_json: bool) -> None:
+    """Show how far indexing is: objects read, DICOM instances, studies, what is pending."""
+    facts = _ask(mountpoint, "index")
+    if as_json:
+        click.echo(json.dumps(facts, indent=2))
+        return
+    done = facts["indexed"] / facts["objects"] if facts["objects"] else 1.0
+    lines = [
+        f"indexed:     {facts['indexed']} of {facts['objects']} objects ({done:.1%}), "
+        f"{facts['pending']} pending",
+        f"DICOM:       {facts['dicom']} instances, {facts['series']} series, "
+        f"{facts['studies']} studies, {facts['patients']} patients; "
+        f"{facts['not_dicom']} other objects",
+        f"view:        {facts['placed_in_view']} instances placed",
+        f"headers:     {facts['headers_read']} read, {format_size(facts['header_bytes'])} fetched,"
+        f" {facts['read_failures']} failed reads",
+        f"prefetch:    {facts['studies_prefetched']} studies made local"
+        + "".join(
+            f"; {job['study']}: {job['done']}/{job['total']}"
+            for job in facts["studies_prefetching"]
+        ),
+    ]
+    if facts["last_error"]:
+        lines.append(f"last error:  {facts['last_error']}")
+    click.echo("\n".join(lines))
+
+
+@main.command()
+@click.argument("mountpoint", type=click.Path(path_type=Path))
+@selector_options
+@click.option("--limit", type=click.IntRange(1), default=1000, show_default=True)
+@click.option("--names", is_flag=True, help="Show patient names (PHI) too.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document, for scripts.")
+def studies(
+    mountpoint: Path, limit: int, names: bool, as_json: bool, **selector: str | None
+) -> None:
+    """List indexed studies, newest first, optionally filtered."""
+    rows = _ask(
+        mountpoint, "studies", {"selector": _selector(mountpoint, **selector), "limit": limit}
+    )["studies"]
+    if not names:
+        for row in rows:
+            row.pop("patient_name", None)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    columns = ["study_date", "patient_id", *(["patient_name"] if names else [])]
+    columns += ["modalities", "series", "instances", "bytes", "accession", "description"]
+    columns.append("study_uid")
+    table = [
+        [format_size(row[c]) if c == "bytes" else str(row[c]) for c in columns] for row in rows
+    ]
+    widths = [max([len(c), *(len(r[i]) for r in table)]) for i, c in enumerate(columns)]
+    click.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)))
+    for line in table:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip())
+
+
+def _pin_summary(reply: dict[str, Any]) -> str:
+    return (
+        f"{reply['pinned_files']} files pinned ({format_size(reply['pinned_bytes'])} of "
+        f"{format_size(reply['limit'])} allowed)"
+    )
+
+
+@main.command()
+@click.argument("mountpoint", type=click.Path(path_type=Path))
+@selector_options
+def pin(mountpoint: Path, **selector: str | None) -> None:
+    """Keep what the selector names in the cache: fetched now, never evicted."""
+    chosen = _selector(mountpoint, **selector)
+    _need_selector(chosen)
+    click.echo(_pin_summary(_ask(mountpoint, "pin", {"selector": chosen})))
+
+
+@main.command()
+@click.argument("mountpoint", type=click.Path(path_type=Path))
+@selector_options
+def unpin(mountpoint: Path, **selector: str | None) -> None:
+    """Drop a pin made with the same selector; its blocks become evictable."""
+    chosen = _selector(mountpoint, **selector)
+    _need_selector(chosen)
+    click.echo(_pin_summary(_ask(mountpoint, "unpin", {"selector": chosen})))
+
+
+@main.command()
+@click.argument("mountpoint", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def pins(mountpoint: Path, as_json: bool) -> None:
+    """List the pins of a mount and what they hold."""
+    reply = _ask(mountpoint, "pins")
+    if as_json:
+        click.echo(json.dumps(reply, indent=2))
+        return
+    for selector in reply["pins"]:
+        click.echo("pin: " + " ".join(f"--{k} {v}" for k, v in selector.items()))
+    if reply["tiering"]:
+        click.echo(f"tiering: studies from {reply['tiering']['from']} on")
+    click.echo(
+        _pin_summary(reply) + f"; {format_size(reply['pinned_in_cache'])} of it in the cache"
+    )
+
+
+@main.command()
+@click.argument("mountpoint", type=click.Path(path_type=Path))
+@selector_options
+@click.option("--quiet", is_flag=True, help="No progress bar; only the final line.")
+def prefetch(mountpoint: Path, quiet: bool, **selector: str | None) -> None:
+    """Fetch what the selector names into the cache now, with a progress bar."""
+    chosen = _selector(mountpoint, **selector)
+    _need_selector(chosen)
+    progress = _ask(mountpoint, "prefetch", {"selector": chosen})
+    number = progress["id"]
+    shown = 0
+
+    def describe(_: object) -> str:
+        rate = progress["fetched_bytes"] / max(progress["seconds"], 1e-3)
+        return f"{progress['files_done']}/{progress['files']} files, {format_size(rate)}/s"
+
+    with click.progressbar(
+        length=progress["bytes"],
+        label=f"prefetch {format_size(progress['bytes'])}",
+        show_eta=True,
+        item_show_func=describe,
+        hidden=quiet,
+    ) as bar:
+        while True:
+            bar.update(progress["bytes_done"] - shown, progress)
+            shown = progress["bytes_done"]
+            if progress["finished"]:
+                break
+            time.sleep(0.5)
+            progress = _ask(mountpoint, "prefetch-progress", {"id": number})
+    rate = progress["fetched_bytes"] / max(progress["seconds"], 1e-3)
+    click.echo(
+        f"{progress['files_done']} files ({format_size(progress['bytes'])}) local in "
+        f"{progress['seconds']:.1f}s: {format_size(progress['fetched_bytes'])} fetched at "
+        f"{format_size(rate)}/s, {progress['failed']} failed"
+    )
+    if progress["failed"]:
+        raise click.ClickException(f"{progress['failed']} files failed: {progress['last_error']}")
 
 
 @main.command()

@@ -1,4 +1,5 @@
-"""The control channel of a running mount: a Unix socket answering ``status`` and ``refresh``.
+"""The control channel of a running mount: a Unix socket answering ``status``, ``refresh`` and the
+DICOM commands (``index``, ``studies``, ``pin``, ``prefetch`` ...).
 
 Not extended attributes on the mount: the kernel would then ask the daemon for ACL and SELinux
 attributes on every ``ls -l`` entry (two round trips per file), while a filesystem that answers
@@ -6,7 +7,7 @@ ENOSYS to getxattr is never asked again.
 
 The socket lives in a runtime directory only its owner can enter, named after the mountpoint, so
 ``cloudfs status MOUNTPOINT`` finds it without any registry.  One request per connection: a command
-line in, one JSON document out.
+name and a JSON object of arguments in, one JSON document out.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ import trio
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[], Coroutine[Any, Any, dict[str, Any]]]
-_MAX_REQUEST = 256
+Handler = Callable[[dict[str, Any]], Coroutine[Any, Any, dict[str, Any]]]
+_MAX_REQUEST = 64 * 1024
 
 
 def socket_path(mountpoint: Path) -> Path:
@@ -63,12 +64,17 @@ async def serve(path: Path, handlers: dict[str, Handler]) -> None:
 async def _answer(connection: trio.socket.SocketType, handlers: dict[str, Handler]) -> None:
     async with trio.SocketStream(connection) as stream:
         try:
-            command = (await stream.receive_some(_MAX_REQUEST)).decode().strip()
+            request = b""
+            while len(request) < _MAX_REQUEST and (chunk := await stream.receive_some(65536)):
+                request += chunk
+            command, _, arguments = request.decode().strip().partition(" ")
             handler = handlers.get(command)
             if handler is None:
                 reply: dict[str, Any] = {"error": f"unknown command {command!r}"}
             else:
-                reply = await handler()
+                reply = await handler(json.loads(arguments) if arguments else {})
+        except (ValueError, KeyError) as exc:  # a request the daemon refuses, not a failure
+            reply = {"error": str(exc)}
         except Exception as exc:
             log.exception("control request failed")
             reply = {"error": str(exc)}
@@ -76,12 +82,18 @@ async def _answer(connection: trio.socket.SocketType, handlers: dict[str, Handle
             await stream.send_all(json.dumps(reply).encode())
 
 
-def request(mountpoint: Path, command: str, timeout: float = 600.0) -> dict[str, Any]:
+def request(
+    mountpoint: Path,
+    command: str,
+    timeout: float = 600.0,
+    arguments: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Ask the daemon of ``mountpoint``; OSError if none listens, RuntimeError if it refused."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
         client.settimeout(timeout)
         client.connect(str(socket_path(mountpoint)))
-        client.sendall(command.encode() + b"\n")
+        line = command if arguments is None else f"{command} {json.dumps(arguments)}"
+        client.sendall(line.encode() + b"\n")
         client.shutdown(socket.SHUT_WR)
         chunks = []
         while chunk := client.recv(65536):

@@ -26,14 +26,16 @@ from typing import Any, NamedTuple, Protocol
 import trio
 
 from .cache import BlockCache
-from .catalog import Catalog, Node, SyncReport
+from .catalog import ROOT, Catalog, Node, SyncReport
 from .changes import Backlog, Changes
 from .config import Config
+from .dicom_index import BY_PATIENT, VIEW_BASE, VIEW_ROOT, DicomIndex, ViewEntry, is_view_inode
 from .errors import CloudfsError, FsError, NeedsRestore, NotFound, Unavailable
 from .prefetch import ReadAhead
 from .reader import BlockReader, Cancelled, ObjectVersion
 from .staging import StagingArea
 from .store import ARCHIVE_CLASSES, ObjectStore
+from .studies import Studies
 from .uploader import Uploader
 
 log = logging.getLogger(__name__)
@@ -161,6 +163,12 @@ class ArchiveFS:
         self._last_sync_error = ""
         self._warned_archived: set[str] = set()
         self._started = time.time()
+        self.studies: Studies | None = None
+        self.view_name = ""
+        if config.dicom.index:
+            index = DicomIndex(catalog, config.dicom.patient_folder == "name")
+            self.studies = Studies(config.dicom, index, store, cache, self.reader)
+            self.view_name = config.dicom.view_dir
 
     async def run(self, first_refresh: float) -> None:
         """The filesystem's background work: the read path's fetches, catalog refreshes and
@@ -170,6 +178,8 @@ class ArchiveFS:
             nursery.start_soon(self.reader.run)
             nursery.start_soon(self.uploader.run)
             nursery.start_soon(self.refresher, first_refresh)
+            if self.studies is not None:
+                nursery.start_soon(self.studies.run)
             for key in self._recovered_keys:
                 nursery.start_soon(self.refresh_key, key)
 
@@ -227,15 +237,19 @@ class ArchiveFS:
 
     async def lookup(self, parent: int, name: str) -> Attributes | None:
         """Attributes of ``name`` in ``parent``, or None when it does not exist."""
+        if is_view_inode(parent) or (parent == ROOT and name == self.view_name):
+            return await self._catalog(self._view_lookup, parent, name)
         node = await self._catalog(self.catalog.lookup, parent, name)
         return None if node is None else self.attributes(node)
 
     async def getattr(self, ino: int) -> Attributes:
+        if is_view_inode(ino):
+            return await self._catalog(self._view_attributes, ino)
         return self.attributes(await self._node(ino))
 
     async def opendir(self, ino: int) -> int:
         """Open a directory for listing; returns the handle readdir takes."""
-        if not (await self._node(ino)).is_dir:
+        if not (await self.getattr(ino)).is_dir:
             raise FsError(errno.ENOTDIR)
         handle = next(self._next_handle)
         self._listings[handle] = _Listing(ino)
@@ -269,8 +283,76 @@ class ArchiveFS:
 
     def _entries(self, ino: int, after: int) -> list[tuple[str, Attributes]]:
         """Worker thread: one batch of a directory's entries with their attributes."""
+        if is_view_inode(ino):
+            return self._view_entries(ino, after)
         nodes = self.catalog.children(ino, after, _READDIR_BATCH)
-        return [(node.name, self.attributes(node)) for node in nodes]
+        entries = [(node.name, self.attributes(node)) for node in nodes]
+        # The view's root comes last in the root directory: its inode is above all others.
+        if ino == ROOT and len(entries) < _READDIR_BATCH and self._view_shown():
+            entries.append((self.view_name, self._view_directory(VIEW_ROOT)))
+        return entries
+
+    # -- the DICOM browse view (worker threads) -------------------------------------------
+
+    def _view_directory(self, entry_id: int) -> Attributes:
+        return Attributes(
+            VIEW_BASE + entry_id,
+            stat.S_IFDIR | 0o555,
+            0,
+            int(self._started * 1e9),
+            self.uid,
+            self.gid,
+            self.cache.block_size,
+        )
+
+    def _view_file(self, entry: ViewEntry, node: Node) -> Attributes:
+        attributes = self.attributes(node)
+        return attributes._replace(ino=entry.ino, mode=attributes.mode & ~0o222)
+
+    def _view_attributes(self, ino: int) -> Attributes:
+        assert self.studies is not None
+        entry = self.studies.index.view_entry(ino - VIEW_BASE)
+        if entry is None:
+            raise NotFound(f"view entry {ino}")
+        if entry.target is None:
+            return self._view_directory(entry.id)
+        node = self.catalog.by_key(entry.target)
+        if node is None:  # the object left the catalog; the indexer drops the entry soon
+            raise NotFound(entry.target)
+        return self._view_file(entry, node)
+
+    def _view_shown(self) -> bool:
+        """The view appears at the root once it holds an instance: an archive without DICOM
+        shows only its own tree."""
+        if self.studies is None or not self.view_name:
+            return False
+        return bool(self.studies.index.view_children(BY_PATIENT, 0, 1))
+
+    def _view_lookup(self, parent: int, name: str) -> Attributes | None:
+        assert self.studies is not None
+        if parent == ROOT:
+            return self._view_directory(VIEW_ROOT) if self._view_shown() else None
+        entry = self.studies.index.view_lookup(parent - VIEW_BASE, name)
+        if entry is None:
+            return None
+        if entry.target is None:
+            return self._view_directory(entry.id)
+        node = self.catalog.by_key(entry.target)
+        return None if node is None else self._view_file(entry, node)
+
+    def _view_entries(self, ino: int, after: int) -> list[tuple[str, Attributes]]:
+        assert self.studies is not None
+        index = self.studies.index
+        after_id = max(after - VIEW_BASE, 0)
+        entries = index.view_children(ino - VIEW_BASE, after_id, _READDIR_BATCH)
+        nodes = index.target_nodes([e.target for e in entries if e.target is not None])
+        listed = []
+        for entry in entries:
+            if entry.target is None:
+                listed.append((entry.name, self._view_directory(entry.id)))
+            elif entry.target in nodes:
+                listed.append((entry.name, self._view_file(entry, nodes[entry.target])))
+        return listed
 
     async def _read_batch(self, ino: int, batch: _Batch) -> None:
         try:
@@ -291,7 +373,11 @@ class ArchiveFS:
         Reading a file whose bytes are in the cloud pins the version it had at open.  Writing
         moves the file into the staging area first (the whole file: objects cannot be patched),
         unless it is truncated at open, which is how a PACS or a copy overwrites a file."""
-        node = await self._node(ino)
+        if is_view_inode(ino):
+            node = await self._catalog(self._view_open, ino, flags)
+            ino = node.ino
+        else:
+            node = await self._node(ino)
         if node.is_dir:
             raise FsError(errno.EISDIR)
         writable = bool(flags & (os.O_WRONLY | os.O_RDWR))
@@ -306,11 +392,26 @@ class ArchiveFS:
         if node.storage_class in ARCHIVE_CLASSES:
             await self._check_restored(node.cloud_key)
         version = ObjectVersion(node.cloud_key, node.etag, node.size)
+        if self.studies is not None:
+            self.studies.opened(node.cloud_key)
         keep_cache = self._opened_versions.get(ino) == node.etag
         if len(self._opened_versions) >= _REMEMBERED_VERSIONS:
             self._opened_versions.clear()
         self._opened_versions[ino] = node.etag
         return self._new_handle(ino, version, None, False), keep_cache
+
+    def _view_open(self, ino: int, flags: int) -> Node:
+        """Worker thread: the catalog node a view file shows; the view is read-only."""
+        assert self.studies is not None
+        entry = self.studies.index.view_entry(ino - VIEW_BASE)
+        if entry is None or entry.target is None:
+            raise NotFound(f"view entry {ino}") if entry is None else FsError(errno.EISDIR)
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
+            raise FsError(errno.EROFS, "the DICOM view is read-only")
+        node = self.catalog.by_key(entry.target)
+        if node is None:
+            raise NotFound(entry.target)
+        return node
 
     def _new_handle(
         self, ino: int, version: ObjectVersion | None, staged: StagedFile | None, writable: bool
@@ -604,6 +705,10 @@ class ArchiveFS:
             staged.detached = True
         return True
 
+    def settled(self) -> None:
+        if self.studies is not None:
+            self.studies.wake()  # its header is read from the cache, without a GET
+
     async def diverted(self, before: Node, after: Node) -> None:
         await self.kernel.forget([], [(before.parent, before.name), (after.parent, after.name)])
         if before.key is not None:
@@ -611,15 +716,22 @@ class ArchiveFS:
 
     # -- changing the tree -------------------------------------------------------------------
 
-    def _refuse_if_read_only(self) -> None:
+    def _refuse_if_read_only(self, *changed: tuple[int, str]) -> None:
+        """Refuse a change on a read-only mount, inside the DICOM view, or of the view's own
+        name at the root (which a real entry may not take)."""
         if self.config.mount.read_only:
             raise FsError(errno.EROFS, "this mount is read-only")
+        for parent, name in changed:
+            if is_view_inode(parent):
+                raise FsError(errno.EROFS, "the DICOM view is read-only")
+            if parent == ROOT and name == self.view_name and name:
+                raise FsError(errno.EEXIST, f"{name} is the DICOM view")
 
     async def create(
         self, parent: int, name: str, mode: int, flags: int, uid: int, gid: int
     ) -> tuple[int, Attributes]:
         """Create and open a file (O_CREAT); an existing name is opened unless O_EXCL."""
-        self._refuse_if_read_only()
+        self._refuse_if_read_only((parent, name))
 
         def create_both() -> tuple[str, int, Node]:
             """One worker-thread call for both: a PACS creates thousands of files a minute."""
@@ -657,14 +769,14 @@ class ArchiveFS:
             self._making_ahead = False
 
     async def mkdir(self, parent: int, name: str, mode: int, uid: int, gid: int) -> Attributes:
-        self._refuse_if_read_only()
+        self._refuse_if_read_only((parent, name))
         node = await self._catalog(
             self.changes.make_directory, parent, name, mode & 0o7777, uid, gid
         )
         return self.attributes(node)
 
     async def unlink(self, parent: int, name: str) -> None:
-        self._refuse_if_read_only()
+        self._refuse_if_read_only((parent, name))
         node = await self._catalog(self.changes.unlink, parent, name)
         await self._drop_staged(node)
         self.uploader.notify()
@@ -677,14 +789,14 @@ class ArchiveFS:
             await self._disk(self.staging.remove, node.staged)
 
     async def rmdir(self, parent: int, name: str) -> None:
-        self._refuse_if_read_only()
+        self._refuse_if_read_only((parent, name))
         await self._catalog(self.changes.remove_directory, parent, name)
         self.uploader.notify()
 
     async def rename(
         self, parent: int, name: str, new_parent: int, new_name: str, flags: int
     ) -> None:
-        self._refuse_if_read_only()
+        self._refuse_if_read_only((parent, name), (new_parent, new_name))
         _, replaced = await self._catalog(
             self.changes.rename, parent, name, new_parent, new_name, flags
         )
@@ -705,6 +817,8 @@ class ArchiveFS:
         """truncate, chmod, chown, utime.  A truncate of a closed file stages it like an open
         for writing would, and it goes up as soon as it is done."""
         self._refuse_if_read_only()
+        if is_view_inode(ino):
+            raise FsError(errno.EROFS, "the DICOM view is read-only")
         if size is not None:
             staged = self._staged.get(ino)
             if handle is not None and handle in self._handles and staged is not None:
@@ -752,6 +866,8 @@ class ArchiveFS:
             self._last_sync_error = str(exc)
             raise
         self._last_sync, self._last_sync_error = report, ""
+        if self.studies is not None:
+            self.studies.wake()
         # Sizes and names the kernel cached for attr_timeout would hide the changes until then.
         await self.kernel.forget(report.stale_inodes, report.stale_names)
         log.info(
@@ -845,6 +961,36 @@ class ArchiveFS:
             },
             "uploads": self._upload_status(facts["backlog"]),
             "open_files": len(self._handles),
+            "dicom": None if self.studies is None else await self.studies.status(),
+        }
+
+    def control_handlers(self) -> dict[str, Any]:
+        """What ``cloudfs`` commands may ask this mount (see ``control``)."""
+
+        def dicom() -> Studies:
+            if self.studies is None:
+                raise ValueError("DICOM indexing is off on this mount (--no-dicom-index)")
+            return self.studies
+
+        async def studies(arguments: dict[str, Any]) -> dict[str, Any]:
+            selector, limit = arguments.get("selector", {}), int(arguments.get("limit", 1000))
+            index = dicom().index
+            rows = await self._catalog(index.studies, selector, limit)
+            return {"studies": rows}
+
+        async def progress(arguments: dict[str, Any]) -> dict[str, Any]:
+            return dicom().prefetch_progress(int(arguments["id"]))
+
+        return {
+            "status": lambda arguments: self.status(),
+            "refresh": lambda arguments: self.refresh(),
+            "index": lambda arguments: dicom().status(),
+            "studies": studies,
+            "pins": lambda arguments: dicom().pins(),
+            "pin": lambda arguments: dicom().pin(arguments["selector"]),
+            "unpin": lambda arguments: dicom().unpin(arguments["selector"]),
+            "prefetch": lambda arguments: dicom().prefetch(arguments["selector"]),
+            "prefetch-progress": progress,
         }
 
     def _upload_status(self, backlog: Backlog) -> dict[str, Any]:

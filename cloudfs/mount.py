@@ -176,9 +176,7 @@ def serve(config: Config, on_ready: Callable[[], None]) -> None:
         nursery.start_soon(fs.run, first_refresh)
         nursery.start_soon(_stop_on_signals)
         nursery.start_soon(_announce_ready, config, on_ready)
-        nursery.start_soon(
-            control.serve, control_socket, {"status": fs.status, "refresh": fs.refresh}
-        )
+        nursery.start_soon(control.serve, control_socket, fs.control_handlers())
 
     log.info("mounting %s at %s", store.describe(), config.mountpoint)
     try:

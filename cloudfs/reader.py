@@ -365,6 +365,35 @@ class BlockReader:
             self._ahead_budget.release(_held(start, end) - kept)
             self._start_fetches(obj, still, ahead=True)
 
+    async def fetch_object(self, obj: ObjectVersion) -> int:
+        """Make a whole object local as read-ahead does (its own threads and memory budget, so
+        foreground reads go first) and wait until it is; returns the bytes fetched (0: it was
+        local already).  Raises the store's error if a fetch fails."""
+        blocks = range(-(-obj.size // self.block_size))
+        candidates = [i for i in blocks if self._unfetched(obj.block(i))]
+        waiting = [p for i in blocks if (p := self._inflight.get(obj.block(i))) is not None]
+        fetched = 0
+        if candidates:
+            on_disk = await trio.to_thread.run_sync(
+                self._on_disk, obj, candidates, limiter=self._disk_threads
+            )
+            for run in self._runs([i for i in candidates if i not in on_disk]):
+                start, end = self._span(obj, run)
+                await self._ahead_budget.acquire(_held(start, end))
+                still = [i for i in run if self._unfetched(obj.block(i))]
+                spans = (self._span(obj, r) for r in self._runs(still))
+                kept = sum(_held(a, b) for a, b in spans)
+                self._ahead_budget.release(_held(start, end) - kept)
+                started = self._start_fetches(obj, still, ahead=True)
+                waiting.extend(started.values())
+                fetched += sum(min(obj.size, (i + 1) * self.block_size) - i * self.block_size
+                               for i in started)  # fmt: skip
+        for pending in waiting:
+            await pending.done.wait()
+            if pending.error is not None:
+                raise pending.error
+        return fetched
+
     def warm(self, obj: ObjectVersion, first: int) -> None:
         """Load the next WARM_AHEAD blocks from the disk cache into memory in the background,
         so a sequential reader of cached data finds them there instead of waiting for a disk

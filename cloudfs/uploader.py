@@ -56,6 +56,10 @@ class StagingOwner(Protocol):
         """A conflict renamed a local file next to the other writer's object."""
         ...
 
+    def settled(self) -> None:
+        """An upload is done and its bytes are in the block cache."""
+        ...
+
 
 @dataclass
 class UploadStats:
@@ -329,6 +333,7 @@ class Uploader:
                     self.staging.remove(staged)
 
             await trio.to_thread.run_sync(settle_locally, limiter=self._threads)
+            self.owner.settled()
 
         try:
             error = await self._attempt(item, (key,), step)

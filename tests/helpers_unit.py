@@ -17,7 +17,7 @@ import trio
 
 from cloudfs.cache import BlockCache
 from cloudfs.catalog import ROOT, Catalog, Node
-from cloudfs.config import CacheOptions, Config, KiB, MiB, MountOptions
+from cloudfs.config import CacheOptions, Config, DicomOptions, KiB, MiB, MountOptions
 from cloudfs.errors import Unavailable
 from cloudfs.fs import ArchiveFS
 from cloudfs.store import ObjectInfo, ObjectStore
@@ -158,9 +158,12 @@ def make_rig(
     files: Mapping[str, bytes],
     dirs: tuple[str, ...] = (),
     mount: MountOptions | None = None,
+    dicom: DicomOptions | None = None,
     **overrides: Any,
 ) -> Rig:
-    """A source directory holding ``files`` (and empty ``dirs``), synced into a fresh catalog."""
+    """A source directory holding ``files`` (and empty ``dirs``), synced into a fresh catalog.
+    DICOM indexing is off unless ``dicom`` is given: its header reads would show up in the
+    store's request log that read-path tests count."""
     source = tmp / "source"
     source.mkdir(parents=True)
     options = cache_options(tmp / "cache", **overrides)
@@ -170,6 +173,7 @@ def make_rig(
         mountpoint=tmp / "mnt",
         cache=options,
         mount=mount or MountOptions(),
+        dicom=dicom or DicomOptions(index=False, view_dir=""),
     )
     store = InstrumentedStore(LocalStore(source))
     rig = Rig(

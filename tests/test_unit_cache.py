@@ -7,10 +7,12 @@ import os
 import random
 import sqlite3
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
+from cloudfs import cache as cache_module
 from cloudfs.cache import BlockCache, BlockId
 
 BLOCK = 64 * 1024
@@ -275,3 +277,239 @@ def test_failed_read_is_a_miss(cache: BlockCache, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(cache._store, "get", broken)
     assert cache.get(block) is None
     assert cache.corrupt_blocks == 0
+
+
+# Pinning: pinned blocks outlive unpinned ones, across re-puts, recency updates and reopening.
+
+PIN_LIMIT = 2 * 1024 * 1024
+
+
+def stream(cache: BlockCache, count: int, first_seed: int = 10_000) -> None:
+    """Insert ``count`` unpinned blocks, checking the cap after each one."""
+    for index in range(count):
+        assert cache.put(BlockId("stream", '"e"', first_seed + index), payload(first_seed + index))
+        assert cache.volume() <= cache.size_limit, index
+
+
+def pressure(cache: BlockCache) -> None:
+    """Three times the cache's size in new, unpinned blocks."""
+    stream(cache, 3 * cache.size_limit // BLOCK)
+
+
+def blocks_of(key: str, count: int) -> list[BlockId]:
+    return [BlockId(key, '"e"', index) for index in range(count)]
+
+
+def intact(cache: BlockCache, block: BlockId, seed: int) -> bool:
+    got = cache.get(block)
+    return got is not None and bytes(got) == payload(seed)
+
+
+@pytest.fixture
+def small(tmp_path: Path) -> Iterator[BlockCache]:
+    opened = BlockCache(tmp_path / "blocks", PIN_LIMIT, BLOCK)
+    yield opened
+    opened.close()
+
+
+def test_pinned_blocks_survive_pressure(small: BlockCache) -> None:
+    """Pinned blocks outlive three cache sizes of inserts; unpinned blocks stored with them go."""
+    pinned, old = blocks_of("keep", 4), blocks_of("old", 4)
+    for index, block in enumerate(pinned + old):
+        assert small.put(block, payload(index))
+    assert small.pin(pinned) == 4
+    assert all(small.is_pinned(block) for block in pinned)
+    assert not any(small.is_pinned(block) for block in old)
+    pressure(small)
+    assert all(intact(small, block, index) for index, block in enumerate(pinned))
+    assert not any(small.contains(block) for block in old)
+
+
+def test_block_stored_for_pinned_key_is_pinned_at_insert(small: BlockCache) -> None:
+    """After pin_keys, a block stored for one of the keys is pinned by the insert itself."""
+    small.pin_keys({"keep"})
+    kept, other = BlockId("keep", '"e"', 0), BlockId("other", '"e"', 0)
+    assert small.put(kept, payload(1))
+    assert small.put(other, payload(2))
+    assert small.is_pinned(kept)
+    assert not small.is_pinned(other)
+    pressure(small)
+    assert intact(small, kept, 1)
+    assert not small.contains(other)
+    # A new set replaces the old one: later blocks of the key are not pinned, earlier ones stay.
+    small.pin_keys(set())
+    later = BlockId("keep", '"e"', 1)
+    assert small.put(later, payload(3))
+    assert not small.is_pinned(later)
+    assert small.is_pinned(kept)
+
+
+def test_re_put_keeps_pin(small: BlockCache) -> None:
+    """Storing a pinned block again (diskcache resets its store time) leaves it pinned."""
+    explicit, by_key = BlockId("a", '"e"', 0), BlockId("b", '"e"', 0)
+    assert small.put(explicit, payload(1))
+    assert small.pin([explicit]) == 1
+    assert small.put(explicit, payload(1))
+    assert small.is_pinned(explicit)
+    # An unpinned block stored again once its key is pinned becomes pinned.
+    assert small.put(by_key, payload(2))
+    assert not small.is_pinned(by_key)
+    small.pin_keys({"b"})
+    assert small.put(by_key, payload(2))
+    assert small.is_pinned(by_key)
+    assert small.put(by_key, payload(2))
+    assert small.is_pinned(by_key)
+    pressure(small)
+    assert intact(small, explicit, 1) and intact(small, by_key, 2)
+    assert small.block_count() < small.size_limit // BLOCK
+
+
+def test_record_recency_leaves_pins(small: BlockCache) -> None:
+    """Reading pinned blocks and recording their recency does not unpin them."""
+    pinned = blocks_of("keep", 3)
+    for index, block in enumerate(pinned):
+        small.put(block, payload(index))
+    assert small.pin(pinned) == 3
+    for block in pinned:
+        assert small.get(block) is not None
+    small.record_recency()
+    assert all(small.is_pinned(block) for block in pinned)
+    pressure(small)
+    assert all(intact(small, block, index) for index, block in enumerate(pinned))
+
+
+def test_unpin_makes_blocks_evictable(small: BlockCache) -> None:
+    """Unpinned blocks are ordinary again: they go under pressure."""
+    pinned = blocks_of("keep", 4)
+    for index, block in enumerate(pinned):
+        small.put(block, payload(index))
+    small.pin_keys({"keep"})  # the key set only governs inserts, not unpin
+    assert small.pin(pinned) == 4
+    assert small.unpin(pinned[:3]) == 3
+    assert not any(small.is_pinned(block) for block in pinned[:3])
+    assert small.is_pinned(pinned[3])
+    pressure(small)
+    assert not any(small.contains(block) for block in pinned[:3])
+    assert intact(small, pinned[3], 3)
+
+
+def test_pins_survive_reopen(tmp_path: Path) -> None:
+    """Pins are stored with the blocks: a reopened cache still keeps them under pressure."""
+    first = BlockCache(tmp_path / "blocks", PIN_LIMIT, BLOCK)
+    pinned = blocks_of("keep", 3)
+    for index, block in enumerate(pinned):
+        first.put(block, payload(index))
+    first.put(BlockId("other", '"e"', 0), payload(9))
+    first.pin(pinned)
+    volume = first.pinned_volume()
+    first.close()
+    again = BlockCache(tmp_path / "blocks", PIN_LIMIT, BLOCK)
+    assert all(again.is_pinned(block) for block in pinned)
+    assert again.pinned_volume() == volume
+    # The insert pinning works in the reopened cache too.
+    again.pin_keys({"new"})
+    fresh = BlockId("new", '"e"', 0)
+    again.put(fresh, payload(5))
+    pressure(again)
+    assert all(intact(again, block, index) for index, block in enumerate(pinned))
+    assert intact(again, fresh, 5)
+    assert not again.contains(BlockId("other", '"e"', 0))
+    again.close()
+
+
+def test_pinned_volume(small: BlockCache) -> None:
+    """pinned_volume counts the stored size (header included) of pinned blocks only."""
+    assert small.pinned_volume() == 0
+    sizes = [BLOCK, 1234, 0]
+    pinned = blocks_of("keep", len(sizes))
+    for index, (block, size) in enumerate(zip(pinned, sizes, strict=True)):
+        small.put(block, payload(index, size))
+    small.put(BlockId("other", '"e"', 0), payload(7))
+    small.pin(pinned)
+    header = cache_module._HEADER.size
+    assert small.pinned_volume() == sum(size + header for size in sizes)
+    small.unpin(pinned[:1])
+    assert small.pinned_volume() == sum(size + header for size in sizes[1:])
+
+
+def test_cap_holds_with_pins(small: BlockCache) -> None:
+    """Pins never break the cap, even when pinned blocks alone would overfill the cache: then
+    the oldest pins go first."""
+    small.pin_keys({"keep"})
+    for index in range(8):
+        assert small.put(BlockId("keep", '"e"', index), payload(index))
+    stream(small, 3 * small.size_limit // BLOCK)
+    assert small.pinned_volume() == 8 * (BLOCK + cache_module._HEADER.size)
+    # Everything pinned: the cache still evicts, the earliest pins first.
+    small.pin_keys({"all"})
+    everything = blocks_of("all", 3 * small.size_limit // BLOCK)
+    for index, block in enumerate(everything):
+        assert small.put(block, payload(index))
+        assert small.volume() <= small.size_limit, index
+    assert not small.contains(everything[0])
+    assert intact(small, everything[-1], len(everything) - 1)
+    assert small.pinned_volume() <= small.size_limit
+
+
+def test_pin_and_unpin_count_only_present_blocks(small: BlockCache) -> None:
+    """Absent blocks are ignored, duplicates counted once, already pinned blocks still found."""
+    present, absent = BlockId("a", '"e"', 0), BlockId("a", '"e"', 1)
+    small.put(present, payload(1))
+    assert small.pin([]) == 0
+    assert small.pin([absent]) == 0
+    assert small.pin([present, absent, present]) == 1
+    assert small.pin(iter([present])) == 1
+    assert small.is_pinned(present)
+    assert not small.is_pinned(absent)
+    assert not small.contains(absent)
+    assert small.unpin([absent]) == 0
+    assert small.unpin([present, absent]) == 1
+    assert not small.is_pinned(present)
+    assert small.unpin([present]) == 1
+
+
+def test_large_pin_is_split_into_transactions(
+    small: BlockCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pin of more rows than one transaction takes pins them all."""
+    blocks = [BlockId(f"k{index}", '"e"', 0) for index in range(20)]
+    for index, block in enumerate(blocks):
+        small.put(block, payload(index, 100))
+    monkeypatch.setattr(small, "_rows_per_transaction", 3)
+    assert small.pin(blocks + [BlockId("absent", '"e"', 0)]) == 20
+    assert all(small.is_pinned(block) for block in blocks)
+    assert small.unpin(blocks) == 20
+    assert small.pinned_volume() == 0
+
+
+def test_pinning_from_many_threads(small: BlockCache) -> None:
+    """Pins, unpins, inserts and recency updates from parallel threads keep the cap and the pins."""
+    small.pin_keys({"keep"})
+    kept = blocks_of("keep", 4)
+
+    def insert(worker: int) -> None:
+        for index in range(40):
+            seed = 1000 * (worker + 1) + index
+            small.put(BlockId(f"w{worker}", '"e"', index), payload(seed))
+            if index % 8 == 0:
+                small.record_recency()
+
+    def toggle() -> None:
+        mine = BlockId("toggled", '"e"', 0)
+        small.put(mine, payload(99))
+        for _ in range(20):
+            small.unpin([mine])
+            small.pin([mine])
+
+    for index, block in enumerate(kept):
+        small.put(block, payload(index))
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(insert, worker) for worker in range(3)] + [pool.submit(toggle)]
+        for future in futures:
+            future.result()
+    assert small.volume() <= small.size_limit
+    assert all(intact(small, block, index) for index, block in enumerate(kept))
+    # Between an unpin and the next pin the block may be evicted by the other threads' inserts
+    # (then the pin finds nothing); if it is still there, the last pin holds.
+    toggled = BlockId("toggled", '"e"', 0)
+    assert small.is_pinned(toggled) or not small.contains(toggled)

@@ -55,16 +55,23 @@ def test_serve_answers_requests(short_dir: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(control, "socket_path", lambda mountpoint: sock)
     calls: list[str] = []
 
-    async def status() -> dict[str, Any]:
+    async def status(arguments: dict[str, Any]) -> dict[str, Any]:
         calls.append("status")
         return {"pid": 7, "cache": {"bytes": 1}}
 
-    async def broken() -> dict[str, Any]:
+    async def broken(arguments: dict[str, Any]) -> dict[str, Any]:
         raise RuntimeError("handler exploded")
+
+    async def echo(arguments: dict[str, Any]) -> dict[str, Any]:
+        if arguments.get("refuse"):
+            raise ValueError("refused: " + arguments["refuse"])
+        return {"got": arguments}
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(control.serve, sock, {"status": status, "refresh": broken})
+            nursery.start_soon(
+                control.serve, sock, {"status": status, "refresh": broken, "echo": echo}
+            )
             with trio.fail_after(5):
                 while not sock.exists():
                     await trio.sleep(0.01)
@@ -83,6 +90,17 @@ def test_serve_answers_requests(short_dir: Path, monkeypatch: pytest.MonkeyPatch
             with pytest.raises(RuntimeError, match="handler exploded"):
                 await trio.to_thread.run_sync(ask, "refresh")
             assert (await trio.to_thread.run_sync(ask, "status"))["pid"] == 7
+            big = {"study": "1.2." * 2000, "path": "ü/x"}
+            reply = await trio.to_thread.run_sync(
+                lambda: control.request(short_dir / "mnt", "echo", timeout=5, arguments=big)
+            )
+            assert reply == {"got": big}
+            with pytest.raises(RuntimeError, match="refused: no"):
+                await trio.to_thread.run_sync(
+                    lambda: control.request(
+                        short_dir / "mnt", "echo", timeout=5, arguments={"refuse": "no"}
+                    )
+                )
             nursery.cancel_scope.cancel()
 
     trio.run(main)
