@@ -267,6 +267,22 @@ class Catalog:
     def by_key(self, key: str) -> Node | None:
         return self.find("key=?", key)
 
+    def path_of(self, ino: int) -> str:
+        """The mount-relative path of a node, from its ancestors (for the audit trail)."""
+        rows = (
+            self.connection()
+            .execute(
+                "WITH RECURSIVE up(ino, parent, name, depth) AS ("
+                "SELECT ino, parent, name, 0 FROM nodes WHERE ino=? UNION ALL "
+                "SELECT n.ino, n.parent, n.name, up.depth + 1 FROM nodes n "
+                "JOIN up ON n.ino = up.parent WHERE up.ino != ? AND up.depth < 4096) "
+                "SELECT name FROM up ORDER BY depth DESC",
+                (ino, ROOT),
+            )
+            .fetchall()
+        )
+        return "/".join(row[0] for row in rows if row[0])
+
     def children(self, parent: int, after: int, limit: int) -> list[Node]:
         """Entries of a directory with inode above ``after``: readdir offsets survive changes."""
         rows = (

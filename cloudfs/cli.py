@@ -21,7 +21,8 @@ from typing import Any
 
 import click
 
-from . import __version__, control
+from . import __version__, configfile, control
+from .audit import LEVELS, AuditOptions, rotated_files, verify
 from .config import (
     PATIENT_FOLDERS,
     UPLOAD_MODES,
@@ -35,6 +36,7 @@ from .config import (
     parse_size,
 )
 from .errors import ConfigError
+from .metrics import DEFAULT_ADDRESS
 from .mount import mounted_cloudfs, serve
 
 log = logging.getLogger("cloudfs")
@@ -58,6 +60,24 @@ class SizeType(click.ParamType):
 
 
 SIZE = SizeType()
+
+
+class OctalType(click.ParamType):
+    name = "octal"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            number = int(str(value), 8)
+        except ValueError:
+            self.fail(f"not an octal mode: {value!r} (e.g. 022 or 027)", param, ctx)
+        if not 0 <= number <= 0o777:
+            self.fail(f"{value!r} is not a umask (000 to 777)", param, ctx)
+        return number
+
+
+OCTAL = OctalType()
 
 
 def default_cache_dir(source: str) -> Path:
@@ -88,6 +108,49 @@ def setup_logging(level: str, log_file: Path | None) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+_MOUNT_HELPER_DROPS = {"_netdev", "auto", "noauto", "nofail", "user", "users", "nouser", "rw"}
+"""fstab options meant for mount(8) and systemd, not for the filesystem."""
+
+
+def mount_helper_arguments(argv: list[str]) -> list[str]:
+    """Turn ``cloudfs SOURCE MOUNTPOINT -o opt,key=value`` (how mount.fuse3 starts the program
+    of an fstab line of type ``fuse.cloudfs``) into ``cloudfs mount ...``: ``key=value`` options
+    that name a ``cloudfs mount`` option (``cache_size=500G``, ``config=/etc/cloudfs/a.toml``)
+    become that option, flags likewise (``read_only``), the rest stay FUSE options."""
+    if len(argv) < 2 or "://" not in argv[0]:
+        return argv
+    known = {parameter.name: parameter for parameter in mount.params}
+    known["config"] = known["config_file"]
+    arguments = ["mount", argv[0], argv[1]]
+    rest = argv[2:]
+    while rest:
+        item = rest.pop(0)
+        if item != "-o" or not rest:
+            arguments.append(item)
+            continue
+        for option in rest.pop(0).split(","):
+            name, has_value, value = option.partition("=")
+            parameter = known.get(name.replace("-", "_"))
+            if option in _MOUNT_HELPER_DROPS or not option:
+                continue
+            if isinstance(parameter, click.Option) and name not in ("ro", "o"):
+                flag = parameter.opts[0]
+                if parameter.is_flag and not has_value:
+                    arguments.append(flag)
+                elif has_value:
+                    arguments += [flag, value]
+                else:
+                    raise click.UsageError(f"-o {name} needs a value ({name}=...)")
+            else:
+                arguments += ["-o", option]
+    return arguments
+
+
+def run() -> None:
+    """The ``cloudfs`` program: the commands below, or the form mount(8) uses for fstab."""
+    main(args=mount_helper_arguments(sys.argv[1:]))
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="cloudfs")
 def main() -> None:
@@ -99,8 +162,8 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("source")
-@click.argument("mountpoint", type=click.Path(path_type=Path))
+@click.argument("source", required=False)
+@click.argument("mountpoint", type=click.Path(path_type=Path), required=False)
 @click.option(
     "--cache-dir",
     type=click.Path(path_type=Path),
@@ -218,11 +281,82 @@ def main() -> None:
 @click.option("--profile", help="AWS profile [default: AWS_PROFILE or the default chain].")
 @click.option("--path-style", is_flag=True, help="Use path-style S3 addressing.")
 @click.option(
+    "--sse",
+    type=click.Choice(["AES256", "aws:kms"]),
+    help="Server-side encryption of every object written [default: the bucket's].",
+)
+@click.option("--sse-kms-key-id", help="KMS key for --sse aws:kms [default: aws/s3].")
+@click.option(
+    "--verify-tls/--no-verify-tls",
+    default=True,
+    show_default=True,
+    help="Check the endpoint's TLS certificate (off only for test endpoints).",
+)
+@click.option(
     "-o",
     "fuse_options",
     multiple=True,
     metavar="OPT[,OPT...]",
     help="FUSE mount options, e.g. -o allow_other (ro is the same as --read-only).",
+)
+@click.option(
+    "--uid",
+    "owner_uid",
+    type=click.IntRange(0),
+    help="Owner of objects that carry none [default: the mounting user].",
+)
+@click.option(
+    "--gid",
+    "owner_gid",
+    type=click.IntRange(0),
+    help="Group of objects that carry none [default: the mounting user's].",
+)
+@click.option(
+    "--umask",
+    type=OCTAL,
+    default="022",
+    show_default=True,
+    help="Cleared from the default modes of objects that carry none (octal).",
+)
+@click.option(
+    "--metrics",
+    "metrics_address",
+    is_flag=False,
+    flag_value=DEFAULT_ADDRESS,
+    default="",
+    metavar="[HOST:]PORT",
+    help=f"Serve Prometheus metrics (alone: on {DEFAULT_ADDRESS}).",
+)
+@click.option(
+    "--audit-log",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Write the access audit trail (hash-chained JSON lines) to this file.",
+)
+@click.option(
+    "--audit-level",
+    type=click.Choice(LEVELS),
+    default="changes",
+    show_default=True,
+    help="changes: opens and changes; all: reads too (per file and process).",
+)
+@click.option(
+    "--audit-max-size",
+    type=SIZE,
+    default="64M",
+    show_default=True,
+    help="Rotate the audit log at this size.",
+)
+@click.option(
+    "--audit-backups",
+    type=click.IntRange(0),
+    default=10,
+    show_default=True,
+    help="Rotated audit logs kept.",
+)
+@click.option(
+    "--audit-syslog",
+    metavar="ADDRESS",
+    help="Also send audit records to syslog (RFC 5424): /dev/log, or host:port (UDP).",
 )
 @click.option(
     "--dicom-index/--no-dicom-index",
@@ -295,7 +429,54 @@ def main() -> None:
     help="Log file [default: stderr in the foreground, CACHE_DIR/cloudfs.log otherwise].",
 )
 @click.option("--ready-fd", type=int, hidden=True)
-def mount(
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="A TOML file of these options (see README); options given here override it.",
+)
+@click.pass_context
+def mount(context: click.Context, config_file: Path | None, **given: Any) -> None:
+    """Mount SOURCE (s3://bucket[/prefix] or file:///path) at MOUNTPOINT.
+
+    S3 credentials, region and endpoint follow the standard AWS configuration (environment,
+    AWS_PROFILE, ~/.aws, instance roles, AWS_ENDPOINT_URL); the options here override it.
+    SOURCE and MOUNTPOINT may come from the --config file instead.
+    """
+    if config_file is not None:
+        given = _with_config_file(context, config_file, given)
+    for name in ("source", "mountpoint"):
+        if given[name] is None:
+            raise click.UsageError(f"missing {name.upper()} (give it, or set it in --config)")
+    _mount(**given)
+
+
+def _with_config_file(context: click.Context, path: Path, given: dict[str, Any]) -> dict[str, Any]:
+    """``given`` with the file's values for every option not set on the command line."""
+    try:
+        settings = configfile.load(path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    parameters = {parameter.name: parameter for parameter in context.command.params}
+    merged = dict(given)
+    for name, (where, value) in settings.items():
+        if context.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE:
+            continue
+        parameter = parameters[name]
+        if parameter.multiple and isinstance(value, str):
+            value = [value]
+        try:
+            merged[name] = parameter.type_cast_value(context, value)
+        except click.BadParameter as exc:
+            raise click.ClickException(f"{path}: {where}: {exc.message}") from None
+        except (TypeError, ValueError):
+            raise click.ClickException(
+                f"{path}: {where}: expected {parameter.type.name}, got {value!r}"
+            ) from None
+    return merged
+
+
+def _mount(
     source: str,
     mountpoint: Path,
     cache_dir: Path | None,
@@ -319,7 +500,19 @@ def mount(
     region: str | None,
     profile: str | None,
     path_style: bool,
+    sse: str | None,
+    sse_kms_key_id: str | None,
+    verify_tls: bool,
     fuse_options: tuple[str, ...],
+    owner_uid: int | None,
+    owner_gid: int | None,
+    umask: int,
+    metrics_address: str,
+    audit_log: Path | None,
+    audit_level: str,
+    audit_max_size: int,
+    audit_backups: int,
+    audit_syslog: str | None,
     dicom_index: bool,
     view_dir: str,
     patient_folder: str,
@@ -333,11 +526,6 @@ def mount(
     log_file: Path | None,
     ready_fd: int | None,
 ) -> None:
-    """Mount SOURCE (s3://bucket[/prefix] or file:///path) at MOUNTPOINT.
-
-    S3 credentials, region and endpoint follow the standard AWS configuration (environment,
-    AWS_PROFILE, ~/.aws, instance roles, AWS_ENDPOINT_URL); the options here override it.
-    """
     cache_dir = (cache_dir or default_cache_dir(source)).absolute()
     extra = tuple(o for group in fuse_options for o in group.split(",") if o)
     read_only = read_only or "ro" in extra
@@ -360,6 +548,10 @@ def mount(
             attr_timeout=attr_timeout,
             refresh_interval=refresh_interval,
             fuse_options=tuple(o for o in extra if o not in ("ro", "rw")),
+            metrics_address=metrics_address,
+            owner_uid=owner_uid,
+            owner_gid=owner_gid,
+            umask=umask,
         ),
         s3=S3Options(
             endpoint_url=endpoint_url,
@@ -367,6 +559,9 @@ def mount(
             profile=profile,
             path_style=path_style,
             part_size=part_size,
+            sse=sse or "",
+            sse_kms_key_id=sse_kms_key_id,
+            verify_tls=verify_tls,
         ),
         write=WriteOptions(
             staging_limit=staging_size,
@@ -385,6 +580,15 @@ def mount(
             max_study_size=max_study_size,
             priors=priors,
             keep_recent_days=keep_recent_days,
+        ),
+        audit=None
+        if audit_log is None
+        else AuditOptions(
+            path=audit_log.absolute(),
+            level=audit_level,
+            max_bytes=audit_max_size,
+            backups=audit_backups,
+            syslog=audit_syslog,
         ),
     )
     try:
@@ -482,7 +686,7 @@ def _ask(mountpoint: Path, command: str, arguments: dict[str, Any] | None = None
 
 
 @main.command()
-@click.argument("mountpoint", type=click.Path(path_type=Path))
+@click.argument("mountpoint", type=click.Path(path_type=Path), required=False)
 @click.option(
     "--timeout",
     type=float,
@@ -490,9 +694,23 @@ def _ask(mountpoint: Path, command: str, arguments: dict[str, Any] | None = None
     show_default=True,
     help="Seconds to wait for the daemon to finish after the unmount.",
 )
-def unmount(mountpoint: Path, timeout: float) -> None:
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Take MOUNTPOINT from this mount's TOML file.",
+)
+def unmount(mountpoint: Path | None, timeout: float, config_file: Path | None) -> None:
     """Unmount MOUNTPOINT cleanly and wait for its daemon to exit.  A mount whose daemon was
     killed is detached (lazily) so the mountpoint can be used again."""
+    if mountpoint is None and config_file is not None:
+        try:
+            where = configfile.load(config_file).get("mountpoint")
+        except ConfigError as exc:
+            raise click.ClickException(str(exc)) from None
+        mountpoint = Path(where[1]) if where else None
+    if mountpoint is None:
+        raise click.UsageError("missing MOUNTPOINT (give it, or --config)")
     if not mounted_cloudfs(mountpoint):
         raise click.ClickException(f"{mountpoint}: not a cloudfs mount")
     try:
@@ -630,6 +848,27 @@ def _selector(mountpoint: Path, **given: str | None) -> dict[str, str]:
 def _need_selector(selector: dict[str, str]) -> None:
     if not selector:
         raise click.UsageError("name what: --patient, --study, --path, --from/--to, --modality")
+
+
+@main.group()
+def audit() -> None:
+    """The access audit trail."""
+
+
+@audit.command("verify")
+@click.argument("log_file", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+def audit_verify(log_file: Path) -> None:
+    """Check LOG_FILE and its rotated predecessors: every record's hash, and the chain from each
+    record to the next, so an edited, removed, inserted or reordered record is found."""
+    files = rotated_files(log_file)
+    result = verify(files)
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
+    if not result.ok:
+        where = f"{result.file}:{result.line}" if result.line else str(result.file)
+        raise click.ClickException(f"audit trail broken at {where}: {result.reason}")
+    start = "" if result.first_seq in (None, 1) else f" (from record {result.first_seq} on)"
+    click.echo(f"audit trail intact: {result.records} records in {len(files)} files{start}")
 
 
 @main.group()

@@ -9,6 +9,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .audit import AuditOptions
+
 KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
@@ -62,6 +64,14 @@ class S3Options:
     """Uploads up to this size go up in one PUT; larger ones as a multipart upload in parts of
     this size (grown for files above 10,000 parts).  AWS recommends 8-16 MiB parts for throughput,
     S3 refuses parts under 5 MiB, and an upload holds one part in memory per upload thread."""
+    sse: str = ""
+    """Server-side encryption asked for on every PUT and copy: ``AES256`` (SSE-S3) or
+    ``aws:kms`` (SSE-KMS); empty: the bucket's default encryption decides."""
+    sse_kms_key_id: str | None = None
+    """The KMS key for ``aws:kms``; None: the account's default ``aws/s3`` key."""
+    verify_tls: bool = True
+    """Check the endpoint's TLS certificate.  Off only for a test endpoint with a self-signed
+    certificate: without it, anyone on the path can read and change the archive's traffic."""
     upload_part_threads: int = 4
     """Parts of one multipart upload (or copy) sent at once: four keep a WAN link busy while one
     upload holds at most 64 MiB of parts in memory and a few of botocore's pooled connections."""
@@ -132,6 +142,17 @@ class MountOptions:
     this many days.  0 never asks: a restore costs money and takes hours, so it is opt-in."""
     free_space: int = 1 << 50
     """statfs free space: large and stable, so PACS free-space thresholds never stop ingest."""
+    owner_uid: int | None = None
+    """Owner shown for objects that carry none (written by other S3 clients); None: the user
+    running the daemon."""
+    owner_gid: int | None = None
+    umask: int = 0o022
+    """Cleared from the default modes (0755 directories, 0644 files) of objects that carry no
+    mode; 0o027 keeps others out of an archive whose objects have no stored permissions."""
+    metrics_address: str = ""
+    """``host:port`` of the Prometheus endpoint; empty: none.  ``--metrics`` alone serves on
+    127.0.0.1:9464: the endpoint has no authentication, so only the host's own scraper (or an
+    agent forwarding to it) should reach it unless the operator says otherwise."""
 
 
 UPLOAD_MODES = ("async", "sync")
@@ -209,6 +230,8 @@ class Config:
     s3: S3Options = field(default_factory=S3Options)
     write: WriteOptions = field(default_factory=WriteOptions)
     dicom: DicomOptions = field(default_factory=DicomOptions)
+    audit: AuditOptions | None = None
+    """The HIPAA audit trail; None: no trail."""
 
     def check(self) -> None:
         """Reject combinations that would make the cache thrash or the fetch path deadlock."""

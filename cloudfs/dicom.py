@@ -27,26 +27,43 @@ never decodes pixel data, never asks for more than ``HEADER_LIMIT`` bytes and ne
 more than that from a deflated object.  It holds no state, so any thread may call it;
 pydicom's complaints about odd values are silenced here because the archive's objects are not
 ours to fix and a warning per object would bury the log.
+
+The last section, "sample instances", goes the other way: ``sample_instance`` writes one valid
+instance with made-up tags and pixels, derived only from its arguments.  The demo archive, the
+tests and the benchmarks all build their DICOM objects with it, so each generates an archive
+instead of storing one, and all of them exercise the same kind of object.
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import io
 import logging
 import re
 import struct
 import unicodedata
+import uuid
 import warnings
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filereader import read_dataset, read_partial
+from pydicom.filewriter import dcmwrite
 from pydicom.multival import MultiValue
-from pydicom.tag import BaseTag
-from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.tag import BaseTag, Tag
+from pydicom.uid import (
+    UID,
+    CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    MRImageStorage,
+    SecondaryCaptureImageStorage,
+)
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, STANDARD_VR
 
 HEADER_PROBE: int = 64 * 1024
@@ -486,3 +503,131 @@ def _clean(text: str, limit: int) -> str:
     if len(encoded) > limit:
         name = encoded[:limit].decode("utf-8", "ignore").rstrip(" .")
     return name
+
+
+# -- sample instances ----------------------------------------------------------------------------
+#
+# Used by the demo archive (cloudfs/demo.py), the tests (tests/dicom_samples.py) and the viewer
+# benchmark (bench/ctstudy.py).  Everything is derived from the arguments, so the same call gives
+# the same bytes: an archive can be regenerated instead of stored, a test can predict every tag,
+# and a benchmark can check what it read against a digest of what it generated.
+
+_SAMPLE_SOP_CLASSES = {"CT": CTImageStorage, "MR": MRImageStorage}
+_SAMPLE_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "cloudfs:sample-instances")
+
+
+def derived_uid(*parts: str) -> str:
+    """A 2.25 UID from a name-based UUID of ``parts``: the same parts, the same UID.
+
+    (pydicom's ``generate_uid(prefix=None)`` ignores its entropy sources and is random, and a
+    sample archive needs the same UIDs on every run.)
+    """
+    return f"2.25.{uuid.uuid5(_SAMPLE_NAMESPACE, chr(0).join(parts)).int}"
+
+
+_SAMPLE_IMPLEMENTATION_UID = UID(derived_uid("implementation"))
+
+
+def sample_pixels(seed: str, size: int) -> bytes:
+    """``size`` bytes of a stream seeded by ``seed``: no two instances and no two blocks of one
+    instance share bytes, so bytes served from the wrong place never pass a digest check.
+    (SHAKE-128 makes them at several hundred MB/s, faster than ``random.randbytes``.)"""
+    return hashlib.shake_128(seed.encode()).digest(size)
+
+
+def sample_instance(
+    *,
+    patient_id: str,
+    patient_name: str,
+    study_uid: str,
+    study_date: str,
+    study_description: str,
+    accession: str,
+    series_uid: str,
+    series_number: int,
+    modality: str,
+    series_description: str,
+    sop_uid: str,
+    instance_number: int,
+    rows: int = 512,
+    columns: int = 512,
+    slice_thickness: float = 1.0,
+    implicit_vr: bool = False,
+    preamble: bool = True,
+    charset: str | None = None,
+    extra: Mapping[str | int, object] | None = None,
+) -> bytes:
+    """One valid instance of ``rows`` x ``columns`` 16-bit pixels: CT or MR Image Storage for
+    those modalities (axial slices ``slice_thickness`` mm apart, in Instance Number order),
+    Secondary Capture otherwise.
+
+    Part 10 (preamble, ``DICM``, file meta) by default, as a modality writes it;
+    ``preamble=False`` writes the dataset alone, as some archives hold them.  Explicit VR little
+    endian unless ``implicit_vr``.  ``charset`` is the Specific Character Set the text is
+    encoded with.  ``extra`` adds, overrides or (with None) removes elements after the others
+    are set: a keyword maps to its value, an int tag to a ``(VR, value)`` pair (private tags).
+    """
+    _quiet_pydicom()  # odd values set on purpose are no news, here as in parsing
+    sop_class = _SAMPLE_SOP_CLASSES.get(modality, SecondaryCaptureImageStorage)
+    z = f"{-(instance_number - 1) * slice_thickness:g}"
+    ds = Dataset()
+    if charset is not None:
+        ds.SpecificCharacterSet = charset
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = study_date
+    ds.StudyTime = "093000"
+    ds.AccessionNumber = accession
+    ds.Modality = modality
+    ds.Manufacturer = "CLOUDFS SAMPLES"
+    ds.ReferringPhysicianName = ""
+    ds.StudyDescription = study_description
+    ds.SeriesDescription = series_description
+    ds.PatientName = patient_name
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = "19700101"
+    ds.PatientSex = "O"
+    ds.BodyPartExamined = "CHEST" if modality in _SAMPLE_SOP_CLASSES else ""
+    ds.SliceThickness = f"{slice_thickness:g}"
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.StudyID = accession[:16]
+    ds.SeriesNumber = series_number
+    ds.InstanceNumber = instance_number
+    ds.ImagePositionPatient = ["-250", "-250", z]
+    ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
+    ds.FrameOfReferenceUID = derived_uid(study_uid, "frame")
+    ds.SliceLocation = z
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = rows
+    ds.Columns = columns
+    ds.PixelSpacing = ["0.9765625", "0.9765625"]
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    ds.PixelRepresentation = 0
+    if modality == "CT":
+        ds.WindowCenter, ds.WindowWidth = "40", "400"
+        ds.RescaleIntercept, ds.RescaleSlope = "-1024", "1"
+    ds.PixelData = sample_pixels(sop_uid, rows * columns * 2)
+    for key, value in (extra or {}).items():
+        if value is None:
+            del ds[Tag(key)]
+        elif isinstance(key, int):
+            vr, item = cast(tuple[str, object], value)
+            ds.add_new(Tag(key), vr, item)
+        else:
+            setattr(ds, key, value)
+    out = io.BytesIO()
+    if preamble:
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = sop_class
+        ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_uid)
+        ds.file_meta.TransferSyntaxUID = (
+            ImplicitVRLittleEndian if implicit_vr else ExplicitVRLittleEndian
+        )
+        ds.file_meta.ImplementationClassUID = _SAMPLE_IMPLEMENTATION_UID
+        dcmwrite(out, ds, enforce_file_format=True)
+    else:
+        dcmwrite(out, ds, implicit_vr=implicit_vr, little_endian=True)
+    return out.getvalue()

@@ -187,6 +187,7 @@ class DicomIndex:
                 current = db.execute("SELECT etag FROM nodes WHERE key=?", (item.key,)).fetchone()
                 if current is None or current[0] != item.etag:
                     continue  # changed or gone while its header was read: pending again
+                before = self._instance_identity(db, item.key)
                 self._unplace(db, item.key)
                 if isinstance(outcome, str):
                     db.execute(
@@ -194,6 +195,7 @@ class DicomIndex:
                         "indexed_at) VALUES (?,?,?,?,?)",
                         (item.key, item.etag, item.size, outcome, now),
                     )
+                    self._show_other_copy(db, before, item.key)
                     continue
                 h = outcome
                 known = (
@@ -220,6 +222,8 @@ class DicomIndex:
                     if local:
                         local_studies.append(h.study_uid)
                 self._place(db, item.key, h)
+                if before != (h.sop_uid, h.series_uid, h.study_uid):
+                    self._show_other_copy(db, before, item.key)
         return new_studies, local_studies
 
     def purge(self) -> int:
@@ -233,9 +237,37 @@ class DicomIndex:
                 )
             ]
             for key in gone:
+                before = self._instance_identity(db, key)
                 self._unplace(db, key)
                 db.execute("DELETE FROM dicom_instances WHERE key=?", (key,))
+                self._show_other_copy(db, before, key)
         return len(gone)
+
+    @staticmethod
+    def _instance_identity(db: sqlite3.Connection, key: str) -> tuple[str, str, str] | None:
+        row = db.execute(
+            "SELECT sop_uid, series_uid, study_uid FROM dicom_instances "
+            "WHERE key=? AND problem IS NULL",
+            (key,),
+        ).fetchone()
+        return (row[0], row[1], row[2]) if row and row[0] else None
+
+    def _show_other_copy(
+        self, db: sqlite3.Connection, identity: tuple[str, str, str] | None, key: str
+    ) -> None:
+        """``key`` no longer shows the SOP instance ``identity``: place another current copy of
+        it, which was kept out of the view as a duplicate, in its stead."""
+        if identity is None:
+            return
+        row = db.execute(
+            f"SELECT d.key, {_TAGS} FROM dicom_instances d "
+            "JOIN nodes n ON n.key = d.key AND n.etag = d.etag "
+            "WHERE d.sop_uid=? AND d.series_uid=? AND d.study_uid=? AND d.key != ? "
+            "AND d.problem IS NULL ORDER BY d.indexed_at LIMIT 1",
+            (*identity, key),
+        ).fetchone()
+        if row is not None:
+            self._place(db, row[0], Header(*row[1:]))
 
     # -- the view tree ---------------------------------------------------------------------
 
@@ -275,7 +307,11 @@ class DicomIndex:
             instance = f"x{folder_name(h.sop_uid, NAME_LIMIT)}.dcm"
         else:
             instance = f"{h.instance_number:04d}.dcm"
-        by_patient = self._child(db, BY_PATIENT, "patient:" + patient, patient, None)
+        # The identity is the ID itself: two IDs may clean to the same folder name.
+        identity = f"patient:{h.patient_id}"
+        if self.patient_names:
+            identity += f"\0{h.patient_name}"
+        by_patient = self._child(db, BY_PATIENT, identity, patient, None)
         date_parent = self._date_folder(db, h.study_date)
         for parent, study_name in (
             (by_patient, study),
@@ -295,7 +331,7 @@ class DicomIndex:
         return folder_name(h.patient_id, NAME_LIMIT, fallback="unknown-patient")
 
     def _date_folder(self, db: sqlite3.Connection, date: str) -> int:
-        if len(date) != 8:
+        if len(date) != 8 or not date.isdigit():
             return self._child(db, BY_DATE, UNDATED, UNDATED, None)
         parent = BY_DATE
         for part in (date[:4], date[4:6], date[6:]):
@@ -330,6 +366,22 @@ class DicomIndex:
             .fetchone()
         )
         return ViewEntry(*row) if row else None
+
+    def view_path(self, entry_id: int) -> str:
+        """The path of a view entry below the view's root."""
+        rows = (
+            self.catalog.connection()
+            .execute(
+                "WITH RECURSIVE up(id, parent, name, depth) AS ("
+                "SELECT id, parent, name, 0 FROM view_nodes WHERE id=? UNION ALL "
+                "SELECT v.id, v.parent, v.name, up.depth + 1 FROM view_nodes v "
+                "JOIN up ON v.id = up.parent WHERE up.id != ?) "
+                "SELECT name FROM up ORDER BY depth DESC",
+                (entry_id, VIEW_ROOT),
+            )
+            .fetchall()
+        )
+        return "/".join(row[0] for row in rows if row[0])
 
     def view_lookup(self, parent: int, name: str) -> ViewEntry | None:
         row = (
@@ -379,7 +431,9 @@ class DicomIndex:
                 "d.series_uid, d.series_number, d.modality, d.instance_number "
                 "FROM dicom_instances d JOIN nodes n ON n.key = d.key AND n.etag = d.etag "
                 f"WHERE d.problem IS NULL AND {where} "
-                "ORDER BY d.series_number, d.series_uid, d.instance_number, d.key",
+                # Missing numbers last, as study prefetch orders them.
+                "ORDER BY d.series_number IS NULL, d.series_number, d.series_uid, "
+                "d.instance_number IS NULL, d.instance_number, d.key",
                 args,
             )
             .fetchall()
@@ -410,6 +464,8 @@ class DicomIndex:
         """The current object versions a selector names (see ``selector_sql``)."""
         db = self.catalog.connection()
         if "path" in selector:
+            if len(selector) > 1:
+                raise ValueError("a path selects files, not studies: give --path alone")
             prefix = selector["path"].strip("/")
             rows = db.execute(
                 "SELECT key, etag, size FROM nodes WHERE is_dir=0 AND dirty=0 "
@@ -499,6 +555,8 @@ SELECTOR_KEYS = ("patient", "study", "path", "from", "to", "modality")
 def selector_sql(selector: dict[str, str]) -> tuple[str, list[object]]:
     """SQL over ``dicom_instances`` for a selector: patient ID, study UID, StudyDate range
     (``from``/``to``, YYYYMMDD, inclusive) and modality, all optional and combined."""
+    if selector.get("path"):
+        raise ValueError("a path selects files, not studies: give --path alone")
     clauses: list[str] = []
     args: list[object] = []
     for name, column, operator in (

@@ -31,6 +31,7 @@ from .changes import Backlog, Changes
 from .config import Config
 from .dicom_index import BY_PATIENT, VIEW_BASE, VIEW_ROOT, DicomIndex, ViewEntry, is_view_inode
 from .errors import CloudfsError, FsError, NeedsRestore, NotFound, Unavailable
+from .metrics import Metrics
 from .prefetch import ReadAhead
 from .reader import BlockReader, Cancelled, ObjectVersion
 from .staging import StagingArea
@@ -41,6 +42,8 @@ from .uploader import Uploader
 log = logging.getLogger(__name__)
 
 _READDIR_BATCH = 1000
+_FIGURES_PERIOD = 5.0
+"""Seconds between refreshes of the metrics figures that cost a database query."""
 _REMEMBERED_VERSIONS = 100_000
 
 
@@ -144,7 +147,9 @@ class ArchiveFS:
         self.staging = StagingArea(config.cache.directory / "staging", config.write.staging_limit)
         self.uploader = Uploader(store, self.changes, self.staging, cache, config.write, self)
         self.kernel: KernelCache = NoKernelCache()
-        self.uid, self.gid = os.getuid(), os.getgid()
+        mount_options = config.mount
+        self.uid = os.getuid() if mount_options.owner_uid is None else mount_options.owner_uid
+        self.gid = os.getgid() if mount_options.owner_gid is None else mount_options.owner_gid
         self._handles: dict[int, OpenFile] = {}
         self._staged: dict[int, StagedFile] = {}
         self._recovered_keys: list[str] = []
@@ -163,6 +168,11 @@ class ArchiveFS:
         self._last_sync_error = ""
         self._warned_archived: set[str] = set()
         self._started = time.time()
+        self.metrics: Metrics | None = None
+        """The Prometheus endpoint's figures, when it is on (set before ``run``)."""
+        self._figures: dict[str, Any] = {}
+        self._cache_served_bytes = 0
+        self._reported_errors: dict[str, int] = {}
         self.studies: Studies | None = None
         self.view_name = ""
         if config.dicom.index:
@@ -180,6 +190,8 @@ class ArchiveFS:
             nursery.start_soon(self.refresher, first_refresh)
             if self.studies is not None:
                 nursery.start_soon(self.studies.run)
+            if self.metrics is not None:
+                nursery.start_soon(self._refresh_figures)
             for key in self._recovered_keys:
                 nursery.start_soon(self.refresh_key, key)
 
@@ -210,7 +222,7 @@ class ArchiveFS:
 
     def attributes(self, node: Node) -> Attributes:
         """What stat shows: sizes of files open for writing come from their staging file."""
-        default = 0o755 if node.is_dir else 0o644
+        default = (0o755 if node.is_dir else 0o644) & ~self.config.mount.umask
         permissions = default if node.mode is None else node.mode
         if self.config.mount.read_only:
             permissions &= ~0o222
@@ -291,6 +303,38 @@ class ArchiveFS:
         if ino == ROOT and len(entries) < _READDIR_BATCH and self._view_shown():
             entries.append((self.view_name, self._view_directory(VIEW_ROOT)))
         return entries
+
+    # -- the audit trail's descriptions ----------------------------------------------------
+
+    async def describe(self, ino: int, name: str | None = None) -> tuple[str, str, str]:
+        """Path (of ``name`` in ``ino`` if given), PatientID and StudyInstanceUID of a node, for
+        the audit trail; empty strings where unknown."""
+
+        def find() -> tuple[str, str, str]:
+            key: str | None = None
+            if is_view_inode(ino) and self.studies is not None:
+                index = self.studies.index
+                path = f"{self.view_name}/{index.view_path(ino - VIEW_BASE)}".rstrip("/")
+                entry = index.view_entry(ino - VIEW_BASE)
+                key = entry.target if entry is not None else None
+            else:
+                path = self.catalog.path_of(ino)
+                node = self.catalog.get(ino)
+                key = node.key if node is not None and not node.is_dir else None
+            if name is not None:
+                return (f"{path}/{name}" if path else name), "", ""
+            if key is not None and self.studies is not None:
+                instance = self.studies.index.instance(key)
+                if instance is not None:
+                    return path, instance.patient_id, instance.study_uid
+            return path, "", ""
+
+        try:
+            described: tuple[str, str, str] = await self._catalog(find)
+        except Exception as exc:  # an audit record with less detail beats a failed request
+            log.warning("cannot describe inode %d for the audit trail: %s", ino, exc)
+            return f"inode {ino}", "", ""
+        return described
 
     # -- the DICOM browse view (worker threads) -------------------------------------------
 
@@ -568,12 +612,111 @@ class ArchiveFS:
                 open_file.warmed_from = next_block
                 self.reader.warm(version, next_block)
         try:
-            return await self.reader.read(version, offset, size)
+            if self.metrics is None:
+                return await self.reader.read(version, offset, size)
+            return await self._measured_read(version, offset, size)
         except CloudfsError as exc:
             if exc.errno == errno.ESTALE:
                 log.info("%s changed in the store; refreshing its entry", version.key)
                 await self.refresh_key(version.key)
             raise
+
+    async def _measured_read(
+        self, version: ObjectVersion, offset: int, size: int
+    ) -> bytes | memoryview:
+        """A read timed for the latency histogram.  Its source is told from the counters it
+        moved: a concurrent read's fetch may be taken for this one's, a small error for a
+        histogram, against a per-read flag threaded through the whole read path."""
+        assert self.metrics is not None
+        stats = self.reader.stats
+        started = time.perf_counter()
+        fetched = stats.fetched_blocks + stats.prefetched_blocks
+        disk = stats.disk_hits
+        data = await self.reader.read(version, offset, size)
+        if stats.fetched_blocks + stats.prefetched_blocks != fetched:
+            source = "cloud"
+        else:
+            source = "disk" if stats.disk_hits != disk else "memory"
+            self._cache_served_bytes += len(data)
+        self.metrics.observe_read(time.perf_counter() - started, source)
+        return data
+
+    def metrics_snapshot(self) -> dict[str, Any]:
+        """The metrics endpoint's figures (called from its HTTP thread: plain reads of counters
+        and of the figures ``_refresh_figures`` replaces whole)."""
+        reads, uploads = self.reader.stats, self.uploader.stats
+        studies = self.studies
+        return self._figures | {
+            "memory_hits": reads.memory_hits,
+            "disk_hits": reads.disk_hits,
+            "blocks_fetched": reads.fetched_blocks,
+            "cache_served_bytes": self._cache_served_bytes,
+            "cloud_fetched_bytes": reads.fetched_bytes,
+            "cloud_fetches": reads.requests,
+            "cloud_fetches_in_flight": reads.requests_in_flight,
+            "fetch_errors": reads.errors,
+            "cache_limit_bytes": self.cache.size_limit,
+            "corrupt_blocks": self.cache.corrupt_blocks,
+            "failed_inserts": self.cache.failed_inserts,
+            "prefetched_blocks": reads.prefetched_blocks,
+            "prefetched_bytes": reads.prefetched_bytes,
+            "studies_prefetched": studies.prefetched_studies if studies else None,
+            "dicom_headers_read": studies.headers_read if studies else None,
+            "dicom_read_failures": studies.read_failures if studies else None,
+            "uploaded_files": uploads.files,
+            "uploaded_bytes": uploads.bytes,
+            "upload_conflicts": uploads.conflicts,
+            "upload_errors": uploads.errors,
+            "staging_bytes": self.staging.used,
+            "staging_limit_bytes": self.staging.limit,
+            "open_files": len(self._handles),
+            "started_at": self._started,
+        }
+
+    async def _refresh_figures(self) -> None:
+        """Every few seconds: the figures that cost a database query, and the cloud errors by
+        kind since the last round."""
+        assert self.metrics is not None
+
+        def gather() -> dict[str, Any]:
+            counts = self.catalog.counts()
+            backlog = self.changes.backlog()
+            figures = {
+                "cache_bytes": self.cache.volume(),
+                "cache_blocks": self.cache.block_count(),
+                "cache_pinned_bytes": self.cache.pinned_volume(),
+                "catalog_files": counts["files"],
+                "catalog_directories": counts["directories"],
+                "catalog_bytes": counts["bytes"],
+                "catalog_rejected_keys": counts["rejected_keys"],
+                "catalog_synced_at": float(self.catalog.get_meta("synced_at") or 0),
+                "upload_pending_files": backlog.files,
+                "upload_pending_bytes": backlog.bytes,
+                "upload_oldest_pending_at": backlog.oldest,
+            }
+            if self.studies is not None:
+                progress = self.studies.index.progress()
+                figures |= {
+                    "dicom_objects": progress["objects"],
+                    "dicom_indexed": progress["indexed"],
+                    "dicom_pending": progress["pending"],
+                    "dicom_instances": progress["dicom"],
+                    "dicom_studies": progress["studies"],
+                }
+            return figures
+
+        while True:
+            try:
+                self._figures = await self._catalog(gather)
+            except Exception as exc:  # the figures go stale; reads and writes must not care
+                log.warning("metrics figures not refreshed: %s", exc)
+            errors = self.reader.stats.errors_by_kind + self.uploader.stats.errors_by_kind
+            for kind, total in errors.items():
+                new = total - self._reported_errors.get(kind, 0)
+                if new > 0:
+                    self.metrics.cloud_errors.labels(kind=kind).inc(new)
+                    self._reported_errors[kind] = total
+            await trio.sleep(_FIGURES_PERIOD)
 
     def _writable(self, handle: int) -> StagedFile:
         open_file = self._handles.get(handle)

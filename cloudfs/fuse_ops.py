@@ -17,11 +17,12 @@ import os
 import stat
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, NamedTuple, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
 
+from .audit import AuditLog, outcome_for
 from .errors import CloudfsError
 from .fs import ArchiveFS, Attributes
 
@@ -240,6 +241,181 @@ class FuseOperations(pyfuse3.Operations):
         pass
 
 
+class _Accessor(NamedTuple):
+    """Who opened a handle and what it is, for the records of its reads and writes."""
+
+    uid: int
+    gid: int
+    pid: int
+    path: str
+    patient_id: str
+    study_uid: str
+
+
+class AuditedOperations(FuseOperations):
+    """The same operations, each also recorded in the audit trail with the caller's uid, gid
+    and pid (which only the kernel's request carries), the path, and the patient and study when
+    the index knows them.  Failures are recorded with their errno.  Reads and writes are folded
+    per handle into one record at close.  Accesses the kernel refuses itself (with
+    ``default_permissions``) never reach the filesystem and are not recorded here."""
+
+    def __init__(self, fs: ArchiveFS, audit: AuditLog) -> None:
+        super().__init__(fs)
+        self.audit = audit
+        self._accessors: dict[int, _Accessor] = {}
+
+    async def _recorded(
+        self,
+        operation: str,
+        ctx: pyfuse3.RequestContext,
+        inode: int,
+        name: bytes | None,
+        call: Callable[[], Coroutine[Any, Any, T]],
+        path: str | None = None,
+    ) -> tuple[T, _Accessor]:
+        described, patient_id, study_uid = await self.fs.describe(
+            inode, None if name is None else os.fsdecode(name)
+        )
+        accessor = _Accessor(ctx.uid, ctx.gid, ctx.pid, path or described, patient_id, study_uid)
+        outcome = "success"
+        try:
+            return await call(), accessor
+        except pyfuse3.FUSEError as exc:
+            outcome = outcome_for(exc.errno)
+            raise
+        finally:
+            self.audit.event(
+                operation,
+                uid=accessor.uid,
+                gid=accessor.gid,
+                pid=accessor.pid,
+                path=accessor.path,
+                outcome=outcome,
+                patient_id=accessor.patient_id,
+                study_uid=accessor.study_uid,
+            )
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        info, accessor = await self._recorded(
+            "open", ctx, inode, None, lambda: super(AuditedOperations, self).open(inode, flags, ctx)
+        )
+        self._accessors[info.fh] = accessor
+        return info
+
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        (info, entry), accessor = await self._recorded(
+            "create",
+            ctx,
+            parent_inode,
+            name,
+            lambda: super(AuditedOperations, self).create(parent_inode, name, mode, flags, ctx),
+        )
+        self._accessors[info.fh] = accessor
+        return info, entry
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return await self._transfer("read", fh, lambda: super(AuditedOperations, self).read(
+            fh, off, size
+        ))  # fmt: skip
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return await self._transfer("write", fh, lambda: super(AuditedOperations, self).write(
+            fh, off, buf
+        ))  # fmt: skip
+
+    async def _transfer(self, operation: str, fh: int, call: Callable[[], Any]) -> Any:
+        accessor = self._accessors.get(fh)
+        try:
+            result = await call()
+        except pyfuse3.FUSEError as exc:
+            if accessor is not None:
+                self.audit.event(operation, outcome=outcome_for(exc.errno), **accessor._asdict())
+            raise
+        if accessor is not None:
+            count = result if isinstance(result, int) else len(result)
+            record = self.audit.read if operation == "read" else self.audit.write
+            record(fh, size=count, **accessor._asdict())
+        return result
+
+    async def release(self, fh: int) -> None:
+        try:
+            await super().release(fh)
+        finally:
+            if self._accessors.pop(fh, None) is not None:
+                self.audit.released(fh)
+
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        entry, _ = await self._recorded(
+            "setattr",
+            ctx,
+            inode,
+            None,
+            lambda: super(AuditedOperations, self).setattr(inode, attr, fields, fh, ctx),
+        )
+        return entry
+
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        entry, _ = await self._recorded(
+            "mkdir",
+            ctx,
+            parent_inode,
+            name,
+            lambda: super(AuditedOperations, self).mkdir(parent_inode, name, mode, ctx),
+        )
+        return entry
+
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self._recorded(
+            "unlink",
+            ctx,
+            parent_inode,
+            name,
+            lambda: super(AuditedOperations, self).unlink(parent_inode, name, ctx),
+        )
+
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self._recorded(
+            "rmdir",
+            ctx,
+            parent_inode,
+            name,
+            lambda: super(AuditedOperations, self).rmdir(parent_inode, name, ctx),
+        )
+
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        target, _, _ = await self.fs.describe(parent_inode_new, os.fsdecode(name_new))
+        source, _, _ = await self.fs.describe(parent_inode_old, os.fsdecode(name_old))
+        await self._recorded(
+            "rename",
+            ctx,
+            parent_inode_old,
+            name_old,
+            lambda: super(AuditedOperations, self).rename(
+                parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx
+            ),
+            path=f"{source} -> {target}",
+        )
+
+
 class _KernelCache:
     async def forget(self, inodes: list[int], names: list[tuple[int, str]]) -> None:
         """Invalidate cached attributes, pages and lookups.  pyfuse3 forbids these calls on the
@@ -262,11 +438,13 @@ def serve(
     mountpoint: Path,
     options: set[str],
     start_tasks: Callable[[trio.Nursery], None],
+    audit: AuditLog | None = None,
 ) -> None:
     """Mount, serve until unmounted or ``stop()``, unmount, then give pending uploads their
     bounded time.  ``start_tasks`` starts the daemon's background tasks in the nursery that also
-    runs the FUSE loop."""
-    pyfuse3.init(FuseOperations(fs), str(mountpoint), set(pyfuse3.default_options) | options)
+    runs the FUSE loop; with ``audit``, every access is also recorded there."""
+    operations = FuseOperations(fs) if audit is None else AuditedOperations(fs, audit)
+    pyfuse3.init(operations, str(mountpoint), set(pyfuse3.default_options) | options)
     session = _Session()
     try:
         trio.run(_main, fs, start_tasks, session)

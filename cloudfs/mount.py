@@ -20,11 +20,13 @@ from pathlib import Path
 import trio
 
 from . import control, fuse_ops
+from .audit import AuditLog
 from .cache import BlockCache
 from .catalog import Catalog
 from .config import Config
 from .errors import CloudfsError, ConfigError, StoreUnreachable
 from .fs import ArchiveFS
+from .metrics import Metrics, parse_address
 from .store import ObjectStore, open_store
 
 log = logging.getLogger(__name__)
@@ -168,9 +170,22 @@ def serve(config: Config, on_ready: Callable[[], None]) -> None:
     fs = ArchiveFS(config, store, catalog, cache)
     fs.recover()
     options = {f"fsname={FS_TYPE}", f"subtype={FS_TYPE}", *config.mount.fuse_options}
+    if "allow_other" in options:
+        # Other users' access is then checked by the kernel against the modes and owners
+        # shown, which is what makes them mean anything.
+        options.add("default_permissions")
     if config.mount.read_only:
         options.add("ro")
     control_socket = control.socket_path(config.mountpoint)
+    metrics = None
+    if config.mount.metrics_address:
+        metrics = Metrics(fs.metrics_snapshot)
+        try:
+            metrics.serve(parse_address(config.mount.metrics_address))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"metrics endpoint: {exc}") from None
+        fs.metrics = metrics
+        log.info("metrics at http://%s/metrics", config.mount.metrics_address)
 
     def start_tasks(nursery: trio.Nursery) -> None:
         nursery.start_soon(fs.run, first_refresh)
@@ -178,10 +193,20 @@ def serve(config: Config, on_ready: Callable[[], None]) -> None:
         nursery.start_soon(_announce_ready, config, on_ready)
         nursery.start_soon(control.serve, control_socket, fs.control_handlers())
 
+    audit = None
+    if config.audit is not None and config.audit.level != "off":
+        try:
+            audit = AuditLog(config.audit)
+        except OSError as exc:
+            raise ConfigError(f"audit trail {config.audit.path}: {exc.strerror or exc}") from None
     log.info("mounting %s at %s", store.describe(), config.mountpoint)
     try:
-        fuse_ops.serve(fs, config.mountpoint, options, start_tasks)
+        fuse_ops.serve(fs, config.mountpoint, options, start_tasks, audit)
     finally:
+        if audit is not None:
+            audit.close()
+        if metrics is not None:
+            metrics.stop()
         cache.close()
         log.info("unmounted %s", config.mountpoint)
 

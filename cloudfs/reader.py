@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
 import trio
@@ -80,6 +80,9 @@ class ReadStats:
     requests_in_flight: int = 0
     errors: int = 0
     last_error: str = ""
+    prefetched_bytes: int = 0
+    errors_by_kind: Counter[str] = field(default_factory=Counter)
+    """Failed fetches by error class (Unavailable, StaleObject, ...), for the metrics."""
 
 
 def _held(start: int, end: int) -> int:
@@ -304,6 +307,7 @@ class BlockReader:
             self.stats.fetched_bytes += end - start
             if ahead:
                 self.stats.prefetched_blocks += len(blocks)
+                self.stats.prefetched_bytes += end - start
             else:
                 self.stats.fetched_blocks += len(blocks)
             for index, data in zip(range(first, last + 1), blocks, strict=True):
@@ -324,6 +328,7 @@ class BlockReader:
 
     def _failed(self, obj: ObjectVersion, exc: CloudfsError, pendings: dict[int, _Pending]) -> None:
         self.stats.errors += 1
+        self.stats.errors_by_kind[type(exc).__name__] += 1
         self.stats.last_error = str(exc)
         log.warning("fetch failed: %s", exc)
         for pending in pendings.values():

@@ -85,7 +85,9 @@ class _Job:
 
     def recentre(self, instance: Instance) -> None:
         """Queue the rest of ``instance``'s series around it first, the rest after."""
-        series = [i for i in self.queue if i.series_uid == instance.series_uid]
+        series = [
+            i for i in self.queue if i.series_uid == instance.series_uid and i.key != instance.key
+        ]
         if not series:
             return
         ordered = sorted([*series, instance], key=_viewing_order)
@@ -249,8 +251,15 @@ class Studies:
             self._start_study(instance.study_uid, instance)
 
     def _start_study(self, study_uid: str, opened: Instance | None) -> None:
+        running = self._jobs.get(study_uid)
+        if running is not None:
+            # An instance fetched already was opened: the reader moved, so does the queue.
+            if opened is not None:
+                running.recentre(opened)
+                self._jobs.move_to_end(study_uid)
+            return
         finished = self._finished.get(study_uid)
-        if study_uid in self._jobs or (finished and time.monotonic() - finished < _FINISHED_MEMORY):
+        if finished and time.monotonic() - finished < _FINISHED_MEMORY:
             return
         assert self._nursery is not None
         # Registered before its instances are known, so the next open of the study waits.
@@ -273,8 +282,13 @@ class Studies:
                 )
                 return
             queue = [i for i in instances if opened is None or i.key != opened.key]
+            room = min(self.options.max_study_size, self.cache.size_limit // 2) - size
             for prior in await self._priors(instances):
-                queue.extend(await self._db(self.index.study_instances, prior))
+                more: list[Instance] = await self._db(self.index.study_instances, prior)
+                if sum(i.size for i in more) > room:
+                    continue  # too large to take along: read on demand if it is opened
+                room -= sum(i.size for i in more)
+                queue.extend(more)
             job.queue, job.total = queue, len(queue)
             job.bytes_total = sum(i.size for i in queue)
             if opened is not None:
@@ -319,7 +333,8 @@ class Studies:
             instance = job.queue.pop(0)
             self._job_of.pop(instance.key, None)
             async with self._fetch_slots:
-                job.fetched_bytes += await self._fetch(instance)
+                fetched = await self._fetch(instance)
+            job.fetched_bytes += fetched  # after the await: other workers add meanwhile
             job.done += 1
 
     async def _fetch(self, obj: ObjectRef | Instance) -> int:
@@ -404,16 +419,18 @@ class Studies:
                     room -= obj.size
             previous, self._pinned = self._pinned, objects
             dropped = [obj for key, obj in previous.items() if objects.get(key) != obj]
+            # Only what is new to the pinned set: the rest is pinned and fetched already.
+            added = [obj for key, obj in objects.items() if previous.get(key) != obj]
             block_size = self.cache.block_size
 
             def update() -> None:
                 self.cache.pin_keys(set(objects))
                 self.cache.unpin(b for obj in dropped for b in _blocks(obj, block_size))
-                self.cache.pin(b for obj in objects.values() for b in _blocks(obj, block_size))
+                self.cache.pin(b for obj in added for b in _blocks(obj, block_size))
 
             await self._db(update)
-        if objects and self._nursery is not None:
-            self._nursery.start_soon(self._transfer, list(objects.values()), _Transfer(0, 0))
+        if added and self._nursery is not None:
+            self._nursery.start_soon(self._transfer, added, _Transfer(0, 0))
         return {
             "pins": selectors,
             "pinned_files": len(objects),
@@ -469,7 +486,8 @@ class Studies:
                 obj = queue.pop()
                 async with self._fetch_slots:
                     before = self.read_failures
-                    transfer.fetched_bytes += await self._fetch(obj)
+                    fetched = await self._fetch(obj)
+                    transfer.fetched_bytes += fetched  # after the await, never across it
                     if self.read_failures != before:
                         transfer.failed += 1
                         transfer.last_error = self.last_error

@@ -15,6 +15,7 @@ import math
 import os
 import stat
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -71,6 +72,8 @@ class UploadStats:
     errors: int = 0
     last_error: str = ""
     last_error_at: float = 0.0
+    errors_by_kind: Counter[str] = field(default_factory=Counter)
+    """Failed operations by error class, for the metrics."""
 
 
 @dataclass
@@ -272,6 +275,7 @@ class Uploader:
             delay = min(_MAX_BACKOFF, 2.0 ** (retry.attempts - 1))
             retry.due = time.monotonic() + delay
             self.stats.errors += 1
+            self.stats.errors_by_kind[type(error).__name__] += 1
             self.stats.last_error = str(error)
             self.stats.last_error_at = time.time()
             log.warning("%s of %s failed (retry in %.0fs): %s", item[0], item[1], delay, error)
@@ -295,13 +299,17 @@ class Uploader:
 
         async def step() -> None:
             path = self.staging.path(staged)
+            def upload() -> ObjectInfo:
+                """One worker-thread call: send the file, then put its bytes in the block
+                cache (under the new ETag) before the catalog says the file is in the cloud,
+                so whoever reads it next, the DICOM indexer included, finds them there."""
+                info = self.store.put_file(key, path, object_metadata(node), node.base_etag)
+                self._keep_in_cache(path, info)
+                return info
+
             try:
                 info = await trio.to_thread.run_sync(
-                    self.store.put_file,
-                    key,
-                    path,
-                    object_metadata(node),
-                    node.base_etag,
+                    upload,
                     limiter=self._threads,
                     # Unmount must not wait for a stalled upload; a retry after the next mount
                     # recognises its own bytes if this one lands after all.
@@ -325,14 +333,8 @@ class Uploader:
             self.stats.bytes += info.size
             held = clean and self.owner.uploaded(node.ino, staged, kept)
 
-            def settle_locally() -> None:
-                """One worker-thread call: cache the bytes, then drop the staging file."""
-                if clean:
-                    self._keep_in_cache(path, info)
-                if free and not held:
-                    self.staging.remove(staged)
-
-            await trio.to_thread.run_sync(settle_locally, limiter=self._threads)
+            if free and not held:
+                await trio.to_thread.run_sync(self.staging.remove, staged, limiter=self._threads)
             self.owner.settled()
 
         try:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import signal
 import subprocess
 from pathlib import Path
+from typing import Any
 
+import pydicom
 import pytest
 from conftest import (
     Bucket,
@@ -21,15 +24,35 @@ from conftest import (
     wait_until,
 )
 
+VIEW = "@dicom"
+DEMO_PATIENTS = ["DEMO-0001", "DEMO-0002"]
+DEMO_INSTANCES = 120 + 2 * 20
+
 
 def digest(path: Path) -> str:
     return hashlib.sha256(read_file(path)).hexdigest()
 
 
+def wait_indexed(mountpoint: Path, timeout: float = 120) -> dict[str, Any]:
+    """The index figures once nothing is left pending (every demo header read)."""
+    facts: dict[str, Any] = {}
+
+    def done() -> bool:
+        nonlocal facts
+        result = cloudfs("index", "status", mountpoint, "--json", timeout=60)
+        assert result.returncode == 0, result.stderr
+        facts = json.loads(result.stdout)
+        return facts["pending"] == 0 and facts["dicom"] > 0
+
+    assert wait_until(done, timeout, interval=0.3), facts
+    return facts
+
+
 @pytest.mark.timeout(240)
 def test_demo_mounts_generated_samples_and_stops(tmp_path: Path) -> None:
     """`cloudfs demo` generates the sample archive once, mounts it in the background, prints
-    where to look and how to stop, and every sample reads back byte for byte."""
+    where to look and how to stop; the samples read back byte for byte, and once the headers
+    are indexed the DICOM view and `cloudfs studies` show the demo patients."""
     archive, mountpoint = tmp_path / "demo" / "archive", tmp_path / "mnt"
     try:
         first = cloudfs("demo", "--mountpoint", mountpoint, "--archive", archive)
@@ -37,10 +60,29 @@ def test_demo_mounts_generated_samples_and_stops(tmp_path: Path) -> None:
         assert f"mounted at {mountpoint}" in first.stdout
         assert f"unmount {mountpoint}" in first.stdout
         assert is_mounted(mountpoint)
-        assert sorted(os.listdir(mountpoint)) == ["README.txt", "reports", "series", "volume"]
-        assert len(os.listdir(mountpoint / "series")) == 120
-        for name in ("README.txt", "series/image-0007.raw", "volume/volume.raw"):
+        # The browse view joins the root listing once headers are indexed: not asked for yet.
+        raw = sorted(set(os.listdir(mountpoint)) - {VIEW})
+        assert raw == ["README.txt", "reports", "studies", "volume"]
+        instances = sorted(
+            Path(folder, name).relative_to(archive)
+            for folder, _, names in os.walk(archive / "studies")
+            for name in names
+        )
+        assert len(instances) == DEMO_INSTANCES and len(os.listdir(archive / "studies")) == 2
+        for name in ("README.txt", instances[7], instances[-1], "volume/volume.raw"):
             assert digest(mountpoint / name) == digest(archive / name), name
+        assert pydicom.dcmread(mountpoint / instances[7]).Modality in ("CT", "MR")
+
+        facts = wait_indexed(mountpoint)
+        assert facts["dicom"] == DEMO_INSTANCES and facts["patients"] == 2, facts
+        assert sorted(os.listdir(mountpoint / VIEW / "by-patient")) == DEMO_PATIENTS
+        ct_patient = mountpoint / VIEW / "by-patient" / DEMO_PATIENTS[0]
+        assert sum(len(names) for _, _, names in os.walk(ct_patient)) == 120
+        listed = cloudfs("studies", mountpoint, "--json")
+        assert listed.returncode == 0, listed.stderr
+        rows = json.loads(listed.stdout)
+        studies = sorted((row["patient_id"], row["modalities"], row["instances"]) for row in rows)
+        assert studies == [("DEMO-0001", "CT", 120), ("DEMO-0002", "MR", 40)], rows
 
         status = cloudfs("status", mountpoint)
         assert status.returncode == 0, status.stderr

@@ -17,7 +17,7 @@ import botocore.exceptions as bex
 import pytest
 from conftest import REGION, Bucket, assert_bytes, payload
 
-from cloudfs.config import MiB, S3Options
+from cloudfs.config import KiB, MiB, S3Options
 from cloudfs.errors import ConfigError, Conflict, NotFound, StaleObject, Unavailable
 from cloudfs.store import ObjectInfo, ObjectStore
 from cloudfs.store import s3 as s3_module
@@ -433,3 +433,47 @@ def test_part_size_grows_past_ten_thousand_parts() -> None:
 def test_part_size_below_the_s3_minimum_is_refused() -> None:
     with pytest.raises(ConfigError, match="part size"):
         S3Store("bucket", "", S3Options(part_size=1 * MiB))
+
+
+# -- encryption in the cloud -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["AES256", "aws:kms"])
+def test_every_written_object_asks_for_server_side_encryption(
+    bucket: Bucket, files: Any, mode: str
+) -> None:
+    """With ``sse`` set, single PUTs, multipart uploads and copies all ask for it, and the
+    server reports each object encrypted that way; the bytes read back unchanged."""
+    key_id = "arn:aws:kms:us-east-1:123456789012:key/cloudfs-test" if mode == "aws:kms" else None
+    options = S3Options(
+        endpoint_url=bucket.endpoint,
+        region=REGION,
+        path_style=True,
+        part_size=PART,
+        sse=mode,
+        sse_kms_key_id=key_id,
+    )
+    site = Site(S3Store(bucket.name, PREFIX, options), bucket=bucket)
+    small, large = payload(300 * KiB, "sse-small"), payload(12 * MiB + 5, "sse-large")
+    infos = [
+        site.store.put_file("enc/small.dcm", files(small), {}, None),
+        site.store.put_file("enc/large.bin", files(large), {}, None),
+    ]
+    infos.append(site.store.copy("enc/small.dcm", "enc/moved.dcm", infos[0].etag))
+    for info, data in zip(infos, (small, large, small), strict=True):
+        head = site.raw_client().head_object(Bucket=bucket.name, Key=f"{PREFIX}/{info.key}")
+        assert head.get("ServerSideEncryption") == mode, (info.key, head)
+        if key_id is not None:
+            assert key_id in head.get("SSEKMSKeyId", ""), head
+        assert_bytes(read_all(site.store, info), data, info.key)
+
+
+def test_encryption_options_are_checked(bucket: Bucket) -> None:
+    with pytest.raises(ConfigError, match="must be one of"):
+        S3Store(bucket.name, PREFIX, S3Options(endpoint_url=bucket.endpoint, sse="rot13"))
+    with pytest.raises(ConfigError, match="needs server-side encryption aws:kms"):
+        S3Store(
+            bucket.name,
+            PREFIX,
+            S3Options(endpoint_url=bucket.endpoint, sse="AES256", sse_kms_key_id="k"),
+        )

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+SSE_MODES = ("", "AES256", "aws:kms")
+"""Server-side encryption modes a mount may ask for (see ``S3Options.sse``)."""
 MIN_PART = 5 * MiB
 """S3 refuses a multipart upload whose parts (all but the last) are smaller."""
 MAX_PARTS = 10_000
@@ -129,9 +131,21 @@ class S3Store:
             raise ConfigError(f"the upload part size must be at least {MIN_PART // MiB} MiB")
         if options.upload_part_threads < 1:
             raise ConfigError("at least one upload part thread is needed")
+        if options.sse not in SSE_MODES:
+            raise ConfigError(f"server-side encryption must be one of {', '.join(SSE_MODES)}")
+        if options.sse_kms_key_id and options.sse != "aws:kms":
+            raise ConfigError("a KMS key id needs server-side encryption aws:kms")
         self.bucket = bucket
         self.options = options
         self.prefix = f"{prefix}/" if prefix else ""
+        self._encryption: dict[str, str] = {}
+        """Added to every request that creates an object (PUT, multipart upload, copy)."""
+        if options.sse:
+            self._encryption["ServerSideEncryption"] = options.sse
+        if options.sse_kms_key_id:
+            self._encryption["SSEKMSKeyId"] = options.sse_kms_key_id
+        if not options.verify_tls:
+            log.warning("TLS certificates of %s are not checked", options.endpoint_url or "S3")
         session = boto3.session.Session(profile_name=options.profile)
         config = botocore.config.Config(
             retries={"mode": "standard", "max_attempts": options.max_attempts},
@@ -146,7 +160,11 @@ class S3Store:
         )
         try:
             self.client = session.client(
-                "s3", endpoint_url=options.endpoint_url, region_name=options.region, config=config
+                "s3",
+                endpoint_url=options.endpoint_url,
+                region_name=options.region,
+                config=config,
+                verify=options.verify_tls,
             )
         except bex.BotoCoreError as exc:
             raise ConfigError(f"cannot configure S3: {exc}") from exc
@@ -183,7 +201,11 @@ class S3Store:
                 raise ConfigError(f"{where}: the bucket does not exist") from exc
             if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
                 raise ConfigError(f"{where}: access denied ({code}); check credentials") from exc
-            raise ConfigError(f"{where}: {code}") from exc
+            message = str(exc.response.get("Error", {}).get("Message", "")).strip()
+            raise ConfigError(
+                f"{where}: listing the bucket failed with {code or 'an error'}"
+                + (f" ({message})" if message else "")
+            ) from exc
         except bex.NoCredentialsError as exc:
             raise ConfigError(f"{where}: no AWS credentials found") from exc
         except _TRANSPORT_ERRORS as exc:
@@ -299,6 +321,7 @@ class S3Store:
                 Body=data,
                 ContentMD5=_base64(digest.digest()),
                 Metadata=dict(metadata),
+                **self._encryption,
                 **condition,
             )
         except (bex.BotoCoreError, bex.ClientError) as exc:
@@ -347,7 +370,7 @@ class S3Store:
         upload: S3 would otherwise keep, and bill, the parts already sent."""
         try:
             upload_id = self.client.create_multipart_upload(
-                Bucket=self.bucket, Key=self.prefix + key, **attributes
+                Bucket=self.bucket, Key=self.prefix + key, **attributes, **self._encryption
             )["UploadId"]
         except (bex.BotoCoreError, bex.ClientError) as exc:
             raise self._error(exc, key) from exc
@@ -457,6 +480,7 @@ class S3Store:
                 CopySource={"Bucket": self.bucket, "Key": self.prefix + source},
                 CopySourceIfMatch=etag,
                 **extra,
+                **self._encryption,
             )
         except (bex.BotoCoreError, bex.ClientError) as exc:
             raise self._error(exc, source) from exc

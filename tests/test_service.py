@@ -1,0 +1,315 @@
+"""Running cloudfs as a service: the systemd unit, readiness notification, fstab mounts and the
+example configuration, each with the real programs (systemd-analyze, mount(8), mount.fuse3)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import (
+    PYTHON,
+    Bucket,
+    Mounter,
+    cloudfs,
+    drop_kernel_caches,
+    free_port,
+    is_mounted,
+    wait_until,
+)
+from dicom_samples import synthetic_study
+
+from cloudfs import configfile
+
+ROOT = Path(__file__).resolve().parent.parent
+UNIT = ROOT / "systemd" / "cloudfs@.service"
+VENV_BIN = Path(PYTHON).parent
+
+
+def archive(tmp_path: Path) -> tuple[Path, bytes]:
+    source = tmp_path / "archive"
+    (source / "studies").mkdir(parents=True)
+    data = os.urandom(300_000)
+    (source / "studies" / "a.dcm").write_bytes(data)
+    return source, data
+
+
+@contextlib.contextmanager
+def unmounted_after(mountpoint: Path) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        if is_mounted(mountpoint):
+            subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
+
+
+@contextlib.contextmanager
+def installed_command() -> Iterator[None]:
+    """``cloudfs`` in /usr/local/bin, as the README installs it: mount(8) runs its helpers with a
+    fixed PATH, so this checkout's virtualenv is not on it."""
+    link = Path("/usr/local/bin/cloudfs")
+    made = not link.exists() and not link.is_symlink()
+    if made:
+        link.symlink_to(VENV_BIN / "cloudfs")
+    try:
+        yield
+    finally:
+        if made:
+            link.unlink()
+
+
+def test_unit_file_verifies(tmp_path: Path) -> None:
+    """``systemd-analyze verify`` accepts the unit (with ExecStart pointing at this checkout's
+    cloudfs), and rejects a broken copy, so the check itself is real."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.fail("systemd-analyze is missing (apt-get install systemd)")
+    text = UNIT.read_text().replace("/usr/local/bin/cloudfs", str(VENV_BIN / "cloudfs"))
+    for name, body in (("good", text), ("bad", text + "\n[Service]\nExecStart=/nonexistent\n")):
+        template = tmp_path / f"cloudfs-{name}@.service"
+        template.write_text(body)
+        instance = tmp_path / f"cloudfs-{name}@archive.service"
+        instance.symlink_to(template)
+        result = subprocess.run([analyze, "verify", str(instance)], capture_output=True, text=True)
+        assert (result.returncode == 0) == (name == "good"), result.stdout + result.stderr
+    for directive in ("Type=notify", "Restart=on-failure", "NoNewPrivileges=yes"):
+        assert directive in text
+
+
+def test_example_configuration_is_valid(tmp_path: Path) -> None:
+    example = tmp_path / "archive.toml"
+    shutil.copy(ROOT / "systemd" / "archive.toml.example", example)
+    example.chmod(0o600)
+    settings = configfile.load(example)
+    assert settings["source"][1].startswith("s3://")
+    assert settings["mountpoint"][1] == "/mnt/archive"
+
+
+def test_notify_ready_only_once_the_mount_answers_and_stopping_on_sigterm(
+    integration_environment: None, tmp_path: Path
+) -> None:
+    """With $NOTIFY_SOCKET set (as systemd sets it), READY=1 arrives only when the mount is up
+    and answering, and SIGTERM sends STOPPING=1, unmounts and exits 0."""
+    source, data = archive(tmp_path)
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    address = str(tmp_path / "notify.sock")
+    listener.bind(address)
+    listener.settimeout(60)
+    config = tmp_path / "archive.toml"
+    config.write_text(
+        f'source = "file://{source}"\nmountpoint = "{mountpoint}"\n'
+        f'[cache]\ndir = "{tmp_path / "cache"}"\nsize = "1G"\n'
+    )
+    config.chmod(0o600)
+    environment = dict(os.environ, NOTIFY_SOCKET=address)
+    process = subprocess.Popen(
+        [PYTHON, "-m", "cloudfs", "mount", "--config", str(config), "--foreground"],
+        env=environment,
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        cwd="/",
+    )
+    with unmounted_after(mountpoint), listener:
+        try:
+            message = listener.recv(4096).decode()
+            assert message == "READY=1", message
+            assert is_mounted(mountpoint)
+            assert (mountpoint / "studies" / "a.dcm").read_bytes() == data
+            process.send_signal(signal.SIGTERM)
+            assert listener.recv(4096).decode() == "STOPPING=1"
+            assert process.wait(60) == 0
+            assert not is_mounted(mountpoint)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(10)
+
+
+def test_mount_t_fuse_cloudfs_through_mount_fuse3(
+    integration_environment: None, tmp_path: Path
+) -> None:
+    """An fstab-style mount: ``mount -t fuse.cloudfs SOURCE DIR -o _netdev,cache_dir=...``
+    runs cloudfs through mount.fuse3; the options reach cloudfs and the files read back."""
+    if shutil.which("mount.fuse3") is None:
+        pytest.fail("mount.fuse3 is missing (apt-get install fuse3)")
+    source, data = archive(tmp_path)
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    cache = tmp_path / "fstab-cache"
+    options = f"_netdev,nofail,cache_dir={cache},cache_size=1G,read_only"
+    with unmounted_after(mountpoint), installed_command():
+        result = subprocess.run(
+            ["mount", "-t", "fuse.cloudfs", f"file://{source}", str(mountpoint), "-o", options],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert wait_until(lambda: is_mounted(mountpoint), 30)
+        assert (mountpoint / "studies" / "a.dcm").read_bytes() == data
+        assert (cache / "catalog.sqlite").exists(), "cache_dir did not reach cloudfs"
+        with pytest.raises(OSError):
+            (mountpoint / "studies" / "new.dcm").write_bytes(b"x")  # read_only reached it
+        unmount = cloudfs("unmount", mountpoint)
+        assert unmount.returncode == 0, unmount.stderr
+    assert sys.platform.startswith("linux")
+
+
+def scrape(port: int) -> dict[str, float]:
+    """``/metrics`` as name{labels} -> value."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        assert reply.status == 200
+        text = reply.read().decode()
+    figures = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            figures[name] = float(value)
+    return figures
+
+
+def test_metrics_move_with_reads_miss_then_hit(mount: Mounter, bucket: Bucket) -> None:
+    """A cold read shows as a cache miss and cloud bytes, the same read from the disk cache as
+    hits; the latency histogram counts both; the catalog figures are there."""
+    data = os.urandom(3 << 20)
+    bucket.put("studies/a.dcm", data)
+    port = free_port()
+    m = mount(bucket, options=["--metrics", f"127.0.0.1:{port}", "--no-study-prefetch"])
+    before = scrape(port)
+    assert before["cloudfs_cache_misses_total"] == 0
+    assert (m.path / "studies" / "a.dcm").read_bytes() == data
+    cold = scrape(port)
+    assert cold["cloudfs_cache_misses_total"] >= 3
+    assert cold["cloudfs_cloud_fetched_bytes_total"] >= len(data)
+    assert cold['cloudfs_read_latency_seconds_count{source="cloud"}'] >= 1
+    m.unmount()
+    drop_kernel_caches()
+    again = mount(bucket, cache_dir=m.cache_dir, options=["--metrics", f"127.0.0.1:{port}"])
+    assert (again.path / "studies" / "a.dcm").read_bytes() == data
+    warm = scrape(port)
+    assert warm['cloudfs_cache_hits_total{source="disk"}'] >= 3
+    assert warm["cloudfs_cloud_fetched_bytes_total"] == 0
+    assert warm["cloudfs_cache_served_bytes_total"] >= len(data)
+    assert wait_until(lambda: scrape(port).get("cloudfs_catalog_files") == 1, 20)
+
+
+def audit_records(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_audit_trail_records_who_did_what_and_verify_catches_tampering(
+    mount: Mounter, bucket: Bucket, tmp_path: Path
+) -> None:
+    """Each operation leaves a record with this process's uid, pid and executable, the path,
+    and the patient and study of a DICOM file; reads are folded into one record per handle;
+    a refused access is recorded with its errno.  ``cloudfs audit verify`` passes on the log
+    and fails on a copy with an edited, a removed and a swapped line."""
+    study = synthetic_study("AUD-1", 1, [("CT", 2)], rows=64, columns=64)
+    for key, data in study:
+        bucket.put(key, data)
+    log_path = tmp_path / "audit" / "access.jsonl"
+    m = mount(bucket, options=["--audit-log", str(log_path), "--audit-level", "all"])
+    assert wait_until(
+        lambda: json.loads(cloudfs("index", "status", m.path, "--json").stdout)["pending"] == 0,
+        60,
+    )
+    key, data = study[0]
+    with open(m.path / key, "rb") as handle:  # many small reads, one record
+        while handle.read(4096):
+            pass
+    (m.path / "incoming").mkdir()
+    (m.path / "incoming" / "new.dcm").write_bytes(b"x" * 5000)
+    os.rename(m.path / "incoming" / "new.dcm", m.path / "incoming" / "renamed.dcm")
+    os.unlink(m.path / "incoming" / "renamed.dcm")
+    view_file = next((m.path / "@dicom" / "by-patient" / "AUD-1").rglob("*.dcm"))
+    with pytest.raises(OSError):
+        open(view_file, "r+b")  # noqa: SIM115  (refused: the view is read-only)
+    m.unmount()
+    records = audit_records(log_path)
+    mine = [r for r in records if r["pid"] == os.getpid()]
+    assert all(r["uid"] == os.getuid() and r["gid"] == os.getgid() for r in mine)
+    assert {os.path.realpath(r["executable"]) for r in mine} == {os.path.realpath(sys.executable)}
+    reads = [r for r in mine if r["operation"] == "read" and r["path"] == key]
+    assert len(reads) == 1 and reads[0]["bytes"] == len(data), reads
+    assert reads[0]["patient_id"] == "AUD-1" and reads[0]["study_uid"]
+    opened = [r for r in mine if r["operation"] == "open" and r["path"] == key]
+    assert opened and opened[0]["outcome"] == "success"
+    operations = [(r["operation"], r["path"]) for r in mine]
+    for expected in [
+        ("mkdir", "incoming"),
+        ("create", "incoming/new.dcm"),
+        ("rename", "incoming/new.dcm -> incoming/renamed.dcm"),
+        ("unlink", "incoming/renamed.dcm"),
+    ]:
+        assert expected in operations, operations
+    written = [r for r in mine if r["operation"] == "write"]
+    assert written and written[0]["bytes"] == 5000
+    refused = [r for r in mine if r["outcome"] == "EROFS"]
+    assert refused and refused[0]["path"].startswith("@dicom/by-patient/AUD-1/")
+    verified = cloudfs("audit", "verify", log_path)
+    assert verified.returncode == 0, verified.stderr
+    assert f"{len(records)} records" in verified.stdout
+    lines = log_path.read_text().splitlines()
+    edited = list(lines)
+    edited[1] = edited[1].replace('"uid":0', '"uid":1000')
+    removed = lines[:2] + lines[3:]
+    swapped = [lines[0], lines[2], lines[1], *lines[3:]]
+    for name, body, line in (
+        ("edited", edited, 2),
+        ("removed", removed, 3),
+        ("swapped", swapped, 2),
+    ):
+        copy = tmp_path / f"{name}.jsonl"
+        copy.write_text("\n".join(body) + "\n")
+        result = cloudfs("audit", "verify", copy)
+        assert result.returncode != 0, name
+        assert f"audit trail broken at {copy}:{line}:" in result.stderr, result.stderr
+
+
+def test_allow_other_applies_modes_and_owner_mapping(mount: Mounter, bucket: Bucket) -> None:
+    """With ``-o allow_other`` the kernel checks the shown modes (``default_permissions`` is
+    added); ``--uid/--gid/--umask`` give objects that carry no owner or mode theirs, so another
+    user is refused a file the mapping keeps from them, and may read one it allows."""
+    bucket.put("private/a.dcm", b"p" * 1000)
+    m = mount(
+        bucket, options=["-o", "allow_other", "--uid", "4242", "--gid", "4242", "--umask", "027"]
+    )
+    mounts = Path("/proc/mounts").read_text().splitlines()
+    options = next(line.split()[3] for line in mounts if line.split()[1] == str(m.path))
+    assert "allow_other" in options and "default_permissions" in options, options
+    info = (m.path / "private" / "a.dcm").stat()
+    assert (info.st_uid, info.st_gid) == (4242, 4242)
+    assert info.st_mode & 0o777 == 0o640
+    assert (m.path / "private").stat().st_mode & 0o777 == 0o750
+
+    # The test's own directories are root's alone: the other user reaches the mount through
+    # a descriptor of its root, so only the mount's permissions decide.
+    root = os.open(m.path, os.O_PATH | os.O_DIRECTORY)
+
+    def read_as(uid: int) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "cat",
+             f"/proc/self/fd/{root}/private/a.dcm"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            pass_fds=(root,),
+        )  # fmt: skip
+
+    refused = read_as(5555)
+    assert refused.returncode != 0 and "Permission denied" in refused.stderr, refused
+    allowed = read_as(4242)
+    os.close(root)
+    assert allowed.returncode == 0 and allowed.stdout == "p" * 1000, allowed.stderr

@@ -1,0 +1,385 @@
+"""Study prefetch order, the background indexer, study prefetch through the read path, pins and
+explicit prefetch: an ArchiveFS over a local store driven by trio, no kernel, no network.
+
+Instances are real DICOM bytes from ``synthetic_study``, small (192x192 pixels, two 64 KiB blocks
+each) so that every instance spans blocks and a test writes well under a megabyte per study."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from dicom_samples import study_uids, synthetic_study
+from helpers_unit import Rig, ino_of, make_rig, read_all, run_fs, wait_until
+
+from cloudfs.cache import BlockId
+from cloudfs.config import DicomOptions, MiB, format_size
+from cloudfs.dicom import HEADER_PROBE
+from cloudfs.dicom_index import Instance
+from cloudfs.fs import ArchiveFS
+from cloudfs.studies import Studies, _around, _Job
+
+pytestmark = pytest.mark.timeout(60)
+
+PIXELS = 192
+"""Rows and columns of the test images: 72 KiB of pixels, so an instance is two blocks."""
+
+
+# -- prefetch order --------------------------------------------------------------------------------
+
+
+def instance(series: str, number: int | None, key: str | None = None) -> Instance:
+    return Instance(
+        key=key or f"{series}/{number}",
+        etag='"1"',
+        size=1000,
+        patient_id="PAT",
+        study_uid="1.2.3",
+        study_date="20240101",
+        series_uid=series,
+        series_number=1,
+        modality="CT",
+        instance_number=number,
+    )
+
+
+def numbers(queue: list[Instance]) -> list[int | None]:
+    return [i.instance_number for i in queue]
+
+
+def test_around_alternates_next_and_previous() -> None:
+    series = [instance("A", n) for n in range(1, 8)]
+    assert numbers(_around(series, 3)) == [5, 3, 6, 2, 7, 1]
+    assert numbers(_around(series, 0)) == [2, 3, 4, 5, 6, 7]
+    assert numbers(_around(series, 6)) == [6, 5, 4, 3, 2, 1]
+    assert numbers(_around(series, 1)) == [3, 1, 4, 5, 6, 7]
+    assert numbers(_around(series, 5)) == [7, 5, 4, 3, 2, 1]
+
+
+@pytest.mark.parametrize("length", range(0, 9))
+def test_around_covers_every_other_instance_once_nearest_first(length: int) -> None:
+    """From any position: each other instance exactly once, by distance, the next one before
+    the previous one at the same distance."""
+    series = [instance("A", n) for n in range(length)]
+    for position in range(length):
+        order = _around(series, position)
+        indices = [series.index(i) for i in order]
+        assert sorted(indices) == [i for i in range(length) if i != position]
+        assert indices == sorted(indices, key=lambda i: (abs(i - position), i < position))
+
+
+def queued_job(opened: Instance | None, series_a: int = 9, series_b: int = 3) -> _Job:
+    """A job whose queue holds series A (less ``opened``) followed by series B, in index order."""
+    queue = [instance("A", n) for n in range(1, series_a + 1)]
+    queue = [i for i in queue if opened is None or i.key != opened.key]
+    queue += [instance("B", n) for n in range(1, series_b + 1)]
+    return _Job("1.2.3", queue, len(queue), 0)
+
+
+def test_recentre_puts_the_rest_of_the_series_around_the_opened_instance_first() -> None:
+    """The first open: the opened instance is not queued; its series comes nearest first, the
+    other series after, in their order."""
+    opened = instance("A", 5)
+    job = queued_job(opened)
+    before = list(job.queue)
+    job.recentre(opened)
+    assert [(i.series_uid, i.instance_number) for i in job.queue] == [
+        ("A", 6), ("A", 4), ("A", 7), ("A", 3), ("A", 8), ("A", 2), ("A", 9), ("A", 1),
+        ("B", 1), ("B", 2), ("B", 3),
+    ]  # fmt: skip
+    assert sorted(job.queue, key=lambda i: i.key) == sorted(before, key=lambda i: i.key)
+
+
+def test_recentre_follows_the_reader_and_orders_by_instance_number() -> None:
+    """A later open elsewhere in the series re-centres what is left; the queue's own order does
+    not matter, instance numbers do, and instances without a number come last."""
+    job = queued_job(instance("A", 5))
+    job.queue = job.queue[::-1] + [instance("A", None, key="A/unnumbered")]
+    job.queue = [i for i in job.queue if i.instance_number not in (4, 6)]  # fetched meanwhile
+    job.recentre(instance("A", 4))
+    assert [(i.series_uid, i.instance_number) for i in job.queue] == [
+        ("A", 7), ("A", 3), ("A", 8), ("A", 2), ("A", 9), ("A", 1), ("A", None),
+        ("B", 3), ("B", 2), ("B", 1),
+    ]  # fmt: skip
+
+
+def test_recentre_keeps_the_queue_when_the_series_is_done() -> None:
+    job = queued_job(None, series_a=0)
+    before = list(job.queue)
+    job.recentre(instance("A", 4))
+    assert job.queue == before
+    job.recentre(instance("C", 1))
+    assert job.queue == before
+
+
+def test_recentre_on_a_queued_instance_takes_it_out_and_queues_the_next_first() -> None:
+    """Every open after the first is of an instance still queued (``Studies.opened`` looks the
+    key up among the queued ones): the result must be the same as for an unqueued one."""
+    opened = instance("A", 5)
+    job = queued_job(None)
+    job.recentre(opened)
+    expected = queued_job(opened)
+    expected.recentre(opened)
+    assert [i.key for i in job.queue] == [i.key for i in expected.queue]
+
+
+# -- with a filesystem -----------------------------------------------------------------------------
+
+
+def study(patient: str, number: int, series: list[tuple[str, int]], date: str) -> dict[str, bytes]:
+    return dict(
+        synthetic_study(patient, number, series, study_date=date, rows=PIXELS, columns=PIXELS)
+    )
+
+
+def dicom_rig(tmp: Path, files: dict[str, bytes], size_limit: int = 64 * MiB, **dicom: Any) -> Rig:
+    """A rig with the header index on: ``dicom`` overrides DicomOptions, ``size_limit`` is the
+    block cache's."""
+    options: dict[str, Any] = {"index": True, "view_dir": "@dicom", "prefetch_threads": 4}
+    return make_rig(tmp, files, dicom=DicomOptions(**(options | dicom)), size_limit=size_limit)
+
+
+def blocks(rig: Rig, keys: list[str] | dict[str, bytes]) -> list[BlockId]:
+    """Every block of the current version of each object."""
+    found: list[BlockId] = []
+    for key in keys:
+        node = rig.catalog.by_key(key)
+        assert node is not None and node.etag is not None, key
+        count = -(-node.size // rig.cache.block_size)
+        found.extend(BlockId(key, node.etag, n) for n in range(count))
+    return found
+
+
+def all_cached(rig: Rig, keys: list[str] | dict[str, bytes]) -> Callable[[], bool]:
+    wanted = blocks(rig, keys)
+    return lambda: all(rig.cache.contains(block) for block in wanted)
+
+
+def none_cached(rig: Rig, keys: list[str] | dict[str, bytes]) -> bool:
+    return not any(rig.cache.contains(block) for block in blocks(rig, keys))
+
+
+def studies_of(fs: ArchiveFS) -> Studies:
+    assert fs.studies is not None, "the rig was made without DICOM indexing"
+    return fs.studies
+
+
+async def indexed(fs: ArchiveFS, timeout: float = 15.0) -> dict[str, Any]:
+    """The index status once nothing is pending."""
+    studies = studies_of(fs)
+    status: dict[str, Any] = {}
+    with trio.move_on_after(timeout):
+        while True:
+            status = await studies.status()
+            if status["pending"] == 0:
+                return status
+            await trio.sleep(0.02)
+    raise AssertionError(f"indexing did not finish: {status}")
+
+
+async def idle(fs: ArchiveFS, timeout: float = 15.0) -> None:
+    """Wait until no study is being prefetched."""
+    studies = studies_of(fs)
+    with trio.move_on_after(timeout):
+        while (await studies.status())["studies_prefetching"]:
+            await trio.sleep(0.02)
+        return
+    raise AssertionError("study prefetch did not finish")
+
+
+def test_indexer_reads_every_header_and_marks_other_files(tmp_path: Path) -> None:
+    """Every object is read once: instances are indexed and shown in the view, other files are
+    recorded as not DICOM, and nothing is left pending."""
+    ct = study("PAT-1", 1, [("CT", 3), ("CT", 2)], "20240105")
+    mr = study("PAT-2", 2, [("MR", 2)], "20230101")
+    rig = dicom_rig(tmp_path, {**ct, **mr, "notes/readme.txt": b"not an image\n" * 50})
+
+    async def body(fs: ArchiveFS) -> dict[str, Any]:
+        status = await indexed(fs)
+        view = await fs.lookup(await ino_of(fs, "@dicom/by-patient"), "PAT-1")
+        assert view is not None and view.is_dir
+        return status
+
+    status = run_fs(rig, body)
+    rig.close()
+    assert status["objects"] == 8
+    assert (status["dicom"], status["not_dicom"], status["pending"]) == (7, 1, 0)
+    assert (status["patients"], status["studies"], status["series"]) == (2, 2, 3)
+    assert status["placed_in_view"] == 7
+    assert status["headers_read"] == 8 and status["read_failures"] == 0
+    # One ranged GET of the first 64 KiB per object, never the whole object.
+    assert sorted(rig.store.calls) == sorted(
+        (key, 0, min(len(data), HEADER_PROBE)) for key, data in rig.files.items()
+    )
+
+
+def test_opening_an_instance_makes_its_study_local(tmp_path: Path) -> None:
+    """Open one instance of a two-series study (as a viewer does, then read it): every block of
+    every instance of the study ends up in the block cache; another patient's study does not."""
+    ct = study("PAT-1", 1, [("CT", 6), ("CT", 4)], "20240105")
+    other = study("PAT-2", 2, [("CT", 5)], "20240106")
+    rig = dicom_rig(tmp_path, {**ct, **other})
+    opened = sorted(ct)[3]
+
+    async def body(fs: ArchiveFS) -> dict[str, Any]:
+        await indexed(fs)
+        assert none_cached(rig, list(ct) + list(other)), "indexing must not fill the cache"
+        assert await read_all(fs, opened) == ct[opened]
+        assert await wait_until(all_cached(rig, ct), timeout=15)
+        await idle(fs)
+        return await studies_of(fs).status()
+
+    status = run_fs(rig, body)
+    assert none_cached(rig, other)
+    assert status["studies_prefetched"] == 1 and status["read_failures"] == 0
+    rig.close()
+
+
+def test_study_larger_than_max_study_size_is_read_on_demand(tmp_path: Path) -> None:
+    ct = study("PAT-1", 1, [("CT", 16)], "20240105")
+    rig = dicom_rig(tmp_path, ct, max_study_size=1 * MiB)
+    assert sum(map(len, ct.values())) > MiB
+    opened = sorted(ct)[0]
+
+    async def body(fs: ArchiveFS) -> None:
+        await indexed(fs)
+        assert await read_all(fs, opened) == ct[opened]
+        await idle(fs)
+
+    run_fs(rig, body)
+    assert all_cached(rig, [opened])()
+    assert none_cached(rig, [key for key in ct if key != opened])
+    rig.close()
+
+
+def test_priors_larger_than_a_study_prefetch_takes_are_left_on_demand(tmp_path: Path) -> None:
+    """A prior study over ``max_study_size`` is read on demand, like an opened study that size."""
+    current = study("PAT-1", 1, [("CT", 3)], "20240105")
+    prior = study("PAT-1", 2, [("CT", 16)], "20230105")
+    rig = dicom_rig(tmp_path, {**current, **prior}, max_study_size=1 * MiB, priors=1)
+    assert sum(map(len, current.values())) < MiB < sum(map(len, prior.values()))
+
+    async def body(fs: ArchiveFS) -> None:
+        await indexed(fs)
+        handle, _ = await fs.open(await ino_of(fs, sorted(current)[0]), os.O_RDONLY)
+        await fs.release(handle)
+        assert await wait_until(all_cached(rig, sorted(current)[1:]), timeout=15)
+        await idle(fs)
+
+    run_fs(rig, body)
+    assert none_cached(rig, prior)
+    rig.close()
+
+
+def test_pin_refuses_more_than_its_share_then_pins_and_unpins(tmp_path: Path) -> None:
+    """With a 4 MiB cache and half of it for pins: a 300 KB study is pinned (fetched, every
+    block pinned in the cache) and a 2 MB one that fits alone is refused on top of it, with
+    the sizes in the message; unpinning leaves the blocks cached but evictable."""
+    small = study("PAT-1", 1, [("CT", 4)], "20240105")
+    big = study("PAT-2", 2, [("CT", 26)], "20240106")
+    rig = dicom_rig(tmp_path, {**small, **big}, size_limit=4 * MiB, pin_fraction=0.5)
+    small_uid, _ = study_uids("PAT-1", 1, 1)
+    big_uid, _ = study_uids("PAT-2", 2, 1)
+    limit = 2 * MiB
+    small_size, big_size = sum(map(len, small.values())), sum(map(len, big.values()))
+    assert big_size < limit < small_size + big_size
+
+    async def body(fs: ArchiveFS) -> None:
+        studies = studies_of(fs)
+        await indexed(fs)
+        with pytest.raises(ValueError, match="nothing matches"):
+            await studies.pin({"patient": "NOBODY"})
+        with pytest.raises(ValueError, match="would pin") as refused:
+            await studies.pin({"from": "20240101"})
+        assert format_size(small_size + big_size) in str(refused.value)
+        assert (await studies.pins())["pins"] == []
+
+        summary = await studies.pin({"study": small_uid})
+        assert (summary["pinned_files"], summary["pinned_bytes"]) == (4, small_size)
+        assert summary["limit"] == limit
+        assert await wait_until(all_cached(rig, small), timeout=15)
+        assert await wait_until(
+            lambda: all(rig.cache.is_pinned(block) for block in blocks(rig, small)), timeout=5
+        )
+
+        with pytest.raises(ValueError) as refused:
+            await studies.pin({"study": big_uid})
+        message = str(refused.value)
+        for size in (small_size + big_size, limit, 4 * MiB):
+            assert format_size(size) in message, message
+        assert (await studies.pins())["pins"] == [{"study": small_uid}]
+
+        await studies.unpin({"study": small_uid})
+        assert not any(rig.cache.is_pinned(block) for block in blocks(rig, small))
+        assert all_cached(rig, small)()
+        assert (await studies.pins())["pinned_files"] == 0
+        with pytest.raises(ValueError, match="no pin"):
+            await studies.unpin({"study": small_uid})
+
+        # Alone, the big study fits.
+        summary = await studies.pin({"study": big_uid})
+        assert summary["pinned_bytes"] == big_size
+        assert await wait_until(all_cached(rig, big), timeout=15)
+        assert await wait_until(
+            lambda: all(rig.cache.is_pinned(block) for block in blocks(rig, big)), timeout=5
+        )
+
+    run_fs(rig, body)
+    assert not any(rig.cache.is_pinned(block) for block in blocks(rig, small))
+    rig.close()
+
+
+async def prefetched(studies: Studies, selector: dict[str, str]) -> dict[str, Any]:
+    """Start an explicit prefetch and poll its progress until it is finished."""
+    progress = await studies.prefetch(selector)
+    with trio.move_on_after(15):
+        while not progress["finished"]:
+            await trio.sleep(0.02)
+            progress = studies.prefetch_progress(progress["id"])
+    assert progress["finished"], progress
+    return progress
+
+
+def test_explicit_prefetch_fetches_the_selection_and_reports_progress(tmp_path: Path) -> None:
+    ct = study("PAT-1", 1, [("CT", 5), ("CT", 3)], "20240105")
+    other = study("PAT-2", 2, [("CT", 3)], "20240106")
+    rig = dicom_rig(tmp_path, {**ct, **other})
+
+    async def body(fs: ArchiveFS) -> tuple[dict[str, Any], dict[str, Any]]:
+        studies = studies_of(fs)
+        await indexed(fs)
+        with pytest.raises(ValueError, match="nothing matches"):
+            await studies.prefetch({"modality": "MR"})
+        with pytest.raises(ValueError, match="no prefetch"):
+            studies.prefetch_progress(999)
+        first = await prefetched(studies, {"patient": "PAT-1"})
+        again = await prefetched(studies, {"patient": "PAT-1"})
+        return first, again
+
+    first, again = run_fs(rig, body)
+    assert first["files_done"] == first["files"] == len(ct) and first["seconds"] >= 0
+    assert first["bytes_done"] == first["bytes"] == sum(map(len, ct.values()))
+    assert (first["failed"], first["last_error"]) == (0, "")
+    assert all_cached(rig, ct)()
+    assert none_cached(rig, other)
+    # Everything was local the second time: nothing fetched.
+    assert (again["files_done"], again["fetched_bytes"]) == (len(ct), 0)
+    rig.close()
+
+
+def test_explicit_prefetch_counts_every_byte_fetched(tmp_path: Path) -> None:
+    """With several fetches at once, fetched_bytes still adds up to what was fetched."""
+    ct = study("PAT-1", 1, [("CT", 8)], "20240105")
+    rig = dicom_rig(tmp_path, ct, prefetch_threads=4)
+
+    async def body(fs: ArchiveFS) -> dict[str, Any]:
+        await indexed(fs)
+        return await prefetched(studies_of(fs), {"patient": "PAT-1"})
+
+    progress = run_fs(rig, body)
+    rig.close()
+    assert progress["fetched_bytes"] == progress["bytes"] == sum(map(len, ct.values()))
