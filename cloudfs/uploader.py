@@ -299,6 +299,7 @@ class Uploader:
 
         async def step() -> None:
             path = self.staging.path(staged)
+
             def upload() -> ObjectInfo:
                 """One worker-thread call: send the file, then put its bytes in the block
                 cache (under the new ETag) before the catalog says the file is in the cloud,
