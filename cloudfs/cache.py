@@ -58,6 +58,8 @@ from typing import NamedTuple
 import diskcache
 import xxhash
 
+from .crypto import OVERHEAD, BlockCipher, Unsealable
+
 log = logging.getLogger(__name__)
 
 _MAGIC = b"CFB2"
@@ -132,8 +134,16 @@ class _Chunks:
 
 
 class BlockCache:
-    def __init__(self, directory: Path, size_limit: int, block_size: int) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        size_limit: int,
+        block_size: int,
+        cipher: BlockCipher | None = None,
+    ) -> None:
         self.block_size = block_size
+        self.cipher = cipher
+        """Seals every block (and names entries opaquely) when the cache is encrypted."""
         self.size_limit = size_limit
         # The cap covers everything under the directory: diskcache's own limit leaves room for
         # one block more, the SQLite write-ahead log (checkpointed at half its reserve) and the
@@ -142,7 +152,9 @@ class BlockCache:
         overhead = wal_reserve + (size_limit // block_size) * 2 * 4096
         self._store = diskcache.Cache(
             str(directory),
-            size_limit=max(size_limit - block_size - _HEADER.size - overhead, block_size),
+            size_limit=max(
+                size_limit - block_size - _HEADER.size - OVERHEAD - overhead, block_size
+            ),
             sqlite_wal_autocheckpoint=max(wal_reserve // 2 // 4096, 16),
             eviction_policy="least-recently-stored",
             cull_limit=_CULL_PER_INSERT,
@@ -200,11 +212,16 @@ class BlockCache:
         return changed
 
     def _names(self, blocks: Iterable[BlockId]) -> list[str]:
-        return list(dict.fromkeys(block.cache_key(self.block_size) for block in blocks))
+        return list(dict.fromkeys(self._name(block) for block in blocks))
+
+    def _name(self, block: BlockId) -> str:
+        identity = block.cache_key(self.block_size)
+        return identity if self.cipher is None else self.cipher.name(identity)
 
     def _identity(self, block: BlockId) -> tuple[str, bytes]:
-        name = block.cache_key(self.block_size)
-        return name, hashlib.blake2b(name.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+        identity = block.cache_key(self.block_size)
+        digest = hashlib.blake2b(identity.encode("utf-8", "surrogatepass"), digest_size=16)
+        return self._name(block), digest.digest()
 
     def get(self, block: BlockId) -> memoryview | None:
         """The verified payload of ``block``, or None if absent or found corrupt (then deleted)."""
@@ -225,8 +242,16 @@ class BlockCache:
                 and length == len(payload)
                 and xxhash.xxh3_64_intdigest(payload) == checksum
             ):
-                self._recently_read.append(name)
-                return payload
+                if self.cipher is None:
+                    self._recently_read.append(name)
+                    return payload
+                try:
+                    opened = self.cipher.open(payload, digest)
+                except Unsealable:
+                    pass  # tampered with, or sealed under another key: fetched again
+                else:
+                    self._recently_read.append(name)
+                    return memoryview(opened)
         self.corrupt_blocks += 1
         log.warning("corrupt block %d of %s dropped; fetching it again", block.number, block.key)
         self._store.delete(name)
@@ -288,18 +313,20 @@ class BlockCache:
             self._db()
             .execute(
                 "SELECT store_time FROM Cache WHERE key=? AND raw=1",
-                (block.cache_key(self.block_size),),
+                (self._name(block),),
             )
             .fetchone()
         )
         return row is not None and row[0] >= _PINNED_EPOCH
 
     def contains(self, block: BlockId) -> bool:
-        return block.cache_key(self.block_size) in self._store
+        return self._name(block) in self._store
 
     def put(self, block: BlockId, payload: bytes | memoryview) -> bool:
         """Store a block; False (logged, rate-limited) if the disk refused it."""
         name, digest = self._identity(block)
+        if self.cipher is not None:
+            payload = self.cipher.seal(payload, digest)
         header = _HEADER.pack(_MAGIC, len(payload), xxhash.xxh3_64_intdigest(payload), digest)
         try:
             # A file object with read=True: given bytes, diskcache writes them line by line

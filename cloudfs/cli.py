@@ -178,6 +178,12 @@ def main() -> None:
     help="Hard cap on the block cache (units K, M, G, T).",
 )
 @click.option(
+    "--cache-key-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Encrypt cached blocks (AES-256-GCM) with the key in this file (0600; 32 bytes or 64 "
+    "hex digits) [default: $CLOUDFS_CACHE_KEY, else unencrypted].",
+)
+@click.option(
     "--block-size",
     type=SIZE,
     default="1M",
@@ -481,6 +487,7 @@ def _mount(
     mountpoint: Path,
     cache_dir: Path | None,
     cache_size: int,
+    cache_key_file: Path | None,
     block_size: int,
     read_ahead: int,
     read_ahead_memory: int,
@@ -535,6 +542,7 @@ def _mount(
         cache=CacheOptions(
             directory=cache_dir,
             size_limit=cache_size,
+            key_file=None if cache_key_file is None else cache_key_file.absolute(),
             block_size=block_size,
             fetch_chunk=max(block_size, CacheOptions.fetch_chunk),
             small_object=max(block_size, CacheOptions.small_object),

@@ -116,6 +116,9 @@ class CacheOptions:
     """Concurrent ranged GETs; half of botocore's pool so refresh and heads never starve."""
     disk_threads: int = 8
     """Concurrent cache reads/writes; more gives nothing on two cores."""
+    key_file: Path | None = None
+    """Encrypt cached blocks with AES-256-GCM under the key in this file (32 bytes or 64 hex
+    digits, readable by its owner only); None: the key in $CLOUDFS_CACHE_KEY, if set."""
     io_timeout: float = 60.0
     """Upper bound in seconds on one read waiting for the cloud before it fails with EIO."""
 

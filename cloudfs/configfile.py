@@ -24,6 +24,7 @@ KEYS: dict[str, dict[str, str]] = {
     "cache": {
         "dir": "cache_dir",
         "size": "cache_size",
+        "key_file": "cache_key_file",
         "block_size": "block_size",
         "read_ahead": "read_ahead",
         "read_ahead_memory": "read_ahead_memory",

@@ -24,6 +24,7 @@ from .audit import AuditLog
 from .cache import BlockCache
 from .catalog import Catalog
 from .config import Config
+from .crypto import BlockCipher, load_key
 from .errors import CloudfsError, ConfigError, StoreUnreachable
 from .fs import ArchiveFS
 from .metrics import Metrics, parse_address
@@ -157,8 +158,12 @@ def prepare(config: Config) -> tuple[ObjectStore, Catalog, BlockCache, float]:
             report.rejected,
         )
         synced_at = time.time()
+    key = load_key(config.cache.key_file)
     cache = BlockCache(
-        config.cache.directory / "blocks", config.cache.size_limit, config.cache.block_size
+        config.cache.directory / "blocks",
+        config.cache.size_limit,
+        config.cache.block_size,
+        None if key is None else BlockCipher(key),
     )
     first_refresh = max(0.0, synced_at + config.mount.refresh_interval - time.time())
     return store, catalog, cache, first_refresh
