@@ -194,6 +194,9 @@ def test_opening_one_instance_makes_the_whole_study_local(
     key, data = study[20]
     with open(m.path / key, "rb") as handle:
         assert handle.read() == data
+    # Foreground reads are served while the prefetch runs: the last instance of the other
+    # series, which the prefetch reaches last, reads correctly at once.
+    assert (m.path / study[-1][0]).read_bytes() == study[-1][1]
     assert wait_until(lambda: index_status(m)["studies_prefetched"] >= 1, 120), m.log_tail()
     drop_kernel_caches()
     private_s3_server.pause()
