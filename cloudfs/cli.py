@@ -771,6 +771,13 @@ def status(mountpoint: Path, as_json: bool) -> None:
         f"open files:        {facts['open_files']}",
         _upload_line(facts["uploads"]),
     ]
+    dicom = facts.get("dicom")
+    if dicom:
+        lines.append(
+            f"dicom:             {dicom['dicom']} instances in {dicom['studies']} studies, "
+            f"{dicom['pending']} objects pending; {dicom['studies_prefetched']} studies "
+            f"prefetched, {len(dicom['studies_prefetching'])} in progress"
+        )
     if reads["last_error"]:
         lines.append(f"last cloud error:  {reads['last_error']}")
     if facts["uploads"]["last_error"]:

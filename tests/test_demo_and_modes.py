@@ -88,6 +88,7 @@ def test_demo_mounts_generated_samples_and_stops(tmp_path: Path) -> None:
         assert status.returncode == 0, status.stderr
         assert f"file://{archive}" in status.stdout
         assert "hit ratio:" in status.stdout
+        assert "dicom:             160 instances in 2 studies, 0 objects pending" in status.stdout
 
         again = cloudfs("demo", "--mountpoint", mountpoint, "--archive", archive)
         assert again.returncode == 0, again.stderr
