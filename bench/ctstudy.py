@@ -3,31 +3,27 @@
 A viewer benchmark needs objects that cloudfs's indexer takes for what a scanner writes: Part 10
 files (128-byte preamble, ``DICM``, file meta) in explicit VR little endian, CT Image Storage, with
 the patient, study, series and instance tags the browse view and study prefetch are built from.
-Each instance is 512 x 512 pixels of 16 bits, so about 512 KiB, the size of a CT slice.
+Each instance is 512 x 512 pixels of 16 bits, so about 512 KiB, the size of a CT slice.  The
+instances are written by ``cloudfs.dicom.sample_instance``, as the demo archive's and the tests'.
 
-Everything is derived from the seed, the series index and the instance number: UIDs are hashes
-(of the seed and the instance's place), pixel data comes from a PRNG seeded with the SOP
-Instance UID.  So the bytes need not be kept: the benchmark keeps a SHA-256 per instance and
-checks what it read against it, and two instances never share pixel data, so an instance served
-in place of another is caught.  The SOP Instance UIDs are hashes, so the keys
-``ct/<study>/<series>/<sop>.dcm`` sort in an order unrelated to the Instance Number, as they do
-in a real archive: only the DICOM index knows the order in which a radiologist scrolls.
+Everything is derived from the seed, the series index and the instance number: UIDs are derived
+from the seed and the instance's place, pixel data from the SOP Instance UID.  So the bytes need
+not be kept: the benchmark keeps a SHA-256 per instance and checks what it read against it, and
+two instances never share pixel data, so an instance served in place of another is caught.  The
+SOP Instance UIDs are hashes, so the keys ``ct/<study>/<series>/<sop>.dcm`` sort in an order
+unrelated to the Instance Number, as they do in a real archive: only the DICOM index knows the
+order in which a radiologist scrolls.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
-import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filewriter import dcmwrite
-from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian
+from cloudfs.dicom import derived_uid, sample_instance
 
 ROWS = COLUMNS = 512
-PIXEL_BYTES = ROWS * COLUMNS * 2
 STUDY_DATE = "20240315"
 PATIENT_ID = "BENCH-VIEWER-01"
 SLICE_MM = 1.25
@@ -59,10 +55,8 @@ class Study:
 
 
 def _uid(seed: int, *parts: object) -> str:
-    """A UID under the 2.25 root (a 128-bit number), hashed from ``parts`` so every run has the
-    same ones; pydicom's ``generate_uid`` with the 2.25 root is random whatever its entropy."""
-    text = "/".join(["cloudfs-bench-viewer", str(seed), *map(str, parts)])
-    return f"2.25.{int.from_bytes(hashlib.sha256(text.encode()).digest()[:16], 'big')}"
+    """The UID of one part of the study of ``seed``: the same on every run."""
+    return derived_uid("bench-viewer", str(seed), *map(str, parts))
 
 
 class _Plan:
@@ -72,7 +66,6 @@ class _Plan:
         self.seed = seed
         self.counts = counts
         self.study_uid = _uid(seed, "study")
-        self.frame_uid = _uid(seed, "frame")
         self.series_uids = [_uid(seed, "series", n) for n in range(len(counts))]
 
     def sop_uid(self, series: int, number: int) -> str:
@@ -83,53 +76,24 @@ class _Plan:
 
     def encode(self, series: int, number: int) -> bytes:
         """The Part 10 file of instance ``number`` (from 1) of series ``series`` (from 0)."""
-        sop_uid = self.sop_uid(series, number)
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = UID(sop_uid)
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        meta.ImplementationClassUID = UID(_uid(0, "implementation"))
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SpecificCharacterSet = "ISO_IR 100"
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = sop_uid
-        ds.StudyDate = ds.SeriesDate = ds.ContentDate = STUDY_DATE
-        ds.StudyTime = "101500"
-        ds.AccessionNumber = f"ACC{self.seed:07d}"
-        ds.Modality = "CT"
-        ds.Manufacturer = "cloudfs bench"
-        ds.StudyDescription = "CT CHEST"
-        ds.SeriesDescription = "AXIAL 1.25mm" if series == 0 else f"RECON {series}"
-        ds.PatientName = "BENCH^VIEWER"
-        ds.PatientID = PATIENT_ID
-        ds.PatientBirthDate = "19600101"
-        ds.PatientSex = "O"
-        ds.BodyPartExamined = "CHEST"
-        ds.SliceThickness = f"{SLICE_MM:g}"
-        ds.StudyInstanceUID = self.study_uid
-        ds.SeriesInstanceUID = self.series_uids[series]
-        ds.StudyID = "1"
-        ds.SeriesNumber = series + 1
-        ds.InstanceNumber = number
-        z = -(number - 1) * SLICE_MM
-        ds.ImagePositionPatient = ["-250", "-250", f"{z:g}"]
-        ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
-        ds.FrameOfReferenceUID = self.frame_uid
-        ds.SliceLocation = f"{z:g}"
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows, ds.Columns = ROWS, COLUMNS
-        ds.PixelSpacing = ["0.9765625", "0.9765625"]
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
-        ds.PixelRepresentation = 0
-        ds.WindowCenter, ds.WindowWidth = "40", "400"
-        ds.RescaleIntercept, ds.RescaleSlope = "-1024", "1"
-        ds.PixelData = random.Random(sop_uid).randbytes(PIXEL_BYTES)
-        out = io.BytesIO()
-        dcmwrite(out, ds, enforce_file_format=True)
-        return out.getvalue()
+        return sample_instance(
+            patient_id=PATIENT_ID,
+            patient_name="BENCH^VIEWER",
+            study_uid=self.study_uid,
+            study_date=STUDY_DATE,
+            study_description="CT CHEST",
+            accession=f"ACC{self.seed:07d}",
+            series_uid=self.series_uids[series],
+            series_number=series + 1,
+            modality="CT",
+            series_description="AXIAL 1.25mm" if series == 0 else f"RECON {series}",
+            sop_uid=self.sop_uid(series, number),
+            instance_number=number,
+            rows=ROWS,
+            columns=COLUMNS,
+            slice_thickness=SLICE_MM,
+            charset="ISO_IR 100",
+        )
 
 
 def instances(seed: int, counts: tuple[int, ...]) -> Iterator[tuple[Instance, bytes]]:

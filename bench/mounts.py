@@ -44,6 +44,8 @@ class CloudfsMount:
         self.cache_dir = cache_dir
         self.options = ("--cache-size", CACHE_SIZE) if options is None else tuple(options)
         self.pid: int | None = None
+        self.mount_timeout = MOUNT_TIMEOUT
+        """How long the mount may take to answer; a first mount lists the whole bucket first."""
 
     @property
     def log_path(self) -> Path:
@@ -81,12 +83,18 @@ class CloudfsMount:
                 env=self.env(),
                 capture_output=True,
                 text=True,
-                timeout=MOUNT_TIMEOUT,
+                timeout=self.mount_timeout,
             )
         except subprocess.TimeoutExpired as exc:
+            # the daemon goes on starting in the background: stop it, or it would load the
+            # endpoint during the measurements that follow
             self.pid = self._locked_pid()
+            if self.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
+            force_unmount(self.mountpoint)
             raise BenchError(
-                f"cloudfs mount did not answer within {MOUNT_TIMEOUT:.0f}s\n{self.log_tail()}"
+                f"cloudfs mount did not answer within {self.mount_timeout:.0f}s\n{self.log_tail()}"
             ) from exc
         found = re.search(r"pid (\d+)", result.stderr)
         self.pid = int(found.group(1)) if found else None
@@ -143,10 +151,17 @@ class CloudfsMount:
             return f"--- last lines of {self.log_path} ---\n" + "\n".join(text)
         return f"(no log at {self.log_path})"
 
-    def log_problems(self) -> list[str]:
-        """Warning and error lines of this cache directory's log."""
+    def log_size(self) -> int:
+        """Where the log ends now: a remount of the cache directory appends to it."""
         with contextlib.suppress(OSError):
-            lines = self.log_path.read_text(errors="replace").splitlines()
+            return self.log_path.stat().st_size
+        return 0
+
+    def log_problems(self, since: int = 0) -> list[str]:
+        """Warning and error lines of this cache directory's log, from offset ``since`` on."""
+        with contextlib.suppress(OSError), open(self.log_path, "rb") as log:
+            log.seek(since)
+            lines = log.read().decode(errors="replace").splitlines()
             return [line for line in lines if " WARNING " in line or " ERROR " in line]
         return []
 

@@ -1,14 +1,20 @@
-"""Turning the samples into the Markdown tables, bench/results/*.json and docs/benchmarks.md.
+"""Turning the samples into the Markdown tables, bench/results/*.json and docs/benchmarks-read.md.
 
 Every figure is the median over the repetitions, with each repetition's value beside it so the
 spread is visible.  The ratios put each cloudfs figure next to the limit that bounds it: the
 endpoint's parallel throughput for a cold read, the no-op FUSE ceiling for a cached read.
+
+The pieces every benchmark's report is made of live here too (tables of measurements, ratios and
+targets, the facts about the run, the pages with one section per setup), so the write and viewer
+reports only say what their own tables and sections hold.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import statistics
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +25,7 @@ class Metric:
     key: str
     label: str
     unit: str
-    """MB/s, GB/s (stored as MB/s, shown divided by 1000) or ms."""
+    """MB/s, GB/s (stored as MB/s, shown divided by 1000), ms, s or files/s."""
 
 
 METRICS = (
@@ -44,7 +50,11 @@ METRICS = (
     Metric("local_warm", "local disk, page cache (dd bs=1M)", "GB/s"),
 )
 
-RATIOS = (
+Ratio = tuple[str, str, str]
+"""(label, numerator key, denominator key)."""
+
+
+RATIOS: tuple[Ratio, ...] = (
     ("cloudfs cold sequential / boto3 parallel ranged GETs", "cloudfs_cold_seq", "boto3_parallel"),
     ("cloudfs cold sequential / boto3 single stream", "cloudfs_cold_seq", "boto3_single"),
     ("cloudfs cached first read / FUSE ceiling (1024 KiB)", "cloudfs_cached_seq", "memfs_1024"),
@@ -65,16 +75,54 @@ RATIOS = (
 )
 
 
+@dataclass(frozen=True)
+class Target:
+    """A figure with a goal: met below ``threshold`` (a time), or at or above it (a rate)."""
+
+    label: str
+    key: str
+    threshold: float
+    of: str | None = None
+    """Compare ``key / of`` with the threshold instead of ``key`` itself."""
+    higher: bool = False
+    """Met at or above the threshold (a rate or a share) rather than below it (a time)."""
+    inclusive: bool = False
+    """A time met at the threshold itself too (``<=``)."""
+
+    def met(self, value: float) -> bool:
+        if self.higher:
+            return value >= self.threshold
+        return value <= self.threshold if self.inclusive else value < self.threshold
+
+
 def medians(samples: dict[str, list[float]]) -> dict[str, float]:
     return {key: statistics.median(values) for key, values in samples.items() if values}
 
 
-def ratios(middle: dict[str, float]) -> dict[str, float]:
-    found = {}
-    for label, top, bottom in RATIOS:
-        if middle.get(top) and middle.get(bottom):
-            found[label] = middle[top] / middle[bottom]
+def ratios(middle: dict[str, float], rows: Iterable[Ratio] = RATIOS) -> dict[str, float]:
+    return {
+        label: middle[top] / middle[bottom]
+        for label, top, bottom in rows
+        if middle.get(top) and middle.get(bottom)
+    }
+
+
+def verdicts(middle: dict[str, float], goals: Iterable[Target]) -> dict[str, dict[str, Any]]:
+    """Per target: the value (None without a figure), its threshold and whether it is met."""
+    found: dict[str, dict[str, Any]] = {}
+    for goal in goals:
+        value = middle.get(goal.key)
+        if value is not None and goal.of is not None:
+            value = value / middle[goal.of] if middle.get(goal.of) else None
+        met = None if value is None else goal.met(value)
+        found[goal.label] = {"value": value, "threshold": goal.threshold, "met": met}
     return found
+
+
+def missing(samples: dict[str, list[float]], keys: Iterable[str] | None = None) -> list[str]:
+    """The figures (of ``keys``, by default the read benchmark's) without a single sample."""
+    wanted = [metric.key for metric in METRICS] if keys is None else keys
+    return [key for key in wanted if not samples.get(key)]
 
 
 def _shown(metric: Metric, value: float) -> str:
@@ -85,23 +133,45 @@ def _shown(metric: Metric, value: float) -> str:
     return f"{value:.0f}"
 
 
-def tables(samples: dict[str, list[float]]) -> str:
+def measurement_table(
+    samples: dict[str, list[float]],
+    metrics: Iterable[Metric],
+    shown: Callable[[Metric, float], str] = _shown,
+) -> list[str]:
+    """One row per metric: its median, unit and every run's value."""
     middle = medians(samples)
     lines = ["| Measurement | Median | Unit | Each run |", "| --- | ---: | --- | --- |"]
-    for metric in METRICS:
+    for metric in metrics:
         values = samples.get(metric.key, [])
-        median = _shown(metric, middle[metric.key]) if values else "**missing**"
-        each = ", ".join(_shown(metric, v) for v in values) or "-"
+        median = shown(metric, middle[metric.key]) if values else "**missing**"
+        each = ", ".join(shown(metric, v) for v in values) or "-"
         lines.append(f"| {metric.label} | {median} | {metric.unit} | {each} |")
-    lines += ["", "| Ratio (of medians) | Value |", "| --- | ---: |"]
-    found = ratios(middle)
-    for label, _, _ in RATIOS:
+    return lines
+
+
+def ratio_table(middle: dict[str, float], rows: Iterable[Ratio]) -> list[str]:
+    rows = tuple(rows)
+    found = ratios(middle, rows)
+    lines = ["| Ratio (of medians) | Value |", "| --- | ---: |"]
+    for label, _, _ in rows:
         lines.append(f"| {label} | {found[label]:.2f} |" if label in found else f"| {label} | - |")
-    return "\n".join(lines)
+    return lines
 
 
-def missing(samples: dict[str, list[float]]) -> list[str]:
-    return [metric.key for metric in METRICS if not samples.get(metric.key)]
+def target_table(found: dict[str, dict[str, Any]], shown: Callable[[str, float], str]) -> list[str]:
+    """One row per verdict; ``shown(label, value)`` writes the value."""
+    lines = ["| Target | Value | Met |", "| --- | ---: | --- |"]
+    for label, verdict in found.items():
+        value = verdict["value"]
+        text = "-" if value is None else shown(label, value)
+        met = {True: "met", False: "**not met**", None: "no figure"}[verdict["met"]]
+        lines.append(f"| {label} | {text} | {met} |")
+    return lines
+
+
+def tables(samples: dict[str, list[float]]) -> str:
+    lines = measurement_table(samples, METRICS)
+    return "\n".join([*lines, "", *ratio_table(medians(samples), RATIOS)])
 
 
 def write_json(path: Path, result: dict[str, Any]) -> None:
@@ -109,22 +179,43 @@ def write_json(path: Path, result: dict[str, Any]) -> None:
     path.write_text(json.dumps(result, indent=2, sort_keys=False) + "\n")
 
 
-def markdown_page(result: dict[str, Any], table: str) -> str:
+def run_facts(result: dict[str, Any]) -> list[str]:
+    """The list items saying when, where and how a result was measured."""
     machine = result["machine"]
-    endpoint = result["endpoint"]
+    options = result["options"]
+    where = f", behind a WAN proxy ({options['wan']})" if options.get("wan") else " (loopback)"
+    lines = [
+        f"- Date: {result['date']}",
+        f"- Machine: {machine['nproc']} CPUs ({machine['cpu']}), {machine['memory_gib']} GiB RAM, "
+        f"Linux {machine['kernel']}, Python {machine['python']}",
+    ]
+    if "disk" in result:
+        lines.append(f"- Cache disk: {result['disk']}")
+    if "revision" in result:
+        lines.append(f"- cloudfs: commit {result['revision']}")
+    lines += [
+        f"- Command: `{result['command']}` (from the repository root; took "
+        f"{result['runtime_seconds'] / 60:.1f} min)",
+        f"- Endpoint: {result['endpoint']['kind']} on 127.0.0.1{where}",
+    ]
+    return lines
+
+
+def _notes(result: dict[str, Any], notes: str, errors: str) -> list[str]:
+    lines = [notes, "", *(f"- {note}" for note in result["notes"])]
+    if result["errors"]:
+        lines += ["", errors, "", *(f"- {error}" for error in result["errors"])]
+    return lines
+
+
+def markdown_page(result: dict[str, Any], table: str) -> str:
     options = result["options"]
     lines = [
         "# cloudfs read-path benchmark",
         "",
         "Produced by `python -m bench` (see `bench/README.md`); rerun it to refresh this page.",
         "",
-        f"- Date: {result['date']}",
-        f"- Machine: {machine['nproc']} CPUs ({machine['cpu']}), {machine['memory_gib']} GiB RAM, "
-        f"Linux {machine['kernel']}, Python {machine['python']}",
-        f"- Command: `{result['command']}` (from the repository root; took "
-        f"{result['runtime_seconds'] / 60:.1f} min)",
-        f"- Endpoint: {endpoint['kind']} on 127.0.0.1"
-        + (f", behind a WAN proxy ({options['wan']})" if options.get("wan") else " (loopback)"),
+        *run_facts(result),
         f"- Object: {options['size_bytes'] / 2**20:.0f} MiB; {options['repeat']} repetitions, "
         f"systems in rotating order; {options['random_reads']} random reads per run",
         "",
@@ -132,10 +223,38 @@ def markdown_page(result: dict[str, Any], table: str) -> str:
         "",
         table,
         "",
-        "## Notes",
-        "",
+        *_notes(result, "## Notes", "## Errors"),
     ]
-    lines += [f"- {note}" for note in result["notes"]]
-    if result["errors"]:
-        lines += ["", "## Errors", ""] + [f"- {error}" for error in result["errors"]]
     return "\n".join(lines) + "\n"
+
+
+# -- pages with a section per setup (the write and viewer benchmarks) ----------------------------
+
+
+def section_name(result: dict[str, Any]) -> str:
+    """The setup a result belongs to: loopback or wan, and the server when not s3rver."""
+    options = result["options"]
+    name = "loopback" if not options.get("wan") else "wan"
+    return name if options["server"] == "s3rver" else f"{name}-{options['server']}"
+
+
+def section(result: dict[str, Any], table: str, workload: str) -> str:
+    """The section of one setup: its facts, ``workload`` (what was measured), table and notes."""
+    options = result["options"]
+    title = "Behind the WAN proxy" if options.get("wan") else "Loopback"
+    if options["server"] != "s3rver":
+        title += f", {options['server']}"
+    lines = [f"## {title}", "", *run_facts(result), f"- {workload}", "", table, ""]
+    return "\n".join(lines + _notes(result, "Notes:", "Errors:"))
+
+
+def updated_page(existing: str | None, name: str, body: str, head: str) -> str:
+    """The page with the section ``name`` replaced by ``body`` (added if new), others kept; a
+    page that does not start with ``head``'s title is started afresh."""
+    start, end = f"<!-- section: {name} -->", f"<!-- end of section: {name} -->"
+    block = f"{start}\n{body}\n{end}"
+    if existing and start in existing and end in existing:
+        pattern = re.escape(start) + r".*?" + re.escape(end)
+        return re.sub(pattern, lambda _: block, existing, count=1, flags=re.DOTALL)
+    page = existing if existing and existing.startswith(head.splitlines()[0]) else head
+    return page.rstrip("\n") + "\n\n" + block + "\n"

@@ -43,8 +43,8 @@ from .system import (
     BenchError,
     drop_page_cache,
     free_port,
-    is_root,
     machine,
+    needs_root,
     port_open,
     read_ahead_kb,
     set_read_ahead_kb,
@@ -65,22 +65,19 @@ class Mount(Protocol):
     def unmount(self) -> None: ...
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench",
-        description="cloudfs read-path benchmark: the S3 endpoint's limits, cloudfs on it, the "
-        "Python FUSE ceiling and the local disk, in one run (see bench/README.md).",
-    )
-    parser.add_argument("--size", default="1G", help="object size (default: 1G)")
+def parse_common(
+    parser: argparse.ArgumentParser, argv: list[str] | None, *, page: str, quick: str, workdir: str
+) -> argparse.Namespace:
+    """Add the options every benchmark takes, parse ``argv`` and apply what ``--quick`` means to
+    them (one repetition, no docs page, no memory pre-touch); the caller adds its own options
+    before and applies ``--quick`` to them after.  ``page`` is the docs page a run rewrites,
+    ``quick`` the workload of a quick run, ``workdir`` what else goes into the scratch directory."""
     parser.add_argument("--repeat", type=int, default=3, help="repetitions (default: 3)")
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="harness check for CI: 64 MiB, one repetition, no docs page; fails if any figure "
+        help=f"harness check for CI: {quick}, one repetition, no docs page; fails if any figure "
         "is missing, never on speed",
-    )
-    parser.add_argument(
-        "--random-reads", type=int, default=200, help="64 KiB reads per random run (default: 200)"
     )
     parser.add_argument("--server", choices=("s3rver", "moto"), default="s3rver")
     parser.add_argument(
@@ -88,7 +85,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--rtt-ms", type=float, default=20.0, help="WAN round trip (default: 20)")
     parser.add_argument(
-        "--bandwidth", default="50M", help="WAN cap per connection, bytes/s (default: 50M)"
+        "--bandwidth",
+        default="50M",
+        help="WAN cap per connection (each way, where the benchmark uploads), bytes/s "
+        "(default: 50M)",
     )
     parser.add_argument(
         "--prefault",
@@ -97,22 +97,52 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "memory; 0 with --quick); see bench/README.md",
     )
     parser.add_argument(
-        "--workdir", type=Path, help="scratch directory on the disk to measure (default: /var/tmp)"
+        "--workdir", type=Path, help=f"scratch directory{workdir} (default: /var/tmp)"
     )
-    parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
+    parser.add_argument("--no-docs", action="store_true", help=f"do not rewrite docs/{page}")
     args = parser.parse_args(argv)
     if args.quick:
-        args.size, args.repeat, args.no_docs = str(QUICK_SIZE), 1, True
+        args.repeat, args.no_docs = 1, True
         args.prefault = args.prefault or "0"
-    args.size_bytes = parse_size(args.size)
-    if args.size_bytes < 16 * 2**20:
-        parser.error("--size must be at least 16M")
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
     return args
 
 
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="cloudfs read-path benchmark: the S3 endpoint's limits, cloudfs on it, the "
+        "Python FUSE ceiling and the local disk, in one run (see bench/README.md).",
+    )
+    parser.add_argument("--size", default="1G", help="object size (default: 1G)")
+    parser.add_argument(
+        "--random-reads", type=int, default=200, help="64 KiB reads per random run (default: 200)"
+    )
+    args = parse_common(
+        parser,
+        argv,
+        page="benchmarks-read.md (benchmarks-wan.md with --wan)",
+        quick="64 MiB",
+        workdir=" on the disk to measure",
+    )
+    if args.quick:
+        args.size = str(QUICK_SIZE)
+    args.size_bytes = parse_size(args.size)
+    if args.size_bytes < 16 * 2**20:
+        parser.error("--size must be at least 16M")
+    return args
+
+
 class Bench:
+    """One run of a benchmark: its samples, notes and errors, the mounts and processes to undo on
+    the way out, and the steps every benchmark takes (memory pre-touch, the endpoint, the WAN
+    proxy, systems in rotating order, the result document).  The read benchmark is this class;
+    the others build on it."""
+
+    pace_uploads = False
+    """Whether the WAN proxy paces request bodies too (a benchmark that uploads)."""
+
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.size: int = args.size_bytes
@@ -239,11 +269,15 @@ class Bench:
         command = [sys.executable, "-m", "bench.wanproxy", "--listen", str(port)]
         command += ["--target", target, "--rtt-ms", str(self.args.rtt_ms)]
         command += ["--bandwidth", str(bandwidth)]
+        if self.pace_uploads:
+            command += ["--upload-bandwidth", str(bandwidth)]
         process = Process("wanproxy", command, self.workdir / "wanproxy.log")
         self.processes.append(process)
         wait_for(lambda: port_open(port), 30, "the WAN proxy")
         endpoint.url = f"http://127.0.0.1:{port}"
         wan = f"{self.args.rtt_ms:g} ms per request, {format_size(bandwidth)}/s per connection"
+        if self.pace_uploads:
+            wan += " each way"
         self.details["wan"] = wan
         self.notes.append(f"WAN proxy in front of the endpoint: {wan}.")
 
@@ -398,21 +432,49 @@ class Bench:
 
     # -- the run -----------------------------------------------------------------------------
 
+    def tables(self) -> str:
+        """The Markdown tables of the samples so far."""
+        return report.tables(self.samples)
+
+    def systems(self) -> list[Callable[[int], None]]:
+        """What one repetition measures, each ``run_<name>(repetition)``."""
+        return [self.run_local, self.run_boto3, self.run_memfs, self.run_cloudfs]
+
     def measure(self) -> None:
-        systems = [self.run_local, self.run_boto3, self.run_memfs, self.run_cloudfs]
+        systems = self.systems()
         for rep in range(self.args.repeat):
             turn = rep % len(systems)
             for system in systems[turn:] + systems[:turn]:
                 self.say(f"repetition {rep + 1}/{self.args.repeat}: {system.__name__[4:]}")
                 system(rep)
 
+    def prefault_note(self) -> None:
+        if "prefault" in self.details:
+            touch = self.details["prefault"]
+            self.notes.append(
+                f"{format_size(touch['bytes'])} of memory was touched once before measuring "
+                f"({touch['seconds']}s): on a VM whose memory is backed on first touch, the first "
+                f"use of never-used pages runs at that backing speed, not the system's."
+            )
+
+    def document(self, runtime: float, missing: list[str], **figures: Any) -> dict[str, Any]:
+        """The result as bench/results/*.json keeps it: when, what and where it ran, then
+        ``figures`` (options, endpoint, units, medians, ...), then every sample and what went
+        wrong."""
+        return {
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "command": command_line(),
+            "machine": machine(),
+            **figures,
+            "samples": self.samples,
+            "details": self.details,
+            "notes": self.notes,
+            "errors": self.errors,
+            "missing": missing,
+            "runtime_seconds": round(runtime, 1),
+        }
+
     def result(self, runtime: float) -> dict[str, Any]:
-        python = (
-            os.path.relpath(sys.executable, REPO)
-            if sys.executable.startswith(str(REPO))
-            else sys.executable
-        )
-        command = " ".join([python, "-m", "bench", *sys.argv[1:]])
         middle = report.medians(self.samples)
         if self.details.get("memfs_default_read_ahead_kb") not in (None, 128):
             self.notes.append(
@@ -429,18 +491,11 @@ class Bench:
                 f"(the object is {self.size // 2**20} MiB; 8 MiB ranges would be "
                 f"{-(-self.size // (8 * 2**20))})."
             )
-        if "prefault" in self.details:
-            touch = self.details["prefault"]
-            self.notes.append(
-                f"{format_size(touch['bytes'])} of memory was touched once before measuring "
-                f"({touch['seconds']}s): on a VM whose memory is backed on first touch, a first "
-                f"read into never-used pages runs at that backing speed, not the system's."
-            )
-        return {
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "command": command,
-            "machine": machine(),
-            "options": {
+        self.prefault_note()
+        return self.document(
+            runtime,
+            report.missing(self.samples),
+            options={
                 "size_bytes": self.size,
                 "repeat": self.args.repeat,
                 "quick": self.args.quick,
@@ -448,29 +503,33 @@ class Bench:
                 "wan": self.details.get("wan"),
                 "server": self.args.server,
             },
-            "endpoint": {
+            endpoint={
                 "kind": self.endpoint.kind if self.endpoint else None,
                 "conformance": self.details.get("endpoint_conformance"),
             },
-            "units": {m.key: m.unit.replace("GB/s", "MB/s") for m in report.METRICS},
-            "medians": middle,
-            "ratios": report.ratios(middle),
-            "samples": self.samples,
-            "details": self.details,
-            "notes": self.notes,
-            "errors": self.errors,
-            "missing": report.missing(self.samples),
-            "runtime_seconds": round(runtime, 1),
-        }
+            units={m.key: m.unit.replace("GB/s", "MB/s") for m in report.METRICS},
+            medians=middle,
+            ratios=report.ratios(middle),
+        )
+
+
+def command_line() -> str:
+    """How the run was started, with the interpreter relative to the checkout when inside it."""
+    python = (
+        os.path.relpath(sys.executable, REPO)
+        if sys.executable.startswith(str(REPO))
+        else sys.executable
+    )
+    return " ".join([python, "-m", "bench", *sys.argv[1:]])
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def execute(bench: Bench, tables: Callable[[], str]) -> tuple[dict[str, Any], str, bool]:
+def execute(bench: Bench) -> tuple[dict[str, Any], str, bool]:
     """Set up, measure and clean up ``bench`` (Ctrl-C and SIGTERM stop it cleanly), then print
-    its ``tables()`` and notes.  Returns the result, the tables and whether it was stopped."""
+    its tables and notes.  Returns the result, the tables and whether it was stopped."""
     signal.signal(signal.SIGTERM, _interrupt)
     started = time.perf_counter()
     interrupted = False
@@ -486,7 +545,7 @@ def execute(bench: Bench, tables: Callable[[], str]) -> tuple[dict[str, Any], st
     finally:
         bench.cleanup()
     result = bench.result(time.perf_counter() - started)
-    table = tables()
+    table = bench.tables()
     print(table)
     for note in result["notes"]:
         print(f"- {note}")
@@ -509,14 +568,13 @@ def conclude(bench: Bench, result: dict[str, Any], interrupted: bool, name: str)
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not is_root():
-        print("bench: needs root (drop_caches, read_ahead_kb, FUSE mounts)", file=sys.stderr)
+    if not needs_root("drop_caches, read_ahead_kb, FUSE mounts"):
         return 2
     bench = Bench(args)
-    result, table, interrupted = execute(bench, lambda: report.tables(bench.samples))
+    result, table, interrupted = execute(bench)
     name = "quick.json" if args.quick else "latest.json"
     report.write_json(REPO / "bench" / "results" / name, result)
     if not (args.no_docs or interrupted or result["missing"]):
-        page = "benchmarks-wan.md" if args.wan else "benchmarks.md"
+        page = "benchmarks-wan.md" if args.wan else "benchmarks-read.md"
         (REPO / "docs" / page).write_text(report.markdown_page(result, table))
     return conclude(bench, result, interrupted, name)

@@ -191,11 +191,16 @@ def _wait_listening(process: Process, port: int) -> None:
         raise
 
 
+def create_bucket(client: Any) -> None:
+    """The benchmark bucket, whether or not an earlier step created it."""
+    with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
+        client.create_bucket(Bucket=BUCKET)
+
+
 def upload(endpoint: Endpoint, key: str, path: Path, size: int) -> str:
     """Create the bucket and upload ``path`` as ``key`` with one PUT; returns the ETag."""
     client = endpoint.client(direct=True)
-    with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
-        client.create_bucket(Bucket=BUCKET)
+    create_bucket(client)
     with open(path, "rb") as body:
         client.put_object(Bucket=BUCKET, Key=key, Body=body, ContentLength=size)
     head = client.head_object(Bucket=BUCKET, Key=key)

@@ -15,6 +15,7 @@ import os
 import platform
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +27,14 @@ class BenchError(Exception):
 
 def is_root() -> bool:
     return os.geteuid() == 0
+
+
+def needs_root(why: str) -> bool:
+    """Whether the run may go on: False, after saying ``why`` root is needed, when not root."""
+    if is_root():
+        return True
+    print(f"bench: needs root ({why})", file=sys.stderr)
+    return False
 
 
 def drop_page_cache() -> bool:
@@ -144,6 +153,10 @@ def force_unmount(path: Path) -> None:
     device = mount_device(path)
     if device is None:
         return
+    connections = Path("/sys/fs/fuse/connections")
+    if device[0] == 0 and connections.is_dir() and not any(connections.iterdir()):
+        # the fusectl filesystem is not always mounted (containers): without it, no abort
+        subprocess.run(["mount", "-t", "fusectl", "none", str(connections)], capture_output=True)
     if device[0] == 0:
         with contextlib.suppress(OSError):
             Path(f"/sys/fs/fuse/connections/{device[1]}/abort").write_text("1\n")

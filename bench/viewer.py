@@ -35,7 +35,6 @@ import argparse
 import hashlib
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -44,20 +43,18 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import botocore.exceptions
-
 from cloudfs import control
 from cloudfs.config import format_size
 
 from . import ctstudy, viewer_report
+from .common import TrackedBench, publish
 from .ctstudy import Instance, Study
 from .measure import percentile
 from .mounts import CACHE_SIZE, CloudfsMount
-from .report import medians, write_json
-from .run import Bench, conclude, execute
-from .servers import BUCKET, REPO
-from .system import BenchError, drop_page_cache, is_root, machine, read_ahead_kb
-from .write import disk_of, log_kind, revision, sources_digest
+from .report import medians
+from .run import parse_common
+from .servers import BUCKET, create_bucket
+from .system import BenchError, drop_page_cache, needs_root
 
 SEED = 1
 SERIES = 300
@@ -94,44 +91,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=SECOND_SERIES,
         help=f"instances of the study's other series, 0 for none (default: {SECOND_SERIES})",
     )
-    parser.add_argument("--repeat", type=int, default=3, help="repetitions (default: 3)")
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help=f"harness check for CI: {QUICK_SERIES[0]} + {QUICK_SERIES[1]} instances, one "
-        "repetition, no docs page; fails if any figure is missing, never on speed",
+    args = parse_common(
+        parser,
+        argv,
+        page="benchmarks-viewer.md",
+        quick=f"{QUICK_SERIES[0]} + {QUICK_SERIES[1]} instances",
+        workdir="; cloudfs's cache directories go there too",
     )
-    parser.add_argument("--server", choices=("s3rver", "moto"), default="s3rver")
-    parser.add_argument(
-        "--wan", action="store_true", help="put a proxy with latency and a bandwidth cap in front"
-    )
-    parser.add_argument("--rtt-ms", type=float, default=20.0, help="WAN round trip (default: 20)")
-    parser.add_argument(
-        "--bandwidth", default="50M", help="WAN cap per connection, bytes/s (default: 50M)"
-    )
-    parser.add_argument(
-        "--prefault",
-        default=None,
-        help="memory to touch once before measuring (default: 8G, capped at half the available "
-        "memory; 0 with --quick)",
-    )
-    parser.add_argument(
-        "--workdir",
-        type=Path,
-        help="scratch directory; cloudfs's cache directories go there too (default: /var/tmp)",
-    )
-    parser.add_argument(
-        "--no-docs", action="store_true", help="do not rewrite docs/benchmarks-viewer.md"
-    )
-    args = parser.parse_args(argv)
     if args.quick:
         args.instances, args.second_series = QUICK_SERIES
-        args.repeat, args.no_docs = 1, True
-        args.prefault = args.prefault or "0"
     if args.instances < 2 or args.second_series < 0:
         parser.error("--instances must be at least 2 and --second-series at least 0")
-    if args.repeat < 1:
-        parser.error("--repeat must be at least 1")
     args.size_bytes = 0  # the read benchmark's object size: no large object here
     return args
 
@@ -270,9 +240,12 @@ def counter_change(before: dict[str, Any], after: dict[str, Any]) -> dict[str, A
 # -- the benchmark -------------------------------------------------------------------------------
 
 
-class ViewerBench(Bench):
-    """The read benchmark's bookkeeping (steps that fail without stopping the run, mounts undone
-    on the way out, child processes, memory pre-touch) with the viewer measurements."""
+class ViewerBench(TrackedBench):
+    """The shared bookkeeping (steps that fail without stopping the run, mounts undone on the way
+    out, child processes, memory pre-touch, the commit and the daemon's log) with the viewer
+    measurements."""
+
+    kind = "viewer"
 
     def __init__(self, args: argparse.Namespace) -> None:
         super().__init__(args)
@@ -283,9 +256,6 @@ class ViewerBench(Bench):
             self.counts += (args.second_series,)
         self.study: Study | None = None
         self.server_files: list[Path] = []
-        self.revision = ""
-        self.sources = ""
-        self.log_kinds: dict[str, list[str]] = {}
 
     @property
     def series(self) -> tuple[Instance, ...]:
@@ -296,10 +266,7 @@ class ViewerBench(Bench):
     # -- setup -------------------------------------------------------------------------------
 
     def setup(self) -> None:
-        self.revision = revision()
-        self.sources = sources_digest()
-        self.say(f"scratch directory {self.workdir}; cloudfs at {self.revision}")
-        self.prefault()
+        self.start()
         self.endpoint = self.start_server()
         self.seed()
         if self.args.wan:
@@ -309,11 +276,7 @@ class ViewerBench(Bench):
         """Generate the study and put it into the bucket, 8 instances at a time, directly."""
         assert self.endpoint is not None
         client = self.endpoint.client(direct=True, pool=READERS * 2)
-        try:
-            client.create_bucket(Bucket=BUCKET)
-        except botocore.exceptions.ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") != "BucketAlreadyOwnedByYou":
-                raise
+        create_bucket(client)
         started = time.perf_counter()
         found: list[Instance] = []
         with ThreadPoolExecutor(READERS) as pool:
@@ -393,12 +356,12 @@ class ViewerBench(Bench):
         self.details["cloudfs"].append(facts)
         try:
             mount = self.viewer_mount(cache, prefetch)
-            self.through_mount(mount, rep, label, facts, partial(self.cold, mount, facts, label))
+            self.in_mount(mount, rep, label, facts, partial(self.cold, mount, facts, label))
             if prefetch:
                 remount = self.viewer_mount(cache, prefetch)
                 self.attempt(
                     f"rep {rep} cloudfs, remounted disk cache",
-                    lambda: self.through_mount(
+                    lambda: self.in_mount(
                         remount, rep, "disk", facts, partial(self.from_disk, remount, facts)
                     ),
                 )
@@ -409,35 +372,6 @@ class ViewerBench(Bench):
         assert self.endpoint is not None
         flag = "--study-prefetch" if prefetch else "--no-study-prefetch"
         return CloudfsMount(self.endpoint, self.workdir / "mnt", cache, (*MOUNT_OPTIONS, flag))
-
-    def through_mount(
-        self,
-        mount: CloudfsMount,
-        rep: int,
-        label: str,
-        facts: dict[str, Any],
-        body: Callable[[float], None],
-    ) -> None:
-        """Run ``body(time the mount started)`` in ``mount``; its log is kept on failure, and
-        its warnings and errors (those written during this mount) go into the notes."""
-        offset = mount.log_path.stat().st_size if mount.log_path.exists() else 0
-        try:
-            started = time.perf_counter()
-            with self.mounted(mount):
-                facts[f"{label}_mount_seconds"] = round(time.perf_counter() - started, 3)
-                facts["read_ahead_kb"] = read_ahead_kb(mount.mountpoint)
-                try:
-                    body(started)
-                except BenchError:
-                    raise
-                except Exception as exc:
-                    raise BenchError(f"{exc}\n{mount.log_tail()}") from exc
-        except BaseException:
-            if mount.log_path.exists():  # the evidence outlives the cache directory
-                shutil.copyfile(mount.log_path, self.workdir / f"cloudfs-{rep}-{label}.log")
-            raise
-        finally:
-            self.log_since(mount, offset, facts, f"{label} (repetition {rep + 1})")
 
     def indexed(
         self, mount: CloudfsMount, facts: dict[str, Any], label: str, started: float
@@ -508,72 +442,29 @@ class ViewerBench(Bench):
             "example": str(files[0].relative_to(mount.mountpoint)),
         }
 
-    def log_since(
-        self, mount: CloudfsMount, offset: int, facts: dict[str, Any], phase: str
-    ) -> None:
-        """Keep the warnings and errors the daemon logged from ``offset`` on (a remount appends
-        to the log of the cache directory); ``result`` sums them up by kind."""
-        try:
-            with open(mount.log_path, "rb") as log:
-                log.seek(offset)
-                lines = log.read().decode(errors="replace").splitlines()
-        except OSError:
-            return
-        problems = [line for line in lines if " WARNING " in line or " ERROR " in line]
-        if problems:
-            facts.setdefault("log_problems", []).extend(problems[-20:])
-            facts["log_problem_count"] = facts.get("log_problem_count", 0) + len(problems)
-            for line in problems:
-                self.log_kinds.setdefault(log_kind(line), []).append(f"{phase}: {line}")
-
     # -- the run -----------------------------------------------------------------------------
 
-    def measure(self) -> None:
-        systems = [
+    def tables(self) -> str:
+        series = self.study.series_bytes() if self.study else 0
+        return viewer_report.tables(self.samples, series)
+
+    def systems(self) -> list[Callable[[int], None]]:
+        return [
             self.run_boto3_single,
             self.run_boto3_parallel,
             self.run_cloudfs_prefetch,
             self.run_cloudfs_no_prefetch,
         ]
-        for rep in range(self.args.repeat):
-            turn = rep % len(systems)
-            for system in systems[turn:] + systems[:turn]:
-                self.say(f"repetition {rep + 1}/{self.args.repeat}: {system.__name__[4:]}")
-                system(rep)
 
     def result(self, runtime: float) -> dict[str, Any]:
-        python = (
-            os.path.relpath(sys.executable, REPO)
-            if sys.executable.startswith(str(REPO))
-            else sys.executable
-        )
-        command = " ".join([python, "-m", "bench", *sys.argv[1:]])
         middle = medians(self.samples)
         self.notes += self.cloudfs_notes()
-        if "prefault" in self.details:
-            touch = self.details["prefault"]
-            self.notes.append(
-                f"{format_size(touch['bytes'])} of memory was touched once before measuring "
-                f"({touch['seconds']}s), as in the read benchmark."
-            )
-        if self.sources and sources_digest() != self.sources:
-            self.notes.append(
-                "**cloudfs's sources changed during the run** (each mount runs the code as it is "
-                "then): the figures may mix two versions of cloudfs."
-            )
-        for kind, lines in self.log_kinds.items():
-            self.notes.append(
-                f"cloudfs's log has {len(lines)} warning/error line{'s' if len(lines) > 1 else ''} "
-                f"of the kind `{kind}`; the first: {lines[0]}"
-            )
+        self.closing_notes()
         study = self.study
-        return {
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "command": command,
-            "machine": machine(),
-            "disk": disk_of(self.workdir),
-            "revision": self.revision,
-            "options": {
+        return self.document(
+            runtime,
+            viewer_report.missing(self.samples),
+            options={
                 "series_instances": list(self.counts),
                 "instance_bytes": study.series[0][0].size if study else 0,
                 "series_bytes": study.series_bytes() if study else 0,
@@ -584,18 +475,12 @@ class ViewerBench(Bench):
                 "readers": READERS,
                 "mount_options": list(MOUNT_OPTIONS),
             },
-            "endpoint": {"kind": self.endpoint.kind if self.endpoint else None},
-            "units": {key: key.rsplit("_", 1)[1] for key in viewer_report.metric_keys()},
-            "medians": middle,
-            "ratios": viewer_report.ratios(middle),
-            "targets": viewer_report.verdicts(middle),
-            "samples": self.samples,
-            "details": self.details,
-            "notes": self.notes,
-            "errors": self.errors,
-            "missing": viewer_report.missing(self.samples),
-            "runtime_seconds": round(runtime, 1),
-        }
+            endpoint={"kind": self.endpoint.kind if self.endpoint else None},
+            units={key: key.rsplit("_", 1)[1] for key in viewer_report.metric_keys()},
+            medians=middle,
+            ratios=viewer_report.ratios(middle),
+            targets=viewer_report.verdicts(middle),
+        )
 
     def cloudfs_notes(self) -> list[str]:
         """What cloudfs's own counters say about each read, run by run."""
@@ -682,21 +567,6 @@ class ViewerBench(Bench):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not is_root():
-        print("bench: needs root (drop_caches, FUSE mounts)", file=sys.stderr)
+    if not needs_root("drop_caches, FUSE mounts"):
         return 2
-    bench = ViewerBench(args)
-
-    def tables() -> str:
-        series = bench.study.series_bytes() if bench.study else 0
-        return viewer_report.tables(bench.samples, series)
-
-    result, table, interrupted = execute(bench, tables)
-    section = viewer_report.section_name(result)
-    name = "viewer-quick.json" if args.quick else f"viewer-{section}.json"
-    write_json(REPO / "bench" / "results" / name, result)
-    if not (args.no_docs or interrupted):
-        page = REPO / "docs" / "benchmarks-viewer.md"
-        existing = page.read_text() if page.exists() else None
-        page.write_text(viewer_report.page(existing, result, table))
-    return conclude(bench, result, interrupted, name)
+    return publish(ViewerBench(args), viewer_report.workload, viewer_report.PAGE_HEAD)

@@ -18,8 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .report import medians
-from .write_report import updated_page
+from . import report
+from .report import Target, medians
 
 MB = 1e6
 
@@ -53,17 +53,6 @@ def metric_keys() -> list[str]:
     return keys + [f"{row.key}_s" for row in INDEX_ROWS]
 
 
-@dataclass(frozen=True)
-class Target:
-    label: str
-    key: str
-    threshold: float
-    of: str | None = None
-    """Compare ``key / of`` with the threshold instead of ``key`` itself."""
-    inclusive: bool = False
-    """Met at the threshold itself (``<=``) rather than only below it."""
-
-
 TARGETS = (
     Target("first image, cold, prefetch on: < 2 s", "cloudfs_on_first_ms", 2000.0),
     Target("first image, cold, prefetch off: < 2 s", "cloudfs_off_first_ms", 2000.0),
@@ -81,25 +70,13 @@ TARGETS = (
 
 def ratios(middle: dict[str, float]) -> dict[str, float]:
     """Each row's median series time over the 8-reader download's."""
-    bottom = middle.get(f"{LIMIT}_total_s")
-    return {
-        row.key: middle[f"{row.key}_total_s"] / bottom
-        for row in ROWS
-        if bottom and middle.get(f"{row.key}_total_s")
-    }
+    return report.ratios(
+        middle, [(row.key, f"{row.key}_total_s", f"{LIMIT}_total_s") for row in ROWS]
+    )
 
 
 def verdicts(middle: dict[str, float]) -> dict[str, dict[str, Any]]:
-    found: dict[str, dict[str, Any]] = {}
-    for goal in TARGETS:
-        value = middle.get(goal.key)
-        if value is not None and goal.of is not None:
-            value = value / middle[goal.of] if middle.get(goal.of) else None
-        met = None
-        if value is not None:
-            met = value <= goal.threshold if goal.inclusive else value < goal.threshold
-        found[goal.label] = {"value": value, "threshold": goal.threshold, "met": met}
-    return found
+    return report.verdicts(middle, TARGETS)
 
 
 def _ms(value: float) -> str:
@@ -136,22 +113,16 @@ def tables(samples: dict[str, list[float]], series_bytes: int) -> str:
     lines += ["", "| Before the viewer starts | Seconds |", "| --- | ---: |"]
     for row in INDEX_ROWS:
         lines.append(f"| {row.label} | {_cell(samples.get(f'{row.key}_s', []), _s)} |")
-    lines += ["", "| Target | Value | Met |", "| --- | ---: | --- |"]
-    for label, verdict in verdicts(middle).items():
-        value = verdict["value"]
-        if value is None:
-            shown = "-"
-        elif label.startswith("whole series"):
-            shown = f"{value:.2f} x"
-        else:
-            shown = f"{_ms(value)} ms"
-        met = {True: "met", False: "**not met**", None: "no figure"}[verdict["met"]]
-        lines.append(f"| {label} | {shown} | {met} |")
+    lines += ["", *report.target_table(verdicts(middle), _target)]
     return "\n".join(lines)
 
 
+def _target(label: str, value: float) -> str:
+    return f"{value:.2f} x" if label.startswith("whole series") else f"{_ms(value)} ms"
+
+
 def missing(samples: dict[str, list[float]]) -> list[str]:
-    return [key for key in metric_keys() if not samples.get(key)]
+    return report.missing(samples, metric_keys())
 
 
 # -- the page ------------------------------------------------------------------------------------
@@ -165,49 +136,14 @@ setup (loopback, `--wan`, another server) has its own section, rewritten by a ru
 """
 
 
-def section_name(result: dict[str, Any]) -> str:
-    options = result["options"]
-    name = "loopback" if not options.get("wan") else "wan"
-    return name if options["server"] == "s3rver" else f"{name}-{options['server']}"
-
-
-def section(result: dict[str, Any], table: str) -> str:
-    machine = result["machine"]
-    options = result["options"]
-    endpoint = result["endpoint"]
-    where = f", behind a WAN proxy ({options['wan']})" if options.get("wan") else " (loopback)"
-    title = "Behind the WAN proxy" if options.get("wan") else "Loopback"
-    if options["server"] != "s3rver":
-        title += f", {options['server']}"
+def workload(options: dict[str, Any]) -> str:
+    """What a run measured, for its section of the page."""
     counts = options["series_instances"]
-    lines = [
-        f"## {title}",
-        "",
-        f"- Date: {result['date']}",
-        f"- Machine: {machine['nproc']} CPUs ({machine['cpu']}), {machine['memory_gib']} GiB RAM, "
-        f"Linux {machine['kernel']}, Python {machine['python']}",
-        f"- Cache disk: {result['disk']}",
-        f"- cloudfs: commit {result['revision']}",
-        f"- Command: `{result['command']}` (from the repository root; took "
-        f"{result['runtime_seconds'] / 60:.1f} min)",
-        f"- Endpoint: {endpoint['kind']} on 127.0.0.1{where}",
-        f"- Study: one CT study, series of {' and '.join(map(str, counts))} instances of 512 x 512 "
+    return (
+        f"Study: one CT study, series of {' and '.join(map(str, counts))} instances of 512 x 512 "
         f"x 16 bits ({options['instance_bytes'] / 1024:.0f} KiB each); the viewer reads the "
         f"{counts[0]}-instance series ({options['series_bytes'] / 2**20:.0f} MiB) in Instance "
         f"Number order; {options['repeat']} repetitions, systems in rotating order; cloudfs "
         f"mounted with `{' '.join(options['mount_options'])}` and defaults otherwise, a fresh "
-        f"cache directory per mount",
-        "",
-        table,
-        "",
-        "Notes:",
-        "",
-    ]
-    lines += [f"- {note}" for note in result["notes"]]
-    if result["errors"]:
-        lines += ["", "Errors:", ""] + [f"- {error}" for error in result["errors"]]
-    return "\n".join(lines)
-
-
-def page(existing: str | None, result: dict[str, Any], table: str) -> str:
-    return updated_page(existing, section_name(result), section(result, table), PAGE_HEAD)
+        f"cache directory per mount"
+    )

@@ -24,11 +24,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import re
 import shutil
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from functools import partial
@@ -41,12 +38,13 @@ from cloudfs.config import format_size, parse_size
 
 from . import write_measure as wm
 from . import write_report
+from .common import TrackedBench, publish
 from .data import generate, write_file
 from .mounts import CloudfsMount
-from .report import medians, write_json
-from .run import Bench, conclude, execute
-from .servers import BUCKET, REPO, Endpoint, Process
-from .system import BenchError, free_port, is_root, machine, port_open, timed_dd, wait_for
+from .report import medians, missing, ratios, verdicts
+from .run import parse_common
+from .servers import BUCKET, create_bucket
+from .system import needs_root, timed_dd
 
 QUICK_SIZE = 64 * 2**20
 QUICK_FILES = 100
@@ -66,59 +64,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--size", default="1G", help="large file size (default: 1G)")
     parser.add_argument("--files", type=int, default=1000, help="ingest files (default: 1000)")
     parser.add_argument("--file-size", default="512K", help="ingest file size (default: 512K)")
-    parser.add_argument("--repeat", type=int, default=3, help="repetitions (default: 3)")
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="harness check for CI: 64 MiB, 100 files, one repetition, no docs page; fails if "
-        "any figure is missing, never on speed",
-    )
     parser.add_argument(
         "--spot-checks", type=int, default=5, help="ingest objects read back (default: 5)"
     )
-    parser.add_argument("--server", choices=("s3rver", "moto"), default="s3rver")
-    parser.add_argument(
-        "--wan", action="store_true", help="put a proxy with latency and a bandwidth cap in front"
+    args = parse_common(
+        parser,
+        argv,
+        page="benchmarks-write.md",
+        quick="64 MiB, 100 files",
+        workdir=" on the disk to measure; cloudfs's cache goes there too",
     )
-    parser.add_argument("--rtt-ms", type=float, default=20.0, help="WAN round trip (default: 20)")
-    parser.add_argument(
-        "--bandwidth",
-        default="50M",
-        help="WAN cap per connection and direction, bytes/s (default: 50M)",
-    )
-    parser.add_argument(
-        "--prefault",
-        default=None,
-        help="memory to touch once before measuring (default: 8G, capped at half the available "
-        "memory; 0 with --quick)",
-    )
-    parser.add_argument(
-        "--workdir",
-        type=Path,
-        help="scratch directory on the disk to measure; cloudfs's cache goes there too "
-        "(default: /var/tmp)",
-    )
-    parser.add_argument(
-        "--no-docs", action="store_true", help="do not rewrite docs/benchmarks-write.md"
-    )
-    args = parser.parse_args(argv)
     if args.quick:
-        args.size, args.files, args.repeat, args.no_docs = str(QUICK_SIZE), QUICK_FILES, 1, True
-        args.prefault = args.prefault or "0"
+        args.size, args.files = str(QUICK_SIZE), QUICK_FILES
     args.size_bytes = parse_size(args.size)
     args.file_size_bytes = parse_size(args.file_size)
     if args.size_bytes < 16 * 2**20:
         parser.error("--size must be at least 16M")
     if args.files < 1 or args.file_size_bytes < 1:
         parser.error("--files and --file-size must be positive")
-    if args.repeat < 1:
-        parser.error("--repeat must be at least 1")
     return args
 
 
-class WriteBench(Bench):
-    """The read benchmark's bookkeeping (steps that fail without stopping the run, mounts undone
-    on the way out, child processes, memory pre-touch) with the write measurements."""
+class WriteBench(TrackedBench):
+    """The shared bookkeeping (steps that fail without stopping the run, mounts undone on the way
+    out, child processes, memory pre-touch, the commit and the daemon's log) with the write
+    measurements."""
+
+    kind = "write"
+    pace_uploads = True
 
     def __init__(self, args: argparse.Namespace) -> None:
         super().__init__(args)
@@ -132,17 +105,11 @@ class WriteBench(Bench):
         self.file_size: int = args.file_size_bytes
         self.payload = bytearray()
         self.direct: Any = None
-        self.revision = ""
-        self.sources = ""
-        self.log_kinds: dict[str, list[str]] = {}
 
     # -- setup -------------------------------------------------------------------------------
 
     def setup(self) -> None:
-        self.revision = revision()
-        self.sources = sources_digest()
-        self.say(f"scratch directory {self.workdir}; cloudfs at {self.revision}")
-        self.prefault()
+        self.start()
         self.expected = generate(self.size)
         self.source = self.workdir / "source.bin"
         write_file(self.source, self.expected)
@@ -156,11 +123,7 @@ class WriteBench(Bench):
                 "figure that involves the endpoint is bounded by its speed, not an object store's."
             )
         self.direct = self.endpoint.client(direct=True, pool=16)
-        try:
-            self.direct.create_bucket(Bucket=BUCKET)
-        except botocore.exceptions.ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") != "BucketAlreadyOwnedByYou":
-                raise
+        create_bucket(self.direct)
         facts = self.check_write_conformance()
         self.details["endpoint_conformance"] = facts
         self.notes.append(f"Endpoint: ETag of a multipart upload {facts['multipart_etag']}.")
@@ -214,26 +177,6 @@ class WriteBench(Bench):
             )
         self.direct.delete_object(Bucket=BUCKET, Key=key)
         return facts
-
-    def start_wan_proxy(self, endpoint: Endpoint) -> None:
-        """The read benchmark's proxy, with request bodies paced too (``--upload-bandwidth``):
-        here the bytes go towards the server."""
-        port = free_port()
-        target = endpoint.direct_url.rsplit(":", 1)[1]
-        bandwidth = parse_size(self.args.bandwidth)
-        command = [sys.executable, "-m", "bench.wanproxy", "--listen", str(port)]
-        command += ["--target", target, "--rtt-ms", str(self.args.rtt_ms)]
-        command += ["--bandwidth", str(bandwidth), "--upload-bandwidth", str(bandwidth)]
-        process = Process("wanproxy", command, self.workdir / "wanproxy.log")
-        self.processes.append(process)
-        wait_for(lambda: port_open(port), 30, "the WAN proxy")
-        endpoint.url = f"http://127.0.0.1:{port}"
-        wan = (
-            f"{self.args.rtt_ms:g} ms per request, {format_size(bandwidth)}/s per connection "
-            f"each way"
-        )
-        self.details["wan"] = wan
-        self.notes.append(f"WAN proxy in front of the endpoint: {wan}.")
 
     def ingest(self, prefix: str, seed: int) -> wm.Ingest:
         return wm.Ingest(prefix, self.files, self.file_size, self.payload, seed)
@@ -319,25 +262,18 @@ class WriteBench(Bench):
         facts: dict[str, Any] = {"repetition": rep, "measurement": label, "threads": threads}
         self.details["cloudfs"].append(facts)
         self.empty_bucket(f"before cloudfs {label} (repetition {rep + 1})")
+
+        def body(_: float) -> None:
+            measure(mount, facts)
+            facts["status"] = {
+                name: value
+                for name, value in mount.status().items()
+                if name in ("uploads", "cache", "catalog")
+            }
+
         try:
-            with self.mounted(mount):
-                try:
-                    measure(mount, facts)
-                    facts["status"] = {
-                        name: value
-                        for name, value in mount.status().items()
-                        if name in ("uploads", "cache", "catalog")
-                    }
-                except BenchError:
-                    raise
-                except Exception as exc:
-                    raise BenchError(f"{exc}\n{mount.log_tail()}") from exc
-        except BaseException:
-            if mount.log_path.exists():  # the evidence outlives the cache directory
-                shutil.copyfile(mount.log_path, self.workdir / f"cloudfs-{rep}-{label}.log")
-            raise
+            self.in_mount(mount, rep, label, facts, body)
         finally:
-            self.check_log(mount, facts, f"{label} (repetition {rep + 1})")
             shutil.rmtree(cache, ignore_errors=True)
             wm.delete_prefix(self.direct, "")
 
@@ -349,15 +285,6 @@ class WriteBench(Bench):
                 f"deleted before mounting."
             )
             wm.delete_prefix(self.direct, "")
-
-    def check_log(self, mount: CloudfsMount, facts: dict[str, Any], phase: str) -> None:
-        """Keep the daemon's warnings and errors; ``result`` sums them up by kind."""
-        problems = mount.log_problems()
-        if problems:
-            facts["log_problems"] = problems[-20:]
-            facts["log_problem_count"] = len(problems)
-            for line in problems:
-                self.log_kinds.setdefault(log_kind(line), []).append(f"{phase}: {line}")
 
     def run_cloudfs(self, rep: int) -> None:
         def big(mount: CloudfsMount, facts: dict[str, Any]) -> None:
@@ -424,46 +351,20 @@ class WriteBench(Bench):
 
     # -- the run -----------------------------------------------------------------------------
 
-    def measure(self) -> None:
-        systems = [self.run_local, self.run_boto3, self.run_cloudfs]
-        for rep in range(self.args.repeat):
-            turn = rep % len(systems)
-            for system in systems[turn:] + systems[:turn]:
-                self.say(f"repetition {rep + 1}/{self.args.repeat}: {system.__name__[4:]}")
-                system(rep)
+    def tables(self) -> str:
+        return write_report.tables(self.samples, self.metrics, self.ratio_rows, self.goals)
+
+    def systems(self) -> list[Callable[[int], None]]:
+        return [self.run_local, self.run_boto3, self.run_cloudfs]
 
     def result(self, runtime: float) -> dict[str, Any]:
-        python = (
-            os.path.relpath(sys.executable, REPO)
-            if sys.executable.startswith(str(REPO))
-            else sys.executable
-        )
-        command = " ".join([python, "-m", "bench", *sys.argv[1:]])
         middle = medians(self.samples)
-        if "prefault" in self.details:
-            touch = self.details["prefault"]
-            self.notes.append(
-                f"{format_size(touch['bytes'])} of memory was touched once before measuring "
-                f"({touch['seconds']}s), as in the read benchmark."
-            )
-        if self.sources and sources_digest() != self.sources:
-            self.notes.append(
-                "**cloudfs's sources changed during the run** (each mount runs the code as it is "
-                "then): the figures may mix two versions of cloudfs."
-            )
         self.notes += self.step_notes()
-        for kind, lines in self.log_kinds.items():
-            self.notes.append(
-                f"cloudfs's log has {len(lines)} warning/error line{'s' if len(lines) > 1 else ''} "
-                f"of the kind `{kind}`; the first: {lines[0]}"
-            )
-        return {
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "command": command,
-            "machine": machine(),
-            "disk": disk_of(self.workdir),
-            "revision": self.revision,
-            "options": {
+        self.closing_notes()
+        return self.document(
+            runtime,
+            missing(self.samples, [metric.key for metric in self.metrics]),
+            options={
                 "size_bytes": self.size,
                 "files": self.files,
                 "file_size": self.file_size,
@@ -475,21 +376,15 @@ class WriteBench(Bench):
                 "ingest_threads": list(INGEST_THREADS),
                 "put_threads": list(PUT_THREADS),
             },
-            "endpoint": {
+            endpoint={
                 "kind": self.endpoint.kind if self.endpoint else None,
                 "conformance": self.details.get("endpoint_conformance"),
             },
-            "units": {m.key: m.unit for m in self.metrics},
-            "medians": middle,
-            "ratios": write_report.ratios(middle, self.ratio_rows),
-            "targets": write_report.verdicts(middle, self.goals),
-            "samples": self.samples,
-            "details": self.details,
-            "notes": self.notes,
-            "errors": self.errors,
-            "missing": write_report.missing(self.samples, self.metrics),
-            "runtime_seconds": round(runtime, 1),
-        }
+            units={m.key: m.unit for m in self.metrics},
+            medians=middle,
+            ratios=ratios(middle, self.ratio_rows),
+            targets=verdicts(middle, self.goals),
+        )
 
     def step_notes(self) -> list[str]:
         """Where an ingest file's time goes, through cloudfs and on the local disk."""
@@ -517,66 +412,8 @@ class WriteBench(Bench):
         return notes
 
 
-def log_kind(line: str) -> str:
-    """A log line without its time, paths, names and numbers, to count lines of one kind."""
-    text = line.split(" WARNING ", 1)[-1].split(" ERROR ", 1)[-1]
-    text = re.sub(r"[\w.-]+(?:/[\w.-]+)*\.(?:dcm|bin)\b", "<key>", text)
-    text = re.sub(r"/[^\s:]+", "<path>", text)
-    text = re.sub(r'"[0-9a-f-]+"', "<etag>", text)
-    return re.sub(r"\d+", "N", text)
-
-
-def revision() -> str:
-    """The commit measured, and whether cloudfs's sources differed from it (edited meanwhile)."""
-    head = subprocess.run(
-        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    )
-    if head.returncode != 0:
-        return "unknown (not a git checkout)"
-    changed = subprocess.run(
-        ["git", "-C", str(REPO), "status", "--porcelain", "--", "cloudfs"],
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
-    return head.stdout.strip() + (" with uncommitted changes in cloudfs/" if changed else "")
-
-
-def sources_digest() -> str:
-    """A digest of cloudfs's Python sources: a mount runs them as they are when it starts, so a
-    change during the run would mix versions in one table."""
-    digest = hashlib.sha256()
-    for path in sorted((REPO / "cloudfs").rglob("*.py")):
-        digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()
-
-
-def disk_of(path: Path) -> str:
-    """The device and filesystem holding ``path`` (cloudfs's cache and the local figures)."""
-    result = subprocess.run(
-        ["findmnt", "-n", "-o", "SOURCE,FSTYPE", "-T", str(path)], capture_output=True, text=True
-    )
-    found = result.stdout.split()
-    if result.returncode != 0 or len(found) < 2:
-        return f"{path} (device unknown)"
-    return f"{found[0]} ({found[1]}), scratch directory under {path.parent}"
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not is_root():
-        print("bench: needs root (FUSE mounts with cloudfs's defaults)", file=sys.stderr)
+    if not needs_root("FUSE mounts with cloudfs's defaults"):
         return 2
-    bench = WriteBench(args)
-    result, table, interrupted = execute(
-        bench,
-        lambda: write_report.tables(bench.samples, bench.metrics, bench.ratio_rows, bench.goals),
-    )
-    section = write_report.section_name(result)
-    name = "write-quick.json" if args.quick else f"write-{section}.json"
-    write_json(REPO / "bench" / "results" / name, result)
-    if not (args.no_docs or interrupted):
-        page = REPO / "docs" / "benchmarks-write.md"
-        existing = page.read_text() if page.exists() else None
-        body = write_report.section(result, table)
-        page.write_text(write_report.updated_page(existing, section, body))
-    return conclude(bench, result, interrupted, name)
+    return publish(WriteBench(args), write_report.workload, write_report.PAGE_HEAD)
