@@ -311,18 +311,21 @@ class ArchiveFS:
         the audit trail; empty strings where unknown."""
 
         def find() -> tuple[str, str, str]:
-            key: str | None = None
-            if is_view_inode(ino) and self.studies is not None:
+            view = is_view_inode(ino) and self.studies is not None
+            if view:
+                assert self.studies is not None
                 index = self.studies.index
                 path = f"{self.view_name}/{index.view_path(ino - VIEW_BASE)}".rstrip("/")
+            else:
+                path = self.catalog.path_of(ino)
+            if name is not None:  # an entry of directory ``ino``: its path is all there is
+                return (f"{path}/{name}" if path else name), "", ""
+            if view:
                 entry = index.view_entry(ino - VIEW_BASE)
                 key = entry.target if entry is not None else None
             else:
-                path = self.catalog.path_of(ino)
                 node = self.catalog.get(ino)
                 key = node.key if node is not None and not node.is_dir else None
-            if name is not None:
-                return (f"{path}/{name}" if path else name), "", ""
             if key is not None and self.studies is not None:
                 instance = self.studies.index.instance(key)
                 if instance is not None:
