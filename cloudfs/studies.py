@@ -105,6 +105,7 @@ def _viewing_order(instance: Instance) -> tuple[int, str]:
 class _Transfer:
     """An explicit ``cloudfs prefetch``: progress the command line polls."""
 
+    number: int
     files: int
     bytes_total: int
     started: float = field(default_factory=time.monotonic)
@@ -430,7 +431,9 @@ class Studies:
 
             await self._db(update)
         if added and self._nursery is not None:
-            self._nursery.start_soon(self._transfer, added, _Transfer(0, 0))
+            self._nursery.start_soon(
+                self._transfer, added, _Transfer(number=0, files=len(added), bytes_total=0)
+            )
         return {
             "pins": selectors,
             "pinned_files": len(objects),
@@ -471,12 +474,12 @@ class Studies:
                 f"{_selector_text(selector)} is {format_size(total)}, more than the whole cache "
                 f"({format_size(self.cache.size_limit)})",
             )
-        transfer = _Transfer(len(objects), total)
         number = next(self._next_transfer)
+        transfer = _Transfer(number, len(objects), total)
         self._transfers[number] = transfer
         assert self._nursery is not None
         self._nursery.start_soon(self._transfer, list(objects.values()), transfer)
-        return {"id": number, **self._progress(transfer)}
+        return self._progress(transfer)
 
     async def _transfer(self, objects: list[ObjectRef], transfer: _Transfer) -> None:
         queue = objects[::-1]
@@ -508,6 +511,7 @@ class Studies:
     @staticmethod
     def _progress(transfer: _Transfer) -> dict[str, Any]:
         return {
+            "id": transfer.number,
             "files": transfer.files,
             "bytes": transfer.bytes_total,
             "files_done": transfer.files_done,
