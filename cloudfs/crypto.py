@@ -19,7 +19,9 @@ import os
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .configfile import check_private
 from .errors import ConfigError
@@ -59,6 +61,14 @@ def load_key(path: Path | None) -> bytes | None:
     if text:
         return _parse_key(text.encode(), f"${KEY_ENVIRONMENT}")
     return None
+
+
+def derive_key(key: bytes, purpose: str, salt: bytes | None = None) -> bytes:
+    """A 32-byte key for one use (``purpose``, optionally one ``salt``) derived from the
+    operator's key with HKDF-SHA256, so the block cache, the staging area and the catalog never
+    share a key, and a leak of one derived key reveals neither the others nor the original."""
+    derivation = HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=purpose.encode())
+    return derivation.derive(key)
 
 
 class BlockCipher:
