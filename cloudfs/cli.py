@@ -766,6 +766,9 @@ def status(mountpoint: Path, as_json: bool) -> None:
         f"fetched:           {format_size(reads['bytes_fetched'])} "
         f"in {reads['requests']} requests, "
         f"{reads['requests_in_flight']} in flight, {reads['fetch_errors']} errors",
+        f"prefetched:        {format_size(reads['prefetch_used_bytes'])} used, "
+        f"{format_size(reads['prefetch_wasted_bytes'])} wasted, "
+        f"{format_size(reads['prefetch_unread_bytes'])} not read yet",
         f"catalog:           {catalog['files']} files, {catalog['directories']} directories, "
         f"{format_size(catalog['bytes'])}, refreshed {synced}",
         f"open files:        {facts['open_files']}",

@@ -663,6 +663,9 @@ class ArchiveFS:
             "failed_inserts": self.cache.failed_inserts,
             "prefetched_blocks": reads.prefetched_blocks,
             "prefetched_bytes": reads.prefetched_bytes,
+            "prefetch_used_bytes": self.reader.ledger.used_bytes,
+            "prefetch_wasted_bytes": self.reader.ledger.wasted_bytes,
+            "prefetch_unread_bytes": self.reader.ledger.unread_bytes,
             "studies_prefetched": studies.prefetched_studies if studies else None,
             "dicom_headers_read": studies.headers_read if studies else None,
             "dicom_read_failures": studies.read_failures if studies else None,
@@ -1088,6 +1091,9 @@ class ArchiveFS:
                 "disk_hits": stats.disk_hits,
                 "blocks_fetched_on_demand": stats.fetched_blocks,
                 "blocks_read_ahead": stats.prefetched_blocks,
+                "prefetch_used_bytes": self.reader.ledger.used_bytes,
+                "prefetch_wasted_bytes": self.reader.ledger.wasted_bytes,
+                "prefetch_unread_bytes": self.reader.ledger.unread_bytes,
                 "hit_ratio": round((stats.memory_hits + stats.disk_hits) / lookups, 4)
                 if lookups
                 else None,

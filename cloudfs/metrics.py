@@ -178,6 +178,9 @@ class Snapshot(TypedDict, total=False):
     # read-ahead
     prefetched_blocks: int  # blocks fetched by read-ahead
     prefetched_bytes: int  # bytes of read-ahead GETs
+    prefetch_used_bytes: int  # PrefetchLedger: prefetched bytes a read then asked for
+    prefetch_wasted_bytes: int  # PrefetchLedger: prefetched bytes no read asked for in time
+    prefetch_unread_bytes: int  # PrefetchLedger: prefetched bytes not yet either
     studies_prefetched: int  # Studies.prefetched_studies
     # uploads (Backlog, UploadStats, staging)
     upload_pending_files: int
@@ -305,15 +308,28 @@ FIGURES: tuple[_Figure, ...] = (
     _Figure(
         "cloudfs_prefetch_blocks",
         "counter",
-        "Blocks fetched from the cloud by read-ahead.  Whether a read later used them is not "
-        "tracked: a used one counts again as a cache hit.",
+        "Blocks fetched from the cloud by read-ahead and study prefetch.",
         _one("prefetched_blocks"),
     ),
     _Figure(
         "cloudfs_prefetch_bytes",
         "counter",
-        "Bytes fetched from the cloud by read-ahead, used or not.",
+        "Bytes fetched from the cloud by read-ahead and study prefetch, used or not.",
         _one("prefetched_bytes"),
+    ),
+    _Figure(
+        "cloudfs_prefetch_outcome_bytes",
+        "counter",
+        "Prefetched bytes by what became of them: used (a read asked for them) or wasted "
+        "(unread after the cache took in a whole cache's worth of newer fetches).",
+        (("used", "prefetch_used_bytes"), ("wasted", "prefetch_wasted_bytes")),
+        label="outcome",
+    ),
+    _Figure(
+        "cloudfs_prefetch_unread_bytes",
+        "gauge",
+        "Prefetched bytes no read has asked for yet, and not yet counted as wasted.",
+        _one("prefetch_unread_bytes"),
     ),
     _Figure(
         "cloudfs_study_prefetches",

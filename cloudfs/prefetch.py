@@ -7,10 +7,13 @@ viewer seeking around an object never pays for bytes it will not read.  The wind
 when less than half of it is left ahead, so steady reading issues half-window batches (several
 full-size GETs), not one small GET per block read.
 
-Pure logic on integers: no FUSE, no store, no clock.
+Pure logic on integers: no FUSE, no store, no clock.  ``PrefetchLedger`` keeps the account of
+what read-ahead fetched for nothing.
 """
 
 from __future__ import annotations
+
+from collections.abc import Hashable
 
 
 class ReadAhead:
@@ -53,3 +56,48 @@ class ReadAhead:
         self.scheduled_until = last * self.block_size
         self.window = min(self.window * 2, self.maximum)
         return first, last
+
+
+class PrefetchLedger:
+    """Whether the bytes fetched ahead of readers were worth fetching: a prefetched block is
+    *used* when a read asks for it, and *wasted* when it is still unread after the cache has taken
+    in a whole cache's worth of newer fetches (by then an LRU cache has evicted it, or it is
+    kept only because it is pinned).  A block counts once, under the first of those to happen.
+
+    Blocks are opaque hashable names; sizes and the cache's capacity are in bytes.
+    """
+
+    def __init__(self, horizon: int) -> None:
+        self.horizon = horizon
+        self.used_bytes = 0
+        self.wasted_bytes = 0
+        self.unread_bytes = 0
+        self._fetched_total = 0
+        self._unread: dict[Hashable, tuple[int, int]] = {}
+        """Prefetched blocks no read has asked for: the fetch total when each landed, its size.
+        In landing order, so the oldest are first."""
+
+    def fetched(self, block: Hashable, size: int, ahead: bool) -> None:
+        """A block came from the cloud, fetched ahead of readers or on a read's demand."""
+        self._fetched_total += size
+        if ahead and block not in self._unread:
+            self._unread[block] = (self._fetched_total, size)
+            self.unread_bytes += size
+        self._expire()
+
+    def read(self, block: Hashable) -> None:
+        """A read asked for ``block``."""
+        entry = self._unread.pop(block, None) if self._unread else None
+        if entry is not None:
+            self.used_bytes += entry[1]
+            self.unread_bytes -= entry[1]
+
+    def _expire(self) -> None:
+        oldest_kept = self._fetched_total - self.horizon
+        while self._unread:
+            block, (landed, size) = next(iter(self._unread.items()))
+            if landed > oldest_kept:
+                return
+            del self._unread[block]
+            self.wasted_bytes += size
+            self.unread_bytes -= size

@@ -29,6 +29,7 @@ import trio
 from .cache import BlockCache, BlockId
 from .config import CacheOptions
 from .errors import CloudfsError, Unavailable
+from .prefetch import PrefetchLedger
 from .store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,7 @@ class BlockReader:
         self.options = options
         self.block_size = cache.block_size
         self.stats = ReadStats()
+        self.ledger = PrefetchLedger(cache.size_limit)
         self._memory: OrderedDict[BlockId, bytes | memoryview] = OrderedDict()
         self._memory_bytes = 0
         self._inflight: dict[BlockId, _Pending] = {}
@@ -179,8 +181,11 @@ class BlockReader:
             if data is not None:
                 # The hot path: no thread hop, no copy.
                 self.stats.memory_hits += 1
+                self.ledger.read(obj.block(first))
                 return memoryview(data)[offset - first * bs : end - first * bs]
         blocks = await self._blocks(obj, first, last)
+        for index in range(first, last + 1):
+            self.ledger.read(obj.block(index))
         if first == last:
             return memoryview(blocks[0])[offset - first * bs : end - first * bs]
         # Join only the requested bytes: a copy of whole blocks would double what each of many
@@ -313,6 +318,7 @@ class BlockReader:
             for index, data in zip(range(first, last + 1), blocks, strict=True):
                 self._remember(obj.block(index), data)
                 self._landed[obj.block(index)] = None
+                self.ledger.fetched(obj.block(index), len(data), ahead)
                 pendings[index].data = data
             while len(self._landed) > _LANDED_MEMORY:
                 self._landed.popitem(last=False)

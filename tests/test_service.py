@@ -182,18 +182,32 @@ def scrape(port: int) -> dict[str, float]:
 
 def test_metrics_move_with_reads_miss_then_hit(mount: Mounter, bucket: Bucket) -> None:
     """A cold read shows as a cache miss and cloud bytes, the same read from the disk cache as
-    hits; the latency histogram counts both; the catalog figures are there."""
+    hits; the latency histogram counts both; the catalog figures are there.  Read-ahead of a
+    large object read to its end shows as used prefetch bytes, of one read only at its start
+    as unread ones."""
     data = os.urandom(3 << 20)
     bucket.put("studies/a.dcm", data)
+    large = os.urandom(24 << 20)
+    bucket.put("large/whole.bin", large)
+    bucket.put("large/started.bin", large)
     port = free_port()
     m = mount(bucket, options=["--metrics", f"127.0.0.1:{port}", "--no-study-prefetch"])
     before = scrape(port)
     assert before["cloudfs_cache_misses_total"] == 0
+    assert before['cloudfs_prefetch_outcome_bytes_total{outcome="used"}'] == 0
     assert (m.path / "studies" / "a.dcm").read_bytes() == data
     cold = scrape(port)
     assert cold["cloudfs_cache_misses_total"] >= 3
     assert cold["cloudfs_cloud_fetched_bytes_total"] >= len(data)
     assert cold['cloudfs_read_latency_seconds_count{source="cloud"}'] >= 1
+    assert (m.path / "large" / "whole.bin").read_bytes() == large
+    read_ahead = scrape(port)
+    assert read_ahead['cloudfs_prefetch_outcome_bytes_total{outcome="used"}'] >= 8 << 20
+    assert read_ahead['cloudfs_prefetch_outcome_bytes_total{outcome="wasted"}'] == 0
+    with open(m.path / "large" / "started.bin", "rb") as handle:
+        for _ in range(16):
+            assert handle.read(128 << 10)
+        assert wait_until(lambda: scrape(port)["cloudfs_prefetch_unread_bytes"] >= 1 << 20, 20)
     m.unmount()
     drop_kernel_caches()
     again = mount(bucket, cache_dir=m.cache_dir, options=["--metrics", f"127.0.0.1:{port}"])
@@ -202,7 +216,7 @@ def test_metrics_move_with_reads_miss_then_hit(mount: Mounter, bucket: Bucket) -
     assert warm['cloudfs_cache_hits_total{source="disk"}'] >= 3
     assert warm["cloudfs_cloud_fetched_bytes_total"] == 0
     assert warm["cloudfs_cache_served_bytes_total"] >= len(data)
-    assert wait_until(lambda: scrape(port).get("cloudfs_catalog_files") == 1, 20)
+    assert wait_until(lambda: scrape(port).get("cloudfs_catalog_files") == 3, 20)
 
 
 def audit_records(path: Path) -> list[dict[str, Any]]:

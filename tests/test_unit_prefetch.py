@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cloudfs.prefetch import ReadAhead
+from cloudfs.prefetch import PrefetchLedger, ReadAhead
 
 BS = 64 * 1024
 INITIAL = 2 * BS
@@ -199,3 +199,44 @@ def test_read_ahead_invariants(
         new = set(range(first, last))
         assert not new & scheduled, (new, scheduled)
         scheduled |= new
+
+
+# -- PrefetchLedger ----------------------------------------------------------------------------
+
+
+def test_ledger_counts_a_read_prefetched_block_as_used_once() -> None:
+    ledger = PrefetchLedger(horizon=10 * BS)
+    ledger.fetched("a", BS, ahead=True)
+    ledger.fetched("b", BS, ahead=True)
+    assert ledger.unread_bytes == 2 * BS
+    ledger.read("a")
+    ledger.read("a")
+    assert (ledger.used_bytes, ledger.wasted_bytes, ledger.unread_bytes) == (BS, 0, BS)
+
+
+def test_ledger_ignores_blocks_fetched_on_demand() -> None:
+    ledger = PrefetchLedger(horizon=10 * BS)
+    ledger.fetched("a", BS, ahead=False)
+    ledger.read("a")
+    assert (ledger.used_bytes, ledger.wasted_bytes, ledger.unread_bytes) == (0, 0, 0)
+
+
+def test_ledger_counts_a_block_unread_past_a_cache_of_newer_fetches_as_wasted() -> None:
+    ledger = PrefetchLedger(horizon=3 * BS)
+    ledger.fetched("early", BS, ahead=True)
+    ledger.fetched("x", BS, ahead=False)
+    ledger.fetched("y", BS, ahead=False)
+    assert ledger.wasted_bytes == 0, "two newer blocks fit beside it in a 3-block cache"
+    ledger.fetched("z", BS, ahead=False)
+    assert (ledger.wasted_bytes, ledger.unread_bytes) == (BS, 0)
+    ledger.read("early")
+    assert ledger.used_bytes == 0, "counted once, as wasted"
+
+
+def test_ledger_expires_oldest_first_and_keeps_newer_ones() -> None:
+    ledger = PrefetchLedger(horizon=2 * BS)
+    for name in "abcd":
+        ledger.fetched(name, BS, ahead=True)
+    ledger.read("d")
+    ledger.read("c")
+    assert (ledger.used_bytes, ledger.wasted_bytes, ledger.unread_bytes) == (2 * BS, 2 * BS, 0)
