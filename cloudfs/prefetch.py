@@ -13,8 +13,6 @@ what read-ahead fetched for nothing.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
-
 
 class ReadAhead:
     def __init__(self, block_size: int, initial: int, maximum: int) -> None:
@@ -73,11 +71,11 @@ class PrefetchLedger:
         self.wasted_bytes = 0
         self.unread_bytes = 0
         self._fetched_total = 0
-        self._unread: dict[Hashable, tuple[int, int]] = {}
+        self._unread: dict[object, tuple[int, int]] = {}
         """Prefetched blocks no read has asked for: the fetch total when each landed, its size.
         In landing order, so the oldest are first."""
 
-    def fetched(self, block: Hashable, size: int, ahead: bool) -> None:
+    def fetched(self, block: object, size: int, ahead: bool) -> None:
         """A block came from the cloud, fetched ahead of readers or on a read's demand."""
         self._fetched_total += size
         if ahead and block not in self._unread:
@@ -85,7 +83,7 @@ class PrefetchLedger:
             self.unread_bytes += size
         self._expire()
 
-    def read(self, block: Hashable) -> None:
+    def read(self, block: object) -> None:
         """A read asked for ``block``."""
         entry = self._unread.pop(block, None) if self._unread else None
         if entry is not None:
