@@ -14,6 +14,19 @@ Keys that cannot be paths are kept out of the tree and recorded in ``rejected`` 
   bytes;
 * a key that is also a prefix (``a`` and ``a/b``): the directory is shown, the file is not.
 
+Encryption at rest: object keys, the write-back journal and the DICOM index all carry PHI, so
+given the operator's cache key, SQLCipher encrypts every page of the file and of its write-ahead
+log, under a key derived for the catalog alone.  A plaintext catalog found when a key is first
+configured is converted in place, journal included; going back to plaintext is refused.  Without
+a key the standard ``sqlite3`` module opens the file exactly as before.  The cost, measured with
+100,000 entries in one directory: listing it takes 350 ms instead of 240 ms, a lookup 18 us
+instead of 8 us.  SQLCipher's default page cache (8,000 KiB per connection) is kept: it holds
+the pages of a 20,000-entry directory decrypted, and a 64 MiB one, which lists 100,000 entries in
+280 ms when warm, would be paid once per worker thread.  SQLCipher's connections are typed as
+``sqlite3.Connection`` (its binding is a copy of the standard module), but its exceptions are its
+own classes: code catching SQLite errors from the catalog must catch ``sqlcipher3.dbapi2.Error``
+as well.
+
 Threads: every method blocks; each thread gets its own connection (WAL lets readers run during a
 sync).  Only one sync runs at a time; the caller guarantees it.
 """
@@ -23,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -31,6 +45,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+from sqlcipher3 import dbapi2 as sqlcipher
+
+from .crypto import KEY_ENVIRONMENT, derive_key
+from .errors import ConfigError
 from .store import ObjectInfo
 
 log = logging.getLogger(__name__)
@@ -41,6 +59,8 @@ NOT_MOUNTED_MARKER = "NO_MOUNT"
 """dcm4chee-arc refuses a storage whose root shows this name: it must never appear on a mount."""
 _BATCH = 1000
 _MAX_STALE = 100_000
+_PLAINTEXT_HEADER = b"SQLite format 3\0"
+"""How every plaintext SQLite file starts; an encrypted one starts with its random salt."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (
@@ -180,14 +200,28 @@ def key_problem(key: str) -> str | None:
 
 
 class Catalog:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, key: bytes | None = None) -> None:
+        """Open (or create) the catalog at ``path``; ``key``, the operator's cache key, makes
+        it encrypted, converting a plaintext one in place."""
         self.path = path
+        self._key: str | None = None
+        """SQLCipher's form of a raw key: used as is, without a passphrase derivation."""
+        if key is not None:
+            self._key = f"x'{derive_key(key, 'cloudfs catalog').hex()}'"
         self._local = threading.local()
         self.write_lock = threading.Lock()
         """Writers of this process queue here rather than in SQLite's busy handler, which
         sleeps milliseconds between retries: a PACS's creates and the uploader's commits would
         otherwise wait on each other's sleeps."""
         self._reported: set[str] = set()
+        plaintext = self._plaintext()
+        if plaintext is False and self._key is None:
+            raise ConfigError(
+                f"{path}: the catalog is encrypted: give its cache key (--cache-key-file or "
+                f"${KEY_ENVIRONMENT}); a cache directory cannot go back to plaintext"
+            )
+        if plaintext and self._key is not None:
+            self._encrypt_in_place()
         with self.connection() as db:
             db.executescript(_SCHEMA)
             present = {row[1] for row in db.execute("PRAGMA table_info(nodes)")}
@@ -202,11 +236,69 @@ class Catalog:
                 (ROOT, time.time_ns()),
             )
 
+    def _plaintext(self) -> bool | None:
+        """Whether the file is plain SQLite; None when there is none yet (or it is empty)."""
+        try:
+            with open(self.path, "rb") as file:
+                header = file.read(len(_PLAINTEXT_HEADER))
+        except FileNotFoundError:
+            return None
+        return header == _PLAINTEXT_HEADER if header else None
+
+    def _connect(self) -> sqlite3.Connection:
+        """A new autocommit connection to the file, keyed first when the catalog is encrypted."""
+        if self._key is None:
+            return sqlite3.connect(self.path, isolation_level=None)
+        # SQLCipher's class, with the interface of the standard one.
+        db: sqlite3.Connection = sqlcipher.connect(self.path, isolation_level=None)
+        db.execute(f'PRAGMA key = "{self._key}"')
+        # Its default, WARN to stderr, would print lines of its own around the error below.
+        db.execute("PRAGMA cipher_log_level = NONE")
+        try:
+            # A wrong key shows on the first read of the file, as "file is not a database".
+            db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlcipher.DatabaseError:
+            db.close()
+            raise ConfigError(
+                f"{self.path}: the catalog cannot be read with this cache key (it was encrypted "
+                "under another one, or is damaged); give the key it was encrypted with"
+            ) from None
+        return db
+
+    def _encrypt_in_place(self) -> None:
+        """Replace the plaintext catalog by an encrypted copy, journal included.  Either file is
+        complete at every moment, so a crash part way leaves the plaintext one to convert again;
+        its disk blocks are freed, not overwritten."""
+        encrypted = self.path.with_name(self.path.name + ".encrypting")
+        for suffix in ("", "-journal"):
+            Path(f"{encrypted}{suffix}").unlink(missing_ok=True)
+        db: sqlite3.Connection = sqlcipher.connect(self.path, isolation_level=None)  # unkeyed
+        try:
+            busy = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            if busy:
+                raise ConfigError(
+                    f"{self.path}: the catalog is in use by another process; stop it first"
+                )
+            db.execute("ATTACH DATABASE ? AS encrypted KEY ?", (str(encrypted), self._key))
+            db.execute("SELECT sqlcipher_export('encrypted')")
+            db.execute("DETACH DATABASE encrypted")
+        finally:
+            db.close()
+        os.chmod(encrypted, self.path.stat().st_mode & 0o777)
+        _fsync(encrypted)
+        # Checkpointed above: the log holds nothing the file does not, and must not be read
+        # as the new file's log.
+        for suffix in ("-wal", "-shm"):
+            Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+        os.replace(encrypted, self.path)
+        _fsync(self.path.parent)
+        log.info("catalog %s encrypted under the cache key (it was plaintext)", self.path)
+
     def connection(self) -> sqlite3.Connection:
         """This thread's connection (WAL, autocommit)."""
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
         if db is None:
-            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
+            db = self._connect()
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA busy_timeout=10000")
@@ -320,7 +412,7 @@ class Catalog:
         connection: one SELECT is one snapshot, so the rows the sync writes meanwhile never show
         up in this walk.  A node changed through the mount keeps its own mtime, so only the
         object's version, size and class are compared for it."""
-        reader = sqlite3.connect(self.path, isolation_level=None)
+        reader = self._connect()
         try:
             for key, etag, size, mtime_ns, storage_class, local_at in reader.execute(
                 "SELECT key, etag, size, mtime_ns, storage_class, local_at FROM nodes "
@@ -402,6 +494,14 @@ class Catalog:
             else:
                 writer.update(info)
         return report
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _pages(items: Iterable[ObjectInfo], size: int) -> Iterator[list[ObjectInfo]]:

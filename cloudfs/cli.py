@@ -35,7 +35,7 @@ from .config import (
     format_size,
     parse_size,
 )
-from .errors import ConfigError
+from .errors import CloudfsError, ConfigError
 from .metrics import DEFAULT_ADDRESS
 from .mount import mounted_cloudfs, serve
 
@@ -180,8 +180,8 @@ def main() -> None:
 @click.option(
     "--cache-key-file",
     type=click.Path(path_type=Path, dir_okay=False),
-    help="Encrypt cached blocks (AES-256-GCM) with the key in this file (0600; 32 bytes or 64 "
-    "hex digits) [default: $CLOUDFS_CACHE_KEY, else unencrypted].",
+    help="Encrypt cached blocks, staged writes and the catalog with the key in this file "
+    "(0600; 32 bytes or 64 hex digits) [default: $CLOUDFS_CACHE_KEY, else unencrypted].",
 )
 @click.option(
     "--block-size",
@@ -1080,6 +1080,25 @@ def demo(mountpoint: Path, archive: Path) -> None:
         f"  status: {me} status {mountpoint}\n"
         f"  stop:   {me} unmount {mountpoint}"
     )
+
+
+@main.command("export-staged")
+@click.argument("path", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@click.option(
+    "--cache-key-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="The key of the mount that staged it [default: $CLOUDFS_CACHE_KEY].",
+)
+def export_staged(path: Path, cache_key_file: Path | None) -> None:
+    """Write a staged file (such as one set aside in CACHE_DIR/staging/unsynced/) to stdout,
+    decrypted if the mount sealed it; a chunk altered on disk stops it with an error."""
+    from .crypto import load_key
+    from .staging import export
+
+    try:
+        export(path, load_key(cache_key_file), sys.stdout.buffer)
+    except CloudfsError as exc:
+        raise click.ClickException(f"{path}: {exc}") from None
 
 
 def _demo_home() -> Path:

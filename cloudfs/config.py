@@ -117,8 +117,8 @@ class CacheOptions:
     disk_threads: int = 8
     """Concurrent cache reads/writes; more gives nothing on two cores."""
     key_file: Path | None = None
-    """Encrypt cached blocks with AES-256-GCM under the key in this file (32 bytes or 64 hex
-    digits, readable by its owner only); None: the key in $CLOUDFS_CACHE_KEY, if set."""
+    """Encrypt cached blocks, staged writes and the catalog under the key in this file (32 bytes
+    or 64 hex digits, readable by its owner only); None: the key in $CLOUDFS_CACHE_KEY, if set."""
     io_timeout: float = 60.0
     """Upper bound in seconds on one read waiting for the cloud before it fails with EIO."""
 

@@ -136,15 +136,23 @@ class OpenFile:
 
 class ArchiveFS:
     def __init__(
-        self, config: Config, store: ObjectStore, catalog: Catalog, cache: BlockCache
+        self,
+        config: Config,
+        store: ObjectStore,
+        catalog: Catalog,
+        cache: BlockCache,
+        key: bytes | None = None,
     ) -> None:
+        """``key``: the operator's cache key, under which staged files are sealed too."""
         self.config = config
         self.store = store
         self.catalog = catalog
         self.cache = cache
         self.reader = BlockReader(store, cache, config.cache)
         self.changes = Changes(catalog)
-        self.staging = StagingArea(config.cache.directory / "staging", config.write.staging_limit)
+        self.staging = StagingArea(
+            config.cache.directory / "staging", config.write.staging_limit, key
+        )
         self.uploader = Uploader(store, self.changes, self.staging, cache, config.write, self)
         self.kernel: KernelCache = NoKernelCache()
         mount_options = config.mount
@@ -524,7 +532,7 @@ class ArchiveFS:
                     data = await self.reader.read(version, offset, min(chunk, node.size - offset))
                     # Reserved as written: removing a part-filled file gives back exactly this.
                     self.staging.reserve(len(data))
-                    await self._disk(os.pwrite, fd, data, offset)
+                    await self._disk(self.staging.write, fd, data, offset)
                     size += len(data)
             await self._catalog(self.changes.stage, node.ino, name)
         except BaseException:
@@ -599,7 +607,7 @@ class ArchiveFS:
         # The newest bytes of the file, even if another writer made a fresh staging copy.
         staged = self._staged.get(open_file.ino) or open_file.staged
         if staged is not None:
-            data: bytes = await self._disk(os.pread, staged.fd, size, offset)
+            data: bytes = await self._disk(self.staging.read, staged.fd, size, offset)
             return data
         if open_file.version is None:
             raise FsError(errno.EBADF)
@@ -737,7 +745,7 @@ class ArchiveFS:
             growth = max(0, end - staged.size)
             self.staging.reserve(growth)
             try:
-                written: int = await self._disk(os.pwrite, staged.fd, data, offset)
+                written: int = await self._disk(self.staging.write, staged.fd, data, offset)
             except BaseException:
                 self.staging.release(growth)
                 raise
@@ -755,7 +763,7 @@ class ArchiveFS:
         async with staged.lock:
             growth = size - staged.size
             self.staging.reserve(growth)
-            await self._disk(os.ftruncate, staged.fd, size)
+            await self._disk(self.staging.truncate, staged.fd, size)
             if growth < 0:
                 self.staging.release(-growth)
             staged.size = size

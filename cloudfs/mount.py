@@ -93,9 +93,9 @@ def lock_cache(directory: Path) -> int:
     return fd
 
 
-def open_catalog(config: Config, store: ObjectStore) -> Catalog:
+def open_catalog(config: Config, store: ObjectStore, key: bytes | None) -> Catalog:
     """The catalog of this cache directory, refusing one that belongs to another source."""
-    catalog = Catalog(config.cache.directory / "catalog.sqlite")
+    catalog = Catalog(config.cache.directory / "catalog.sqlite", key)
     owner = catalog.get_meta("source")
     if owner is None:
         catalog.set_meta("source", config.source)
@@ -130,13 +130,15 @@ def raise_kernel_read_ahead(mountpoint: Path, kilobytes: int) -> None:
         log.debug("kernel read-ahead left at its default (%s)", exc.strerror)
 
 
-def prepare(config: Config) -> tuple[ObjectStore, Catalog, BlockCache, float]:
-    """Everything up to the kernel mount; returns the delay before the first catalog refresh."""
+def prepare(config: Config) -> tuple[ObjectStore, Catalog, BlockCache, bytes | None, float]:
+    """Everything up to the kernel mount; returns the cache key (None: nothing is sealed) and
+    the delay before the first catalog refresh."""
     config.check()
     check_mountpoint(config.mountpoint)
     store = open_store(config.source, config.s3)
     lock_cache(config.cache.directory)
-    catalog = open_catalog(config, store)
+    key = load_key(config.cache.key_file)
+    catalog = open_catalog(config, store, key)
     synced_at = float(catalog.get_meta("synced_at") or 0)
     try:
         store.check()
@@ -158,7 +160,6 @@ def prepare(config: Config) -> tuple[ObjectStore, Catalog, BlockCache, float]:
             report.rejected,
         )
         synced_at = time.time()
-    key = load_key(config.cache.key_file)
     cache = BlockCache(
         config.cache.directory / "blocks",
         config.cache.size_limit,
@@ -166,13 +167,13 @@ def prepare(config: Config) -> tuple[ObjectStore, Catalog, BlockCache, float]:
         None if key is None else BlockCipher(key),
     )
     first_refresh = max(0.0, synced_at + config.mount.refresh_interval - time.time())
-    return store, catalog, cache, first_refresh
+    return store, catalog, cache, key, first_refresh
 
 
 def serve(config: Config, on_ready: Callable[[], None]) -> None:
     """Mount and serve until unmounted or signalled; ``on_ready`` runs once the mount answers."""
-    store, catalog, cache, first_refresh = prepare(config)
-    fs = ArchiveFS(config, store, catalog, cache)
+    store, catalog, cache, key, first_refresh = prepare(config)
+    fs = ArchiveFS(config, store, catalog, cache, key)
     fs.recover()
     options = {f"fsname={FS_TYPE}", f"subtype={FS_TYPE}", *config.mount.fuse_options}
     if "allow_other" in options:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import stat
 import time
 from collections import Counter
@@ -28,7 +27,7 @@ from .changes import Changes, Work
 from .config import WriteOptions
 from .errors import CloudfsError, Conflict, Unavailable
 from .staging import StagingArea
-from .store import ObjectInfo, ObjectStore
+from .store import ObjectInfo, ObjectStore, Source
 
 log = logging.getLogger(__name__)
 
@@ -298,14 +297,13 @@ class Uploader:
         key, staged = node.key, node.staged
 
         async def step() -> None:
-            path = self.staging.path(staged)
-
             def upload() -> ObjectInfo:
                 """One worker-thread call: send the file, then put its bytes in the block
                 cache (under the new ETag) before the catalog says the file is in the cloud,
                 so whoever reads it next, the DICOM indexer included, finds them there."""
-                info = self.store.put_file(key, path, object_metadata(node), node.base_etag)
-                self._keep_in_cache(path, info)
+                with self.staging.source(staged) as source:
+                    info = self.store.put_file(key, source, object_metadata(node), node.base_etag)
+                    self._keep_in_cache(source, info)
                 return info
 
             try:
@@ -344,19 +342,19 @@ class Uploader:
             self._uploading.discard(staged)
         self._settle(node.ino, current, error)
 
-    def _keep_in_cache(self, path: os.PathLike[str], info: ObjectInfo) -> None:
+    def _keep_in_cache(self, source: Source, info: ObjectInfo) -> None:
         """Copy what went up into the block cache (skipped for files that would crowd it)."""
         if info.size > self.cache.size_limit // 4:
             return
         block_size = self.cache.block_size
         try:
-            with open(path, "rb") as source:
-                for index in range((info.size + block_size - 1) // block_size or 1):
-                    data = source.read(block_size)
-                    if not self.cache.put(BlockId(info.key, info.etag, index), data):
-                        return
-        except OSError:
-            return  # its last reader closed and removed it: the cloud serves it instead
+            for index in range((info.size + block_size - 1) // block_size or 1):
+                offset = index * block_size
+                data = source.read(offset, min(block_size, info.size - offset))
+                if not self.cache.put(BlockId(info.key, info.etag, index), data):
+                    return
+        except (OSError, CloudfsError) as exc:  # the cloud serves it instead
+            log.warning("%s: not copied into the block cache: %s", info.key, exc)
 
     async def _copy(self, item: tuple[str, object], node: Node) -> None:
         assert node.key is not None and node.fetch_key is not None and node.etag is not None

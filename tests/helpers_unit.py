@@ -20,7 +20,7 @@ from cloudfs.catalog import ROOT, Catalog, Node
 from cloudfs.config import CacheOptions, Config, DicomOptions, KiB, MiB, MountOptions
 from cloudfs.errors import Unavailable
 from cloudfs.fs import ArchiveFS
-from cloudfs.store import ObjectInfo, ObjectStore
+from cloudfs.store import ObjectInfo, ObjectStore, Source
 from cloudfs.store.local import LocalStore
 
 T = TypeVar("T")
@@ -111,9 +111,9 @@ class InstrumentedStore:
         return self.active == 0
 
     def put_file(
-        self, key: str, path: Path, metadata: Mapping[str, str], expect_etag: str | None
+        self, key: str, source: Source, metadata: Mapping[str, str], expect_etag: str | None
     ) -> ObjectInfo:
-        return self.inner.put_file(key, path, metadata, expect_etag)
+        return self.inner.put_file(key, source, metadata, expect_etag)
 
     def delete(self, key: str) -> None:
         self.inner.delete(key)
@@ -138,6 +138,8 @@ class Rig:
     catalog: Catalog
     cache: BlockCache
     files: dict[str, bytes] = field(default_factory=dict)
+    key: bytes | None = None
+    """The cache key the filesystem seals its staged files under (None: plain)."""
 
     def write(self, key: str, data: bytes) -> None:
         """Create or replace an object in the source directory (not yet in the catalog)."""
@@ -198,7 +200,7 @@ def run_fs(rig: Rig, body: Callable[[ArchiveFS], Awaitable[T]], drain: bool = Tr
     after this returns.  Exceptions of ``body`` propagate as themselves."""
 
     async def main() -> T:
-        fs = ArchiveFS(rig.config, rig.store, rig.catalog, rig.cache)
+        fs = ArchiveFS(rig.config, rig.store, rig.catalog, rig.cache, rig.key)
         outcome: list[T] = []
         error: list[Exception] = []
         async with trio.open_nursery() as nursery:

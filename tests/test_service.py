@@ -20,11 +20,13 @@ import pytest
 from conftest import (
     PYTHON,
     Bucket,
+    MotoServer,
     Mounter,
     cloudfs,
     drop_kernel_caches,
     free_port,
     is_mounted,
+    new_bucket,
     wait_until,
 )
 from dicom_samples import synthetic_study
@@ -333,9 +335,9 @@ def test_encrypted_cache_holds_no_plaintext_and_refetches_a_tampered_block(
     mount: Mounter, bucket: Bucket, tmp_path: Path
 ) -> None:
     """With a cache key, no 64-byte run of a file read through the mount appears anywhere
-    under the cache directory, nor its object key in the block store; a block with one flipped
-    bit fails authentication and is fetched again, so the reader still gets the right bytes.
-    A key file others may read is refused."""
+    under the cache directory, nor its object key in any file or name there (the catalog
+    included); a block with one flipped bit fails authentication and is fetched again, so the
+    reader still gets the right bytes.  A key file others may read is refused."""
     data = os.urandom(3 << 20)
     key = "patients/PAT-SECRET-77/ct/a.dcm"
     bucket.put(key, data)
@@ -354,8 +356,10 @@ def test_encrypted_cache_holds_no_plaintext_and_refetches_a_tampered_block(
     for path in cached:
         content = path.read_bytes()
         assert not any(sample in content for sample in samples), f"plaintext in {path}"
-        if "blocks" in path.parts:  # entry names are opaque; the catalog is not encrypted
-            assert b"PAT-SECRET-77" not in content, f"object key in {path}"
+    for path in m.cache_dir.rglob("*"):  # entry names are opaque; the catalog is encrypted
+        assert "PAT-SECRET-77" not in path.name, f"object key in the name {path}"
+        if path.is_file():
+            assert b"PAT-SECRET-77" not in path.read_bytes(), f"object key in {path}"
     blocks = sorted(
         (p for p in cached if p.suffix == ".val"), key=lambda p: p.stat().st_size, reverse=True
     )
@@ -371,3 +375,49 @@ def test_encrypted_cache_holds_no_plaintext_and_refetches_a_tampered_block(
     facts = again.status()
     assert facts["cache"]["corrupt_blocks_dropped"] == 1, facts["cache"]
     assert facts["reads"]["blocks_fetched_on_demand"] >= 1
+
+
+@pytest.mark.timeout(240)
+def test_encrypted_staging_holds_no_plaintext_until_the_upload(
+    mount: Mounter, private_s3_server: MotoServer, tmp_path: Path
+) -> None:
+    """With a cache key, a file written and fsync'd while the S3 server is frozen waits in the
+    staging area sealed: the mount reads it back, yet no 64-byte run of it appears anywhere
+    under the staging directory.  Once the server answers, the bucket holds exactly the bytes
+    written."""
+    bucket = new_bucket(private_s3_server)
+    key_file = tmp_path / "cache.key"
+    key_file.write_text(os.urandom(32).hex())
+    key_file.chmod(0o600)
+    options = ["--cache-key-file", str(key_file), "--no-study-prefetch", "--no-dicom-index"]
+    m = mount(bucket, options=[*options, "--upload-delay", "0.2"])
+    data = os.urandom(3 << 20)
+    private_s3_server.pause()
+    try:
+        with open(m.path / "scan.dcm", "wb") as file:
+            file.write(data[:1000])
+            file.write(data[1000:])
+            os.fsync(file.fileno())
+        drop_kernel_caches()
+        assert (m.path / "scan.dcm").read_bytes() == data
+        samples = [data[offset : offset + 64] for offset in range(0, len(data) - 64, 10_007)]
+        staged = [path for path in (m.cache_dir / "staging").rglob("*") if path.is_file()]
+        assert staged, "nothing under the staging directory"
+        for path in staged:
+            content = path.read_bytes()
+            assert not any(sample in content for sample in samples), f"plaintext in {path}"
+        assert m.status()["uploads"]["pending_files"] == 1
+    finally:
+        private_s3_server.resume()
+
+    def uploaded() -> bytes | None:
+        if "scan.dcm" not in bucket.listed_keys():
+            return None
+        reply = private_s3_server.client().get_object(Bucket=bucket.name, Key="scan.dcm")
+        body: bytes = reply["Body"].read()
+        return body
+
+    assert wait_until(lambda: uploaded() is not None, 120), m.log_tail()
+    assert uploaded() == data
+    assert wait_until(lambda: m.status()["uploads"]["pending_files"] == 0, 30)
+    assert m.status()["uploads"]["staging_bytes"] == 0

@@ -19,7 +19,8 @@ from conftest import REGION, Bucket, assert_bytes, payload
 
 from cloudfs.config import KiB, MiB, S3Options
 from cloudfs.errors import ConfigError, Conflict, NotFound, StaleObject, Unavailable
-from cloudfs.store import ObjectInfo, ObjectStore
+from cloudfs.staging import CHUNK, HEADER, STRIDE, StagingArea, Tampered
+from cloudfs.store import FileSource, ObjectInfo, ObjectStore
 from cloudfs.store import s3 as s3_module
 from cloudfs.store.local import TEMPORARY_SUFFIX, LocalStore
 from cloudfs.store.s3 import S3Store
@@ -95,19 +96,21 @@ def site(request: pytest.FixtureRequest) -> Site:
 
 @pytest.fixture
 def files(tmp_path: Path) -> Iterator[Any]:
-    """``files(data)``: a local file holding ``data``, as the uploader hands over."""
+    """``files(data)``: a Source over a local file holding ``data``, as the staging area hands
+    one to an upload; the descriptors are closed when the test ends."""
     directory = tmp_path / "staging"
     directory.mkdir()
-    count = 0
+    opened: list[int] = []
 
-    def make(data: bytes) -> Path:
-        nonlocal count
-        count += 1
-        path = directory / f"file{count}"
+    def make(data: bytes) -> FileSource:
+        path = directory / f"file{len(opened)}"
         path.write_bytes(data)
-        return path
+        opened.append(os.open(path, os.O_RDONLY))
+        return FileSource.of(opened[-1])
 
     yield make
+    for fd in opened:
+        os.close(fd)
 
 
 def read_all(store: ObjectStore, info: ObjectInfo) -> bytes:
@@ -193,6 +196,29 @@ def test_failed_part_aborts_the_upload(
     assert s3.open_uploads() == []
     with pytest.raises(NotFound):
         s3.store.head("broken.bin")
+
+
+@pytest.mark.parametrize("size", [300 * KiB, 11 * MiB])
+def test_a_tampered_sealed_staging_file_is_never_uploaded(
+    s3: Site, tmp_path: Path, size: int
+) -> None:
+    """A staged file sealed under the cache key, with one bit flipped past the first part:
+    the upload fails on that chunk, leaving no object and no multipart upload behind."""
+    staging = StagingArea(tmp_path / "sealed", 1 << 30, os.urandom(32))
+    name, fd = staging.take()
+    staging.write(fd, payload(size, "sealed"), 0)
+    os.close(fd)
+    chunk = (size - 1) // CHUNK
+    with open(staging.path(name), "r+b") as raw:
+        raw.seek(HEADER + chunk * STRIDE + 40)
+        byte = raw.read(1)
+        raw.seek(-1, os.SEEK_CUR)
+        raw.write(bytes([byte[0] ^ 0x80]))
+    with pytest.raises(Tampered), staging.source(name) as source:
+        s3.store.put_file("tampered.bin", source, {}, None)
+    assert s3.open_uploads() == []
+    with pytest.raises(NotFound):
+        s3.store.head("tampered.bin")
 
 
 def test_create_only_put_refuses_an_existing_key(site: Site, files: Any) -> None:
@@ -394,32 +420,27 @@ def test_local_write_leaves_no_temporary_file(local: Site, files: Any) -> None:
 # -- integrity checks ----------------------------------------------------------------------------
 
 
-def test_etag_mismatch_is_unavailable(tmp_path: Path) -> None:
+def test_etag_mismatch_is_unavailable(files: Any) -> None:
     """An MD5 ETag that differs from the bytes sent fails the upload; the whole-object MD5 some
     servers give multipart uploads is accepted; SSE-KMS and other ETags that are not an MD5 of
     the data are not compared."""
     data = b"sent" * 1000
-    path = tmp_path / "sent"
-    path.write_bytes(data)
+    source = files(data)
     sent = f'"{hashlib.md5(data).hexdigest()}"'
     other = f'"{hashlib.md5(b"other").hexdigest()}"'
     multipart = '"0123456789abcdef0123456789abcdef-2"'
-    fd = os.open(path, os.O_RDONLY)
-    try:
 
-        def check(reply: dict[str, str], expected: str) -> None:
-            s3_module._check_etag("k", reply, expected, fd, len(data), 2500)
+    def check(reply: dict[str, str], expected: str) -> None:
+        s3_module._check_etag("k", reply, expected, source, 2500)
 
-        check({"ETag": sent}, sent)
-        with pytest.raises(Unavailable, match="damaged"):
-            check({"ETag": other}, sent)
-        check({"ETag": sent}, multipart)  # a server that answers the MD5 of the whole
-        with pytest.raises(Unavailable, match="damaged"):
-            check({"ETag": other}, multipart)
-        check({"ETag": other, "ServerSideEncryption": "aws:kms"}, sent)
-        check({"ETag": '"not-an-md5"'}, sent)
-    finally:
-        os.close(fd)
+    check({"ETag": sent}, sent)
+    with pytest.raises(Unavailable, match="damaged"):
+        check({"ETag": other}, sent)
+    check({"ETag": sent}, multipart)  # a server that answers the MD5 of the whole
+    with pytest.raises(Unavailable, match="damaged"):
+        check({"ETag": other}, multipart)
+    check({"ETag": other, "ServerSideEncryption": "aws:kms"}, sent)
+    check({"ETag": '"not-an-md5"'}, sent)
 
 
 def test_part_size_grows_past_ten_thousand_parts() -> None:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import socket
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from cloudfs.config import S3Options
 from cloudfs.errors import CloudfsError, ConfigError, NotFound, StaleObject
-from cloudfs.store import ObjectInfo, open_store
+from cloudfs.store import FileSource, ObjectInfo, open_store
 from cloudfs.store.local import LocalStore
 
 
@@ -218,11 +219,28 @@ def test_escaping_keys_are_not_found(
         store.get_range(key, 0, 1, '"x"')
 
 
-def test_put_file_delete_copy(tmp_path: Path, root: Path, store: LocalStore) -> None:
+@pytest.fixture
+def plain_source() -> Iterator[Callable[[Path, bytes], FileSource]]:
+    """``plain_source(path, data)``: a Source over a new file holding ``data``, as the staging
+    area hands one to an upload; its descriptor is closed when the test ends."""
+    opened: list[int] = []
+
+    def make(path: Path, data: bytes) -> FileSource:
+        path.write_bytes(data)
+        opened.append(os.open(path, os.O_RDONLY))
+        return FileSource.of(opened[-1])
+
+    yield make
+    for fd in opened:
+        os.close(fd)
+
+
+def test_put_file_delete_copy(
+    tmp_path: Path, root: Path, store: LocalStore, plain_source: Callable[[Path, bytes], FileSource]
+) -> None:
     """Uploads create parent directories atomically; copies duplicate; deletes are idempotent."""
-    source = tmp_path / "upload.bin"
     data = os.urandom(5000)
-    source.write_bytes(data)
+    source = plain_source(tmp_path / "upload.bin", data)
     info = store.put_file("new/deep/obj.bin", source, {"patient": "x"}, None)
     assert isinstance(info, ObjectInfo)
     assert (info.key, info.size) == ("new/deep/obj.bin", 5000)
@@ -234,8 +252,7 @@ def test_put_file_delete_copy(tmp_path: Path, root: Path, store: LocalStore) -> 
     assert copied.size == 5000
     assert store.get_range("other/copy.bin", 0, 5000, copied.etag) == data
 
-    replacement = tmp_path / "replacement.bin"
-    replacement.write_bytes(b"short")
+    replacement = plain_source(tmp_path / "replacement.bin", b"short")
     replaced = store.put_file("other/copy.bin", replacement, {}, copied.etag)
     assert replaced.size == 5 and replaced.etag != copied.etag
 
@@ -247,10 +264,11 @@ def test_put_file_delete_copy(tmp_path: Path, root: Path, store: LocalStore) -> 
     assert "new/deep/obj.bin" not in keys(store)
 
 
-def test_put_file_refuses_escaping_key(tmp_path: Path, store: LocalStore) -> None:
+def test_put_file_refuses_escaping_key(
+    tmp_path: Path, store: LocalStore, plain_source: Callable[[Path, bytes], FileSource]
+) -> None:
     """An upload can never write outside the root."""
-    source = tmp_path / "upload.bin"
-    source.write_bytes(b"x")
+    source = plain_source(tmp_path / "upload.bin", b"x")
     with pytest.raises(NotFound):
         store.put_file("../escaped.bin", source, {}, None)
     assert not (tmp_path / "escaped.bin").exists()

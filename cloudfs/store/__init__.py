@@ -7,6 +7,7 @@ raise only ``cloudfs.errors`` exceptions.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,34 @@ class ObjectInfo:
         return self.storage_class in ARCHIVE_CLASSES and not self.restored
 
 
+class Source(Protocol):
+    """Bytes to upload, read by position: the staging area hands its files over this way, so
+    a sealed one is decrypted (and authenticated) as the store reads it."""
+
+    @property
+    def size(self) -> int: ...
+
+    def read(self, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset`` (fewer only at the end); OSError if the file cannot
+        be read, a CloudfsError if its bytes are not the ones written."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class FileSource:
+    """A plain local file as a Source, read through a descriptor its caller keeps open."""
+
+    fd: int
+    size: int
+
+    @classmethod
+    def of(cls, fd: int) -> FileSource:
+        return cls(fd, os.fstat(fd).st_size)
+
+    def read(self, offset: int, length: int) -> bytes:
+        return os.pread(self.fd, length, offset)
+
+
 class ObjectStore(Protocol):
     """The calls cloudfs makes of a bucket or a directory used as one."""
 
@@ -64,12 +93,13 @@ class ObjectStore(Protocol):
         ...
 
     def put_file(
-        self, key: str, path: Path, metadata: Mapping[str, str], expect_etag: str | None
+        self, key: str, source: Source, metadata: Mapping[str, str], expect_etag: str | None
     ) -> ObjectInfo:
-        """Upload a local file as ``key`` with user metadata, only if the store still holds the
-        version ``expect_etag`` (None: only if ``key`` is absent), so a newer object written by
-        another site is never silently overwritten: Conflict otherwise.  The bytes are checked
-        end to end; returns the stored object's info."""
+        """Upload the bytes of ``source`` as ``key`` with user metadata, only if the store still
+        holds the version ``expect_etag`` (None: only if ``key`` is absent), so a newer object
+        written by another site is never silently overwritten: Conflict otherwise.  The bytes
+        are checked end to end; a source that fails a read fails the upload before the object
+        exists.  Returns the stored object's info."""
         ...
 
     def delete(self, key: str) -> None:

@@ -14,22 +14,23 @@ import errno
 import logging
 import os
 import secrets
-import shutil
 import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
-from typing import BinaryIO
 
 from ..errors import CloudfsError, ConfigError, Conflict, NotFound, StaleObject, Unavailable
-from . import ObjectInfo
+from . import FileSource, ObjectInfo, Source
 
 log = logging.getLogger(__name__)
 
 TEMPORARY_SUFFIX = ".cloudfs-upload"
 """Ends the name of a file being written; it becomes the object only when renamed."""
+
+_PIECE = 1 << 20
+"""Bytes copied at once into a new object's file."""
 
 Place = Callable[[int, str, str, str], None]
 """Puts the finished temporary file in place: (directory fd, temporary name, name, key)."""
@@ -232,20 +233,16 @@ class LocalStore:
         """Nothing in a directory is archived: every file is readable as it is."""
 
     def put_file(
-        self, key: str, path: Path, metadata: Mapping[str, str], expect_etag: str | None
+        self, key: str, source: Source, metadata: Mapping[str, str], expect_etag: str | None
     ) -> ObjectInfo:
-        """Store a copy of ``path`` as ``key`` if the key is absent (``expect_etag`` None) or
+        """Store a copy of ``source`` as ``key`` if the key is absent (``expect_etag`` None) or
         still holds ``expect_etag``; Conflict otherwise.  ``mode`` and ``mtime`` metadata become
         the file's permission bits and modification time."""
         mode, mtime_ns = _attributes(key, metadata)
-        try:
-            with open(path, "rb") as source:
-                if expect_etag is None:
-                    return self._write(key, source, mode, mtime_ns, _link_new, parents=True)
-                place = self._replace_version(expect_etag)
-                return self._write(key, source, mode, mtime_ns, place, parents=False)
-        except OSError as exc:
-            raise Unavailable(f"{key}: cannot read {path}: {exc.strerror}") from exc
+        if expect_etag is None:
+            return self._write(key, source, mode, mtime_ns, _link_new, parents=True)
+        place = self._replace_version(expect_etag)
+        return self._write(key, source, mode, mtime_ns, place, parents=False)
 
     def _replace_version(self, expect_etag: str) -> Place:
         def place(directory: int, temporary: str, name: str, key: str) -> None:
@@ -263,7 +260,7 @@ class LocalStore:
     def _write(
         self,
         key: str,
-        source: BinaryIO,
+        source: Source,
         mode: int | None,
         mtime_ns: int | None,
         place: Place,
@@ -298,7 +295,11 @@ class LocalStore:
                     raise _failure(exc, key) from exc
             try:
                 with open(fd, "wb") as out:
-                    shutil.copyfileobj(source, out, 1 << 20)
+                    for offset in range(0, source.size, _PIECE):
+                        piece = source.read(offset, min(_PIECE, source.size - offset))
+                        if len(piece) != min(_PIECE, source.size - offset):
+                            raise Unavailable(f"{key}: the local file shrank while stored")
+                        out.write(piece)
                     out.flush()
                     if mode is not None:
                         os.fchmod(fd, mode)
@@ -359,7 +360,7 @@ class LocalStore:
         """Copy the version ``etag`` of ``source``; ``metadata`` None keeps its mode and mtime.
         A rewrite of the source during the copy is caught before the copy takes its name."""
         fd = self._open(source)
-        with open(fd, "rb") as handle:
+        with open(fd, "rb"):  # closes fd
             st = os.fstat(fd)
             if _etag(st) != etag:
                 raise StaleObject(f"{source}: changed since version {etag}")
@@ -373,4 +374,6 @@ class LocalStore:
                     raise StaleObject(f"{source}: changed while it was being copied")
                 _replace(directory, temporary, name, key)
 
-            return self._write(target, handle, mode, mtime_ns, place, parents=True)
+            return self._write(
+                target, FileSource(fd, st.st_size), mode, mtime_ns, place, parents=True
+            )

@@ -10,12 +10,10 @@ import base64
 import builtins
 import hashlib
 import logging
-import os
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, TypeVar
 
 import boto3
@@ -32,7 +30,7 @@ from ..errors import (
     StoreUnreachable,
     Unavailable,
 )
-from . import ObjectInfo
+from . import ObjectInfo, Source
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +80,10 @@ def _base64(digest: bytes) -> str:
     return base64.b64encode(digest).decode("ascii")
 
 
-def _read(fd: int, offset: int, length: int, key: str) -> bytes:
-    """``length`` bytes of the local file at ``offset``; a short read means it shrank."""
+def _read(source: Source, offset: int, length: int, key: str) -> bytes:
+    """``length`` bytes of the source at ``offset``; a short read means it shrank."""
     try:
-        data = os.pread(fd, length, offset)
+        data = source.read(offset, length)
     except OSError as exc:
         raise Unavailable(f"{key}: cannot read the local file: {exc.strerror}") from exc
     if len(data) != length:
@@ -93,14 +91,15 @@ def _read(fd: int, offset: int, length: int, key: str) -> bytes:
     return data
 
 
-def _etags_of(fd: int, size: int, part: int, key: str) -> set[str]:
+def _etags_of(source: Source, part: int, key: str) -> set[str]:
     """The ETags a store may give these bytes: the MD5 of the whole (a single PUT, and some
     S3-compatible servers for multipart uploads too) and S3's multipart form for ``part``-sized
     parts.  One pass over the file."""
     whole = _md5(b"")
     parts = []
+    size = source.size
     for offset in range(0, size, part):
-        data = _read(fd, offset, min(part, size - offset), key)
+        data = _read(source, offset, min(part, size - offset), key)
         whole.update(data)
         parts.append(_md5(data).digest())
     etags = {f'"{whole.hexdigest()}"'}
@@ -110,7 +109,7 @@ def _etags_of(fd: int, size: int, part: int, key: str) -> set[str]:
 
 
 def _check_etag(
-    key: str, reply: Mapping[str, Any], expected: str, fd: int, size: int, part: int
+    key: str, reply: Mapping[str, Any], expected: str, source: Source, part: int
 ) -> None:
     """Compare the ETag S3 computed with the one of the bytes sent.  Under SSE-KMS or SSE-C the
     ETag is not an MD5 of the data, so there is nothing to compare."""
@@ -118,7 +117,7 @@ def _check_etag(
     encrypted = str(reply.get("ServerSideEncryption", "")).startswith("aws:kms")
     if encrypted or "SSECustomerAlgorithm" in reply or not _MD5_ETAG.match(etag):
         return
-    if etag != expected and etag not in _etags_of(fd, size, part, key):
+    if etag != expected and etag not in _etags_of(source, part, key):
         raise Unavailable(
             f"{key}: the store holds ETag {etag} but the bytes sent have {expected}; "
             f"the upload was damaged on the way"
@@ -277,42 +276,36 @@ class S3Store:
             raise self._error(exc, key) from exc
 
     def put_file(
-        self, key: str, path: Path, metadata: Mapping[str, str], expect_etag: str | None
+        self, key: str, source: Source, metadata: Mapping[str, str], expect_etag: str | None
     ) -> ObjectInfo:
-        """Upload ``path`` as ``key`` only if the store still holds ``expect_etag`` (None: only
-        if the key is absent), so a newer object from another site is never overwritten."""
+        """Upload ``source`` as ``key`` only if the store still holds ``expect_etag`` (None:
+        only if the key is absent), so a newer object from another site is never overwritten.
+        A part the source cannot read fails the upload before anything is completed."""
         condition = {"IfNoneMatch": "*"} if expect_etag is None else {"IfMatch": expect_etag}
+        size = source.size
+        part = _part_size(size, self.options.part_size)
         try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError as exc:
-            raise Unavailable(f"{key}: cannot open {path}: {exc.strerror}") from exc
-        try:
-            size = os.fstat(fd).st_size
-            part = _part_size(size, self.options.part_size)
+            if size <= self.options.part_size:
+                reply, expected = self._put_whole(key, source, metadata, condition)
+            else:
+                reply, expected = self._put_parts(key, source, metadata, condition)
+        except Conflict as conflict:
+            # A retry of an upload whose reply was lost finds its own bytes there.
             try:
-                if size <= self.options.part_size:
-                    reply, expected = self._put_whole(key, fd, size, metadata, condition)
-                else:
-                    reply, expected = self._put_parts(key, fd, size, metadata, condition)
-            except Conflict as conflict:
-                # A retry of an upload whose reply was lost finds its own bytes there.
-                try:
-                    current = self.head(key)
-                except NotFound:
-                    raise conflict from None
-                if current.etag in _etags_of(fd, size, part, key):
-                    return ObjectInfo(key, size, time.time_ns(), current.etag)
-                raise
-            _check_etag(key, reply, expected, fd, size, part)
-        finally:
-            os.close(fd)
+                current = self.head(key)
+            except NotFound:
+                raise conflict from None
+            if current.etag in _etags_of(source, part, key):
+                return ObjectInfo(key, size, time.time_ns(), current.etag)
+            raise
+        _check_etag(key, reply, expected, source, part)
         return ObjectInfo(key, size, time.time_ns(), reply["ETag"])
 
     def _put_whole(
-        self, key: str, fd: int, size: int, metadata: Mapping[str, str], condition: dict[str, str]
+        self, key: str, source: Source, metadata: Mapping[str, str], condition: dict[str, str]
     ) -> tuple[dict[str, Any], str]:
         """One PUT; Content-MD5 makes S3 refuse a body damaged on the way."""
-        data = _read(fd, 0, size, key)
+        data = _read(source, 0, source.size, key)
         digest = _md5(data)
         try:
             reply: dict[str, Any] = self.client.put_object(
@@ -329,16 +322,17 @@ class S3Store:
         return reply, f'"{digest.hexdigest()}"'
 
     def _put_parts(
-        self, key: str, fd: int, size: int, metadata: Mapping[str, str], condition: dict[str, str]
+        self, key: str, source: Source, metadata: Mapping[str, str], condition: dict[str, str]
     ) -> tuple[dict[str, Any], str]:
         """A multipart upload read from disk part by part; the multipart ETag is the MD5 of the
         parts' binary MD5s followed by the part count."""
+        size = source.size
         part = _part_size(size, self.options.part_size)
         offsets = range(0, size, part)
         digests = [b""] * len(offsets)
 
         def send(upload_id: str, number: int, offset: int) -> str:
-            data = _read(fd, offset, min(part, size - offset), key)
+            data = _read(source, offset, min(part, size - offset), key)
             digest = _md5(data).digest()
             digests[number - 1] = digest
             try:
