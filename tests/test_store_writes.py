@@ -498,3 +498,29 @@ def test_encryption_options_are_checked(bucket: Bucket) -> None:
             PREFIX,
             S3Options(endpoint_url=bucket.endpoint, sse="AES256", sse_kms_key_id="k"),
         )
+
+
+# -- the standard AWS configuration ----------------------------------------------------------------
+
+
+def test_standard_aws_environment_chooses_region_profile_and_endpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AWS_REGION (which botocore alone ignores), AWS_PROFILE and AWS_ENDPOINT_URL are honoured
+    as the AWS CLI honours them; an explicit option wins over the environment."""
+    config = tmp_path / "config"
+    config.write_text("[profile archive]\nregion = ap-south-1\n")
+    for name in ("AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    monkeypatch.setenv("AWS_REGION", "eu-west-3")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    client = S3Store("bucket", "", S3Options()).client
+    assert client.meta.region_name == "eu-west-3"
+    assert client.meta.endpoint_url == "http://127.0.0.1:9"
+    assert S3Store("bucket", "", S3Options(region="us-west-2")).client.meta.region_name == (
+        "us-west-2"
+    )
+    monkeypatch.delenv("AWS_REGION")
+    monkeypatch.setenv("AWS_PROFILE", "archive")
+    assert S3Store("bucket", "", S3Options()).client.meta.region_name == "ap-south-1"

@@ -10,6 +10,7 @@ import base64
 import builtins
 import hashlib
 import logging
+import os
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -161,7 +162,9 @@ class S3Store:
             self.client = session.client(
                 "s3",
                 endpoint_url=options.endpoint_url,
-                region_name=options.region,
+                # botocore itself reads only AWS_DEFAULT_REGION; the AWS CLI and SDKs honour
+                # AWS_REGION first, and so does cloudfs.
+                region_name=options.region or os.environ.get("AWS_REGION") or None,
                 config=config,
                 verify=options.verify_tls,
             )
