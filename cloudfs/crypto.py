@@ -1,10 +1,11 @@
-"""Encryption at rest of the block cache: AES-256-GCM under a key the operator keeps.
+"""Encryption at rest: AES-256-GCM under a key the operator keeps, and under keys derived from
+it for each other use (staged writes, the catalog).
 
-Each block is sealed with a fresh random 96-bit nonce and the block's identity (object key,
-ETag, block number) as associated data, so a block moved to another name, altered or truncated
-fails authentication and is fetched again instead of being returned.  Cache entry names are an
-HMAC of the identity, so object keys (paths that often carry patient IDs) do not appear in the
-cache's index either.
+For the block cache: each block is sealed with a fresh random 96-bit nonce and the block's
+identity (object key, ETag, block number) as associated data, so a block moved to another name,
+altered or truncated fails authentication and is fetched again instead of being returned.  Cache
+entry names are an HMAC of the identity, so object keys (paths that often carry patient IDs) do
+not appear in the cache's index either.
 
 The key: 32 bytes, from a file only its owner may read (raw, or 64 hex digits) or from the
 environment variable ``CLOUDFS_CACHE_KEY`` (64 hex digits), so it can come from a secret store
