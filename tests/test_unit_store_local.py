@@ -51,6 +51,38 @@ def test_list_is_in_utf8_byte_order(root: Path, store: LocalStore) -> None:
     assert encoded == sorted(encoded)
 
 
+def test_empty_directory_markers_take_their_place_in_key_order(
+    root: Path, store: LocalStore
+) -> None:
+    for name in ["e.x", "e-f", "e0", "e/sub/g"]:
+        write(root, name, b"x")
+    (root / "d").mkdir()
+    (root / "e" / "empty").mkdir()
+    assert keys(store) == ["d/", "e-f", "e.x", "e/empty/", "e/sub/g", "e0"]
+
+
+def test_list_streams_one_directory_at_a_time(
+    root: Path, store: LocalStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first key comes before the rest of the tree is read: a listing of a million files
+    must not be held in memory whole."""
+    for directory in range(20):
+        write(root, f"d{directory:02d}/f", b"x")
+    scanned: list[str] = []
+    real_scandir = os.scandir
+
+    def counting_scandir(path: str) -> Iterator[os.DirEntry[str]]:
+        scanned.append(path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", counting_scandir)
+    listing = store.list()
+    assert next(listing).key == "d00/f"
+    assert len(scanned) == 2  # the root and d00
+    assert [info.key for info in listing] == [f"d{n:02d}/f" for n in range(1, 20)]
+    assert len(scanned) == 21
+
+
 def test_list_reports_sizes_and_distinct_etags(root: Path, store: LocalStore) -> None:
     """Each object carries its size, mtime and an ETag that differs between versions."""
     path = write(root, "f", b"12345")

@@ -181,30 +181,33 @@ class LocalStore:
             yield key, entry
 
     def list(self) -> Iterator[ObjectInfo]:
-        # Keys must come out in UTF-8 byte order, which is not the order of a depth-first walk
-        # ("a-b" sorts before "a/b"), so collect and sort.  Empty directories become "dir/"
-        # markers, as S3 consoles create them, so they stay visible.
-        found: list[ObjectInfo] = []
-        pending = [(str(self.root), "")]
-        while pending:
-            directory, prefix = pending.pop()
-            empty = True
-            for key, entry in self._walk(directory, prefix):
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except OSError:
-                    continue
-                if stat.S_ISDIR(st.st_mode):
-                    pending.append((entry.path, key + "/"))
-                    empty = False
-                elif stat.S_ISREG(st.st_mode):
-                    found.append(ObjectInfo(key, st.st_size, st.st_mtime_ns, _etag(st)))
-                    empty = False
-            if empty and prefix:
-                st = os.stat(directory)
-                found.append(ObjectInfo(prefix, 0, st.st_mtime_ns, '"dir"'))
-        found.sort(key=lambda info: info.key)
-        return iter(found)
+        """Every object, in UTF-8 byte order as ListObjectsV2 returns them, streamed: memory
+        holds one directory per level, not the listing (a million-file tree listed whole took
+        300 MiB).  Empty directories become "dir/" markers, as S3 consoles create them, so they
+        stay visible."""
+        return self._list_directory(str(self.root), "")
+
+    def _list_directory(self, directory: str, prefix: str) -> Iterator[ObjectInfo]:
+        # A directory's keys all start with "name/", so sorting it among its siblings as
+        # "name/" puts "a-b" before "a/x" before "a0": a walk in that order is in key order.
+        entries: list[tuple[str, os.DirEntry[str], os.stat_result]] = []
+        for key, entry in self._walk(directory, prefix):
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                entries.append((key + "/", entry, st))
+            elif stat.S_ISREG(st.st_mode):
+                entries.append((key, entry, st))
+        if not entries and prefix:
+            yield ObjectInfo(prefix, 0, os.stat(directory).st_mtime_ns, '"dir"')
+        entries.sort(key=lambda item: item[0])
+        for key, entry, st in entries:
+            if key.endswith("/"):
+                yield from self._list_directory(entry.path, key)
+            else:
+                yield ObjectInfo(key, st.st_size, st.st_mtime_ns, _etag(st))
 
     def head(self, key: str) -> ObjectInfo:
         fd = self._open(key)
