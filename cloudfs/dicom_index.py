@@ -14,8 +14,9 @@ never recomputed, so names stay stable across remounts.  The layout:
     by-patient/<patient>/<date>_<description>_<accession>/<number>_<modality>_<description>/<n>.dcm
     by-date/<YYYY>/<MM>/<DD>/<patient>_<description>_<accession>/<series>/<n>.dcm
 
-Instances without a study, series or SOP instance UID, and second copies of an SOP instance already
-placed in the same series, are indexed but not placed; the reason is logged once per object.
+Objects that are not DICOM (or whose header is unreadable), instances without a study, series or
+SOP instance UID, and second copies of an SOP instance already placed in the same series, are
+indexed but not placed; the reason is logged (info) once per object version, when it is recorded.
 
 Threads: every method blocks and runs in a worker thread; writes go through the catalog's
 transactions (one in-process write lock for the whole database).
@@ -190,6 +191,8 @@ class DicomIndex:
                 before = self._instance_identity(db, item.key)
                 self._unplace(db, item.key)
                 if isinstance(outcome, str):
+                    # Only a new version is read again, so this is once per object version.
+                    log.info("%s: %s; not placed in the view", item.key, outcome)
                     db.execute(
                         "INSERT OR REPLACE INTO dicom_instances(key, etag, size, problem, "
                         "indexed_at) VALUES (?,?,?,?,?)",
@@ -445,15 +448,19 @@ class DicomIndex:
         return self._instances("d.study_uid=?", study_uid)
 
     def priors(self, study_uid: str, patient_id: str, modality: str, count: int) -> list[str]:
-        """The patient's ``count`` most recent other studies, same modality first."""
+        """The patient's ``count`` most recent studies dated before ``study_uid``, same modality
+        first.  A later study is no prior; an undated study (or an undated current one) cannot
+        be placed in time, so it is none either: prefetch is for what a reader will compare."""
         if not patient_id or count <= 0:
             return []
         rows = (
             self.catalog.connection()
             .execute(
-                "SELECT study_uid, max(study_date), max(modality=?) FROM dicom_instances "
-                "WHERE patient_id=? AND problem IS NULL AND study_uid != ? AND study_uid != '' "
-                "GROUP BY study_uid ORDER BY 3 DESC, 2 DESC LIMIT ?",
+                "SELECT study_uid, max(study_date) AS date, max(modality=?) FROM dicom_instances "
+                "WHERE patient_id=? AND problem IS NULL AND study_uid != '' GROUP BY study_uid "
+                "HAVING length(date) = 8 AND date < (SELECT max(study_date) FROM "
+                "dicom_instances WHERE study_uid=? AND problem IS NULL) "
+                "ORDER BY 3 DESC, 2 DESC LIMIT ?",
                 (modality, patient_id, study_uid, count),
             )
             .fetchall()

@@ -5,10 +5,12 @@
   the object's first block is there already, as it is for files written through the mount.
 * Study prefetch: when an indexed instance is opened, the rest of its series is fetched nearest
   first in both directions, then the other series of the study, then the patient's most recent
-  prior studies.  Every open of another instance of the study re-centres what is still queued.  It
-  fetches through the read path's read-ahead (its own threads and memory budget), so foreground
-  reads never queue behind it, and ``prefetch_threads`` instances at a time.  At most
-  ``_ACTIVE_STUDIES`` studies are prefetched at once; opening another drops the oldest.
+  prior studies (dated before it).  A study that first appears through the write path has its
+  priors fetched the same way.  Every open of another instance of the study re-centres what is
+  still queued.  It fetches through the read path's read-ahead (read-ahead's share of the fetch
+  threads and its memory budget), so foreground reads never queue behind it, and
+  ``prefetch_threads`` instances at a time.  At most ``_ACTIVE_STUDIES`` studies are prefetched
+  at once; opening another drops the oldest.  ``study_prefetch`` off stops both triggers.
 * Pins: stored selectors (patient, study, path, date range) plus the tiering window (studies of the
   last ``keep_recent_days`` days) name a set of objects whose blocks the cache never evicts; they
   are fetched ahead of time.  A pin that would take more than ``pin_fraction`` of the cache is
@@ -187,7 +189,9 @@ class Studies:
                 await trio.sleep(_FAILURE_PAUSE)
                 continue
             new, local = await self._db(self.index.record, results)
-            if local and self.options.priors:
+            # A study just written through the mount is local; its priors are what a reader of
+            # it will want next.  Study prefetch off means no fetch that nobody asked for.
+            if local and self.options.study_prefetch and self.options.priors:
                 for study_uid in local:
                     self._start_study(study_uid, None)
             if new and (self._pinned or self.options.keep_recent_days):

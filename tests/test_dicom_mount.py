@@ -8,16 +8,33 @@ served then, so these tests look at the cache, never at a clock.
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
+import pty
+import re
+import select
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 import pydicom
 import pytest
-from conftest import Bucket, MotoServer, Mount, Mounter, cloudfs, drop_kernel_caches, wait_until
+from conftest import (
+    PYTHON,
+    Bucket,
+    MotoServer,
+    Mount,
+    Mounter,
+    cloudfs,
+    drop_kernel_caches,
+    wait_until,
+)
 from dicom_samples import instance_bytes, synthetic_study
-from pydicom.data import get_testdata_file
+from pydicom.data import get_charset_files, get_testdata_file
+
+from cloudfs.dicom import folder_name
 
 FAST = ["--upload-delay", "0.2", "--io-timeout", "4"]
 VIEW = "@dicom"
@@ -69,24 +86,91 @@ def tree(root: Path) -> dict[str, bytes]:
     return found
 
 
+CHARSET_FILES = {
+    "charsets/russian.dcm": "chrRuss.dcm",  # ISO_IR 144
+    "charsets/japanese.dcm": "chrH31.dcm",  # ISO 2022 IR 87, with code extensions
+    "charsets/chinese.dcm": "chrX1.dcm",  # ISO_IR 192 (UTF-8)
+    "charsets/greek.dcm": "chrGreek.dcm",  # ISO_IR 126
+    "charsets/german.dcm": "chrGerm.dcm",  # ISO_IR 100
+}
+
+
+def bundled_file(name: str) -> bytes:
+    """One of pydicom's bundled test files."""
+    path = get_testdata_file(name)
+    assert isinstance(path, str), name
+    return Path(path).read_bytes()
+
+
+def charset_file(name: str) -> bytes:
+    """One of pydicom's bundled files of a character set."""
+    return Path(get_charset_files(name)[0]).read_bytes()
+
+
+def view_paths(data: bytes) -> tuple[str, str]:
+    """The by-patient and by-date paths the README's layout gives an instance, from the tags
+    pydicom reads in it; name parts are cleaned by ``folder_name`` (test_unit_dicom covers it)."""
+    ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+
+    def text(keyword: str) -> str:
+        return str(ds.get(keyword, "") or "").strip(" \x00")
+
+    def joined(*parts: str) -> str:
+        return "_".join(folder_name(part) for part in parts if part.strip()) or "unknown"
+
+    patient = folder_name(text("PatientID"), fallback="unknown-patient")
+    date = text("StudyDate")
+    day = f"{date[:4]}/{date[4:6]}/{date[6:]}" if date else "undated"
+    series = joined(f"{int(ds.SeriesNumber):03d}", text("Modality"), text("SeriesDescription"))
+    instance = f"{int(ds.InstanceNumber):04d}.dcm"
+    study = joined(date or "undated", text("StudyDescription"), text("AccessionNumber"))
+    dated = joined(patient, text("StudyDescription"), text("AccessionNumber"))
+    return f"{patient}/{study}/{series}/{instance}", f"{day}/{dated}/{series}/{instance}"
+
+
+def expected_view(objects: list[tuple[str, bytes]]) -> tuple[dict[str, set[bytes]], set[str]]:
+    """The by-patient paths of ``objects`` with the bytes each may show (copies of one SOP
+    instance share a path), and the by-date paths."""
+    by_patient: dict[str, set[bytes]] = {}
+    by_date = set()
+    for _, data in objects:
+        patient_path, date_path = view_paths(data)
+        by_patient.setdefault(patient_path, set()).add(data)
+        by_date.add(date_path)
+    return by_patient, by_date
+
+
+def assert_view(view: Path, objects: list[tuple[str, bytes]]) -> None:
+    """The view holds exactly the paths of ``objects``, each with the bytes of its object."""
+    by_patient, by_date = expected_view(objects)
+    shown = tree(view / "by-patient")
+    assert set(shown) == set(by_patient), sorted(set(shown) ^ set(by_patient))
+    for path, data in shown.items():
+        assert data in by_patient[path], path
+    assert set(tree(view / "by-date")) == by_date, sorted(set(tree(view / "by-date")) ^ by_date)
+
+
 def test_view_shows_patients_studies_series_with_raw_bytes(
     mount: Mounter, bucket: Bucket, tmp_path: Path
 ) -> None:
     """Synthetic studies, pydicom's own files of several transfer syntaxes and charsets, and
     hostile or broken objects: the view lists exactly the DICOM instances, each with the bytes
-    of its raw object; nothing escapes the view; the raw tree still shows everything."""
+    of its raw object; nothing escapes the view; the raw tree still shows everything.  A
+    remount keeps the names and reads no header again; an object added later appears after a
+    refresh, with one header read."""
     ct = synthetic_study("PAT-1", 1, [("CT", 6), ("CT", 3)], rows=64, columns=64)
     mr = synthetic_study("PAT-2", 2, [("MR", 4)], rows=64, columns=64, study_date="20250301")
-    put_all(bucket, ct + mr)
-    bundled = {
-        "misc/ct_small.dcm": "CT_small.dcm",
-        "misc/mr_implicit.dcm": "MR_small_implicit.dcm",
-        "misc/no_meta.dcm": "ExplVR_LitEndNoMeta.dcm",
-        "misc/jpeg2000.dcm": "JPEG2000.dcm",
-        "misc/rle.dcm": "MR_small_RLE.dcm",
-    }
-    for key, name in bundled.items():
-        bucket.put(key, Path(get_testdata_file(name)).read_bytes())
+    bundled = [
+        (key, bundled_file(name))
+        for key, name in {
+            "misc/ct_small.dcm": "CT_small.dcm",
+            "misc/mr_implicit.dcm": "MR_small_implicit.dcm",
+            "misc/no_meta.dcm": "ExplVR_LitEndNoMeta.dcm",
+            "misc/jpeg2000.dcm": "JPEG2000.dcm",
+            "misc/rle.dcm": "MR_small_RLE.dcm",  # the same SOP instance as mr_implicit
+        }.items()
+    ]
+    charsets = [(key, charset_file(name)) for key, name in CHARSET_FILES.items()]
     hostile = instance_bytes(
         patient_id="../../etc",
         patient_name="EVIL^NAME",
@@ -103,41 +187,35 @@ def test_view_shows_patients_studies_series_with_raw_bytes(
         rows=8,
         columns=8,
     )
-    bucket.put("odd/hostile.dcm", hostile)
     duplicate = ct[0][1]
-    bucket.put("odd/duplicate-of-first.dcm", duplicate)
+    dicom = [
+        *ct, *mr, *bundled, *charsets,
+        ("odd/hostile.dcm", hostile), ("odd/duplicate-of-first.dcm", duplicate),
+    ]  # fmt: skip
+    put_all(bucket, dicom)
     bucket.put("odd/notes.txt", b"not an image\n" * 100)
     bucket.put("odd/truncated.dcm", ct[1][1][:200])
     m = mount(bucket, options=FAST)
-    expected_dicom = len(ct) + len(mr) + len(bundled) + 2  # hostile, duplicate
-    facts = wait_indexed(m, expected_dicom)
-    assert facts["not_dicom"] >= 2, facts  # notes.txt, truncated.dcm
+    facts = wait_indexed(m, len(dicom))
+    assert (facts["dicom"], facts["not_dicom"]) == (len(dicom), 2), facts
     # The raw tree is untouched.
-    for key in ["odd/notes.txt", "odd/truncated.dcm", "odd/hostile.dcm", *bundled]:
+    for key in ["odd/notes.txt", "odd/truncated.dcm", "odd/hostile.dcm", *dict(bundled)]:
         assert (m.path / key).exists(), key
     view = m.path / VIEW
     assert VIEW in os.listdir(m.path)
     assert sorted(os.listdir(view)) == ["by-date", "by-patient"]
-    patients = sorted(os.listdir(view / "by-patient"))
-    assert "PAT-1" in patients and "PAT-2" in patients
+    # Exactly the instances, where their tags put them, with their raw bytes; the second copy
+    # of an SOP instance (duplicate-of-first, rle) takes no place of its own.
+    assert_view(view, dicom)
+    patients = os.listdir(view / "by-patient")
+    assert sorted(patients) == sorted([
+        "PAT-1", "PAT-2", "1CT1", "4MR1", "8NM1", "unknown-patient", "_.._etc",
+        "SCSRUSS", "H31EXAMPLE", "X1EXAMPLE", "SCSGREEK", "SCSGERM",
+    ])  # fmt: skip
     # Names are PHI: patient names appear nowhere by default.
     assert not any("DOE" in name or "EVIL" in name for name in patients)
-    pat1 = tree(view / "by-patient" / "PAT-1")
-    assert len(pat1) == len(ct), sorted(pat1)
-    study_dirs = os.listdir(view / "by-patient" / "PAT-1")
-    assert len(study_dirs) == 1 and study_dirs[0].startswith("20260110_"), study_dirs
-    series_dirs = sorted(os.listdir(view / "by-patient" / "PAT-1" / study_dirs[0]))
-    assert [d.split("_")[:2] for d in series_dirs] == [["001", "CT"], ["002", "CT"]], series_dirs
-    first_series = view / "by-patient" / "PAT-1" / study_dirs[0] / series_dirs[0]
+    first_series = next((view / "by-patient" / "PAT-1").glob("*/001_CT*"))
     assert sorted(os.listdir(first_series)) == [f"{n:04d}.dcm" for n in range(1, 7)]
-    raw = {data for _, data in ct}
-    assert set(pat1.values()) == raw
-    for path, data in pat1.items():
-        dataset = pydicom.dcmread(view / "by-patient" / "PAT-1" / path)
-        assert str(dataset.PatientID) == "PAT-1" and data
-    # The by-date view holds the same files.
-    dated = tree(view / "by-date" / "2025" / "03" / "01")
-    assert set(dated.values()) == {data for _, data in mr}
     # Hostile values stay inside the view, as plain names of bounded length.
     for directory, dirs, files in os.walk(view):
         for name in dirs + files:
@@ -145,10 +223,6 @@ def test_view_shows_patients_studies_series_with_raw_bytes(
             assert len(name.encode()) <= 255
             resolved = (Path(directory) / name).resolve()
             assert resolved.is_relative_to(view.resolve()), resolved
-    hostile_seen = [p for p in tree(view / "by-patient").values() if p == hostile]
-    assert len(hostile_seen) == 1
-    # A second copy of an SOP instance is not shown twice.
-    assert list(tree(view / "by-patient").values()).count(duplicate) == 1
     # Read-only.
     with pytest.raises(OSError) as caught:
         (first_series / "new.dcm").write_bytes(b"x")
@@ -170,11 +244,38 @@ def test_view_shows_patients_studies_series_with_raw_bytes(
     assert only["instances"] == len(ct) and only["series"] == 2
     result = cloudfs("studies", m.path, "--from", "2025-01-01", "--to", "2025-12-31", timeout=60)
     assert "PAT-2" in result.stdout and "PAT-1" not in result.stdout, result.stdout
-    # Remount: the same names (stored, not recomputed).
+    # Remount: the same names (stored, not recomputed), and no header read again.
     before = sorted(tree(view))
     m.unmount()
     again = mount(bucket, options=FAST, cache_dir=m.cache_dir)
     assert sorted(tree(again.path / VIEW)) == before
+    assert index_status(again)["headers_read"] == 0
+    # An object added to the bucket appears once a refresh lists it; only its header is read.
+    added = synthetic_study("PAT-3", 3, [("CT", 1)], rows=64, columns=64)
+    put_all(bucket, added)
+    again.refresh()
+    facts = wait_indexed(again, len(dicom) + 1)
+    assert (facts["dicom"], facts["headers_read"]) == (len(dicom) + 1, 1), facts
+    assert_view(again.path / VIEW, dicom + added)
+
+
+def test_patient_folders_with_names_decode_the_character_set(
+    mount: Mounter, bucket: Bucket
+) -> None:
+    """With ``--patient-folder name``, each patient folder is the PatientName decoded with the
+    object's SpecificCharacterSet (single-byte, ISO 2022 with code extensions, UTF-8)."""
+    charsets = [(key, charset_file(name)) for key, name in CHARSET_FILES.items()]
+    put_all(bucket, charsets)
+    m = mount(bucket, options=[*FAST, "--patient-folder", "name"])
+    wait_indexed(m, len(charsets))
+    expected = set()
+    for _, data in charsets:
+        ds = pydicom.dcmread(io.BytesIO(data))
+        expected.add(f"{str(ds.PatientName).replace('^', ' ')}_{ds.PatientID}")
+    folders = set(os.listdir(m.path / VIEW / "by-patient"))
+    assert folders == expected
+    assert {"Yamada Tarou=山田 太郎=やまだ たろう_H31EXAMPLE", "Διονυσιος_SCSGREEK"} <= folders
+    assert "Äneas Rüdiger_SCSGERM" in folders
 
 
 @pytest.mark.timeout(300)
@@ -271,15 +372,58 @@ def test_pins_survive_cache_pressure_and_unpin_releases_them(
         private_s3_server.resume()
 
 
+def cloudfs_on_terminal(*args: object, columns: int = 120, timeout: float = 120) -> str:
+    """Run the ``cloudfs`` command line on a pseudo-terminal, as a user at a shell sees it,
+    and return everything it printed."""
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(
+        [PYTHON, "-m", "cloudfs", *map(str, args)],
+        stdin=subprocess.DEVNULL,
+        stdout=terminal,
+        stderr=terminal,
+        cwd="/",
+        env=os.environ | {"COLUMNS": str(columns)},
+    )
+    os.close(terminal)
+    output = bytearray()
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if not select.select([controller], [], [], 1)[0]:
+                continue
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # EIO: the command exited and its side of the terminal closed
+                break
+            if not chunk:
+                break
+            output += chunk
+        returncode = process.wait(timeout=max(deadline - time.monotonic(), 1))
+    finally:
+        os.close(controller)
+        process.kill()
+    text = output.decode(errors="replace")
+    assert returncode == 0, text
+    return text
+
+
 def test_prefetch_command_and_written_studies_indexed_without_a_get(
     mount: Mounter, bucket: Bucket
 ) -> None:
-    """``cloudfs prefetch`` makes a selection local and reports it; a study written through the
-    mount is indexed from the bytes just written (no header GET) and appears in the view."""
+    """``cloudfs prefetch`` makes a selection local and reports it, on a terminal with a
+    progress bar (files, rate); a study written through the mount is indexed from the bytes
+    just written (no header GET) and appears in the view."""
     cold = synthetic_study("COLD-1", 1, [("MR", 8)], rows=128, columns=128)
-    put_all(bucket, cold)
+    on_terminal = synthetic_study("BAR-1", 2, [("CT", 6)], rows=128, columns=128)
+    put_all(bucket, cold + on_terminal)
     m = mount(bucket, options=FAST)
-    wait_indexed(m, len(cold))
+    wait_indexed(m, len(cold) + len(on_terminal))
+    output = cloudfs_on_terminal("prefetch", m.path, "--patient", "BAR-1")
+    bar = re.findall(r"(\d+)/(\d+) files, ([\d.]+) (B|KiB|MiB|GiB)/s", output)
+    assert bar, output
+    done, total, rate, _ = bar[-1]
+    assert (int(done), int(total)) == (len(on_terminal), len(on_terminal)), output
+    assert float(rate) > 0 and "100%" in output, output
     fetched_before = m.status()["reads"]["bytes_fetched"]
     result = cloudfs("prefetch", m.path, "--patient", "COLD-1", "--quiet", timeout=120)
     assert result.returncode == 0, result.stderr

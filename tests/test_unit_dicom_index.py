@@ -8,6 +8,7 @@ Objects enter the catalog through ``Catalog.sync`` as a relist would put them th
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from dicom_samples import instance_bytes
 from helpers_unit import listing, obj
 
 from cloudfs.catalog import Catalog
-from cloudfs.dicom import Header, parse_header
+from cloudfs.dicom import Header, NotDicom, parse_header
 from cloudfs.dicom_index import (
     BY_DATE,
     BY_PATIENT,
@@ -518,6 +519,58 @@ def test_instances_without_uids_are_indexed_but_not_placed(
     assert progress["series"] == 1
 
 
+def not_dicom_reason(data: bytes) -> str:
+    """What ``parse_header`` says of a whole object that is not a usable DICOM instance."""
+    with pytest.raises(NotDicom) as refused:
+        parse_header(data, len(data))
+    return str(refused.value)
+
+
+def test_each_object_kept_out_of_the_view_is_logged_once(
+    catalog: Catalog, index: DicomIndex, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One info line per object version kept out of the view, naming the object and the
+    reason; another round of pending and record reads nothing and logs nothing; a new
+    version of a bad object is logged again."""
+    instance = instance_bytes(
+        patient_id="PAT1", patient_name="DOE^JANE", study_uid="1.2.1", study_date="20240315",
+        study_description="CT CHEST", accession="ACC1", series_uid="1.2.1.1", series_number=2,
+        modality="CT", series_description="AXIAL", sop_uid="1.2.1.1.1", instance_number=1,
+        rows=8, columns=8,
+    )  # fmt: skip
+    notes = not_dicom_reason(b"not an image\n" * 50)
+    torn = not_dicom_reason(instance[:600])
+    put(catalog, dict.fromkeys(["notes.txt", "torn.dcm", "no-sop.dcm", "a.dcm", "copy.dcm"], '"1"'))
+    with caplog.at_level(logging.INFO, logger="cloudfs.dicom_index"):
+        record(
+            index,
+            {
+                "notes.txt": notes,
+                "torn.dcm": torn,
+                "no-sop.dcm": header(sop_uid="", instance_number=3),
+                "a.dcm": header(),
+                "copy.dcm": header(),
+            },
+        )
+        first = [(r.levelno, r.getMessage()) for r in caplog.records]
+        caplog.clear()
+        assert index.pending(100) == []
+        assert index.record((item, "unused", False) for item in index.pending(100)) == ([], [])
+        again = [r.getMessage() for r in caplog.records]
+        put(catalog, {"notes.txt": '"2"', "torn.dcm": '"1"', "no-sop.dcm": '"1"', "a.dcm": '"1"'})
+        record(index, {"notes.txt": notes})
+        changed = [r.getMessage() for r in caplog.records]
+    assert first == [
+        (logging.INFO, f"notes.txt: {notes}; not placed in the view"),
+        (logging.INFO, f"torn.dcm: {torn}; not placed in the view"),
+        (logging.INFO, "no-sop.dcm: no study, series or SOP instance UID; not placed in the view"),
+        (logging.INFO, "copy.dcm: SOP instance 1.2.1.1.1 is already shown as a.dcm"),
+    ]
+    assert notes.startswith("not DICOM") and torn.startswith("header truncated"), (notes, torn)
+    assert again == []
+    assert changed == [f"notes.txt: {notes}; not placed in the view"]
+
+
 def test_purge_forgets_objects_that_left_the_catalog(catalog: Catalog, index: DicomIndex) -> None:
     """Rows and view files of deleted objects go, with the directories left empty."""
     put(catalog, {"a.dcm": '"1"', "b.dcm": '"1"', "c.txt": '"1"'})
@@ -637,7 +690,11 @@ def test_study_instances_in_viewing_order(catalog: Catalog, index: DicomIndex) -
     assert index.study_instances("no.such.study") == []
 
 
-def test_priors_same_modality_first_then_most_recent(catalog: Catalog, index: DicomIndex) -> None:
+def test_priors_are_earlier_studies_same_modality_first_then_most_recent(
+    catalog: Catalog, index: DicomIndex
+) -> None:
+    """Only studies dated before the current one count: not later ones, not the same day, not
+    undated ones; an undated current study has none."""
     studies = {
         1: ("PAT1", "CT", "20240315"),  # the current study
         2: ("PAT1", "CT", "20200101"),
@@ -646,6 +703,8 @@ def test_priors_same_modality_first_then_most_recent(catalog: Catalog, index: Di
         5: ("PAT1", "CT", ""),
         6: ("PAT2", "CT", "20240101"),
         7: ("PAT1", "MR", "20240101"),
+        8: ("PAT1", "CT", "20250101"),
+        9: ("PAT1", "CT", "20240315"),
     }
     put(catalog, {f"{n}.dcm": '"1"' for n in studies})
     record(
@@ -656,11 +715,15 @@ def test_priors_same_modality_first_then_most_recent(catalog: Catalog, index: Di
         },
     )
     assert index.priors("1.2.1", "PAT1", "CT", 2) == ["1.2.4", "1.2.2"]
-    assert index.priors("1.2.1", "PAT1", "CT", 10) == ["1.2.4", "1.2.2", "1.2.5", "1.2.7", "1.2.3"]
+    assert index.priors("1.2.1", "PAT1", "CT", 10) == ["1.2.4", "1.2.2", "1.2.7", "1.2.3"]
     assert index.priors("1.2.1", "PAT1", "MR", 3) == ["1.2.7", "1.2.3", "1.2.4"]
+    assert index.priors("1.2.8", "PAT1", "CT", 3) == ["1.2.1", "1.2.9", "1.2.4"]
+    assert index.priors("1.2.2", "PAT1", "CT", 5) == []
+    assert index.priors("1.2.5", "PAT1", "CT", 5) == []
     assert index.priors("1.2.1", "PAT1", "CT", 0) == []
     assert index.priors("1.2.1", "", "CT", 5) == []
     assert index.priors("1.2.6", "PAT2", "CT", 5) == []
+    assert index.priors("no.such.study", "PAT1", "CT", 5) == []
 
 
 @pytest.fixture

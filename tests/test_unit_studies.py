@@ -6,7 +6,10 @@ each) so that every instance spans blocks and a test writes well under a megabyt
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,13 +17,25 @@ from typing import Any
 import pytest
 import trio
 from dicom_samples import study_uids, synthetic_study
-from helpers_unit import Rig, ino_of, make_rig, read_all, run_fs, wait_until
+from helpers_unit import (
+    BS,
+    InstrumentedStore,
+    Rig,
+    ino_of,
+    make_rig,
+    open_path,
+    read_all,
+    run_fs,
+    wait_until,
+)
 
 from cloudfs.cache import BlockId
-from cloudfs.config import DicomOptions, MiB, format_size
+from cloudfs.catalog import ROOT
+from cloudfs.config import DicomOptions, MiB, WriteOptions, format_size
 from cloudfs.dicom import HEADER_PROBE
 from cloudfs.dicom_index import Instance
 from cloudfs.fs import ArchiveFS
+from cloudfs.store import ObjectStore
 from cloudfs.studies import Studies, _around, _Job
 
 pytestmark = pytest.mark.timeout(60)
@@ -383,3 +398,228 @@ def test_explicit_prefetch_counts_every_byte_fetched(tmp_path: Path) -> None:
     progress = run_fs(rig, body)
     rig.close()
     assert progress["fetched_bytes"] == progress["bytes"] == sum(map(len, ct.values()))
+
+
+# -- priors, tiering, foreground reads and the index under a gated store ---------------------------
+
+
+def today() -> str:
+    """Today as StudyDate, in the UTC calendar the tiering window is computed in."""
+    return time.strftime("%Y%m%d", time.gmtime())
+
+
+async def open_and_release(fs: ArchiveFS, key: str) -> None:
+    """Open an instance as a viewer does, without reading it."""
+    await fs.release(await open_path(fs, key))
+
+
+def test_opening_a_study_prefetches_its_most_recent_prior_not_a_newer_study(
+    tmp_path: Path,
+) -> None:
+    """With one prior wanted: the patient's latest study dated before the opened one is made
+    local; a newer study of the patient and an older prior stay in the cloud."""
+    current = study("PAT-1", 1, [("CT", 3)], "20240105")
+    prior = study("PAT-1", 2, [("CT", 3)], "20230105")
+    older = study("PAT-1", 3, [("CT", 2)], "20200105")
+    newer = study("PAT-1", 4, [("CT", 3)], "20250105")
+    rig = dicom_rig(tmp_path, {**current, **prior, **older, **newer}, priors=1)
+    opened, *rest = sorted(current)
+
+    async def body(fs: ArchiveFS) -> None:
+        await indexed(fs)
+        await open_and_release(fs, opened)
+        assert await wait_until(all_cached(rig, [*rest, *prior]), timeout=15)
+        await idle(fs)
+
+    run_fs(rig, body)
+    assert none_cached(rig, newer), "a later study is no prior"
+    assert none_cached(rig, older), "only the most recent prior was asked for"
+    rig.close()
+
+
+@pytest.mark.parametrize("study_prefetch", [True, False])
+def test_a_study_written_through_the_mount_prefetches_its_prior(
+    tmp_path: Path, study_prefetch: bool
+) -> None:
+    """A new study arriving through the write path has its prior made local, without anyone
+    opening anything; with study prefetch off, it does not."""
+    prior = study("PAT-1", 1, [("CT", 3)], "20230105")
+    written = study("PAT-1", 2, [("CT", 2)], "20240105")
+    rig = dicom_rig(tmp_path, prior, priors=1, study_prefetch=study_prefetch)
+    rig.config = dataclasses.replace(rig.config, write=WriteOptions(upload_delay=0))
+
+    async def body(fs: ArchiveFS) -> dict[str, Any]:
+        await indexed(fs)
+        assert none_cached(rig, prior)
+        incoming = await fs.mkdir(ROOT, "incoming", 0o755, os.getuid(), os.getgid())
+        for number, data in enumerate(written.values()):
+            flags = os.O_WRONLY | os.O_CREAT
+            handle, _ = await fs.create(
+                incoming.ino, f"{number}.dcm", 0o644, flags, os.getuid(), os.getgid()
+            )
+            assert await fs.write(handle, 0, data) == len(data)
+            await fs.release(handle)
+        status = await indexed(fs)
+        assert status["dicom"] == len(prior) + len(written), status
+        if study_prefetch:
+            assert await wait_until(all_cached(rig, prior), timeout=15)
+        await idle(fs)
+        return await studies_of(fs).status()
+
+    status = run_fs(rig, body)
+    # The new study's headers came from the bytes written, never from a GET.
+    assert status["headers_read"] == len(prior) + len(written)
+    assert [key for key, _, _ in rig.store.calls if key.startswith("incoming/")] == []
+    if study_prefetch:
+        assert all_cached(rig, prior)()
+    else:
+        assert none_cached(rig, prior)
+        assert status["studies_prefetched"] == 0
+    rig.close()
+
+
+def test_tiering_pins_and_fetches_recent_studies_only(tmp_path: Path) -> None:
+    """keep_recent_days=30: a study dated today is fetched ahead and pinned without being
+    opened; a study from years ago is neither."""
+    recent = study("PAT-1", 1, [("CT", 3)], today())
+    old = study("PAT-1", 2, [("CT", 3)], "20200105")
+    rig = dicom_rig(tmp_path, {**recent, **old}, keep_recent_days=30)
+
+    async def body(fs: ArchiveFS) -> dict[str, Any]:
+        await indexed(fs)
+        assert await wait_until(all_cached(rig, recent), timeout=15)
+        assert await wait_until(
+            lambda: all(rig.cache.is_pinned(block) for block in blocks(rig, recent)), timeout=5
+        )
+        return await studies_of(fs).pins()
+
+    pins = run_fs(rig, body)
+    assert (pins["pins"], pins["pinned_files"]) == ([], len(recent))
+    assert pins["pinned_bytes"] == sum(map(len, recent.values()))
+    assert none_cached(rig, old)
+    assert not any(rig.cache.is_pinned(block) for block in blocks(rig, old))
+    rig.close()
+
+
+class GatedStore(InstrumentedStore):
+    """An InstrumentedStore whose ranged GETs of the keys in ``held`` wait until ``release()``,
+    counting how many wait and the most GETs ever in flight at once."""
+
+    def __init__(self, inner: ObjectStore) -> None:
+        super().__init__(inner)
+        self.held: set[str] = set()
+        self.waiting = 0
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self._gate = threading.Event()
+        self._counts = threading.Lock()
+
+    def get_range(self, key: str, start: int, end: int, etag: str) -> bytes:
+        with self._counts:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+            held = key in self.held and not self._gate.is_set()
+            self.waiting += held
+        try:
+            if held:
+                self._gate.wait(30)
+                with self._counts:
+                    self.waiting -= 1
+            return super().get_range(key, start, end, etag)
+        finally:
+            with self._counts:
+                self.in_flight -= 1
+
+    def release(self) -> None:
+        self._gate.set()
+
+
+def gated_rig(
+    tmp: Path, files: dict[str, bytes], small_object: int = BS, **dicom: Any
+) -> tuple[Rig, GatedStore]:
+    """A ``dicom_rig`` over a GatedStore; objects up to ``small_object`` are read whole."""
+    options: dict[str, Any] = {"index": True, "view_dir": "@dicom", "prefetch_threads": 4}
+    rig = make_rig(tmp, files, dicom=DicomOptions(**(options | dicom)), small_object=small_object)
+    store = GatedStore(rig.store.inner)
+    rig.store = store
+    return rig, store
+
+
+def test_foreground_reads_are_served_while_the_study_prefetch_is_held(tmp_path: Path) -> None:
+    """The prefetch's GETs are held at the store, with more instances wanted at once than the
+    rig has fetch threads: a foreground read of an instance it has not reached still completes
+    at once, while the prefetch stays where it was."""
+    ct = study("PAT-1", 1, [("CT", 8), ("CT", 4)], "20240105")
+    # Instances are read whole with one GET, as the 8 MiB default does for real ones; eight at
+    # once is twice the rig's fetch threads.
+    rig, store = gated_rig(tmp_path, ct, small_object=4 * BS, prefetch_threads=8, priors=0)
+    keys = list(ct)  # series 1 in instance order, then series 2
+    opened, foreground = keys[3], keys[-1]  # the prefetch reaches the last instance last
+    study_uid, _ = study_uids("PAT-1", 1, 2)
+
+    async def body(fs: ArchiveFS) -> None:
+        studies = studies_of(fs)
+        await indexed(fs)
+        store.held = set(ct) - {opened, foreground}
+        try:
+            assert await read_all(fs, opened) == ct[opened]
+            assert await wait_until(lambda: store.waiting >= 2, timeout=5), store.waiting
+            await trio.sleep(0.3)  # room for the prefetch to take every thread it may
+            held = store.waiting
+            expected = [{"study": study_uid, "done": 0, "total": len(ct) - 1}]
+            assert (await studies.status())["studies_prefetching"] == expected
+            assert none_cached(rig, [foreground])
+            with trio.fail_after(5):
+                assert await read_all(fs, foreground) == ct[foreground]
+            assert store.waiting == held
+            assert (await studies.status())["studies_prefetching"] == expected
+        finally:
+            store.release()
+        assert await wait_until(all_cached(rig, ct), timeout=15)
+        await idle(fs)
+
+    run_fs(rig, body)
+    rig.close()
+
+
+def test_with_study_prefetch_off_opening_an_instance_fetches_only_it(tmp_path: Path) -> None:
+    ct = study("PAT-1", 1, [("CT", 6), ("CT", 3)], "20240105")
+    rig = dicom_rig(tmp_path, ct, study_prefetch=False)
+    opened = sorted(ct)[2]
+
+    async def body(fs: ArchiveFS) -> tuple[list[str], dict[str, Any]]:
+        await indexed(fs)
+        indexing = len(rig.store.calls)
+        assert await read_all(fs, opened) == ct[opened]
+        await idle(fs)
+        return [key for key, _, _ in rig.store.calls[indexing:]], await studies_of(fs).status()
+
+    fetched, status = run_fs(rig, body)  # returns once no fetch is left in flight
+    assert set(fetched) == {opened}
+    assert all_cached(rig, [opened])()
+    assert none_cached(rig, [key for key in ct if key != opened])
+    assert (status["studies_prefetched"], status["studies_prefetching"]) == (0, [])
+    rig.close()
+
+
+def test_at_most_index_threads_header_reads_run_at_once(tmp_path: Path) -> None:
+    """Header GETs held at the store pile up to index_threads and no further; released, every
+    object is indexed with one GET each."""
+    ct = study("PAT-1", 1, [("CT", 8)], "20240105")
+    rig, store = gated_rig(tmp_path, ct, index_threads=2)
+    store.held = set(ct)
+
+    async def body(fs: ArchiveFS) -> dict[str, Any]:
+        try:
+            assert await wait_until(lambda: store.waiting == 2, timeout=5), store.waiting
+            await trio.sleep(0.2)  # room for any further read to start, were it allowed to
+            assert (store.waiting, store.most_in_flight) == (2, 2)
+        finally:
+            store.release()
+        return await indexed(fs)
+
+    status = run_fs(rig, body)
+    assert store.most_in_flight == 2
+    assert (status["dicom"], status["headers_read"]) == (len(ct), len(ct))
+    assert sorted(key for key, _, _ in store.calls) == sorted(ct)
+    rig.close()
