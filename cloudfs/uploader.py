@@ -371,12 +371,25 @@ class Uploader:
         await self._attempt(item, (target, source), step)
 
     async def _delete(self, item: tuple[str, object], key: str, etag: str | None) -> None:
+        """Delete the version ``etag`` this host last saw.  If another writer has replaced it
+        since, its object is kept and the delete is settled, not retried: sending it again
+        could never succeed, and forcing it would destroy the other site's data."""
+
         async def step() -> None:
             if not await self._catalog(self.changes.claim_delete, key, etag):
                 return
-            await trio.to_thread.run_sync(self.store.delete, key, limiter=self._threads)
+            try:
+                await trio.to_thread.run_sync(self.store.delete, key, etag, limiter=self._threads)
+            except Conflict:
+                self.stats.conflicts += 1
+                log.warning(
+                    "%s was changed in the cloud by another writer since this host last saw "
+                    "it: not deleted, the other writer's object is kept",
+                    key,
+                )
+            else:
+                self.stats.deletes += 1
             await self._catalog(self.changes.finish_delete, key, etag)
-            self.stats.deletes += 1
 
         await self._attempt(item, (key,), step)
 

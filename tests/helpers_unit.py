@@ -115,8 +115,8 @@ class InstrumentedStore:
     ) -> ObjectInfo:
         return self.inner.put_file(key, source, metadata, expect_etag)
 
-    def delete(self, key: str) -> None:
-        self.inner.delete(key)
+    def delete(self, key: str, etag: str | None = None) -> None:
+        self.inner.delete(key, etag)
 
     def copy(
         self, source: str, target: str, etag: str, metadata: Mapping[str, str] | None = None

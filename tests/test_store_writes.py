@@ -240,6 +240,24 @@ def test_retried_upload_finds_its_own_bytes_and_succeeds(s3: Site, files: Any) -
     assert s3.store.put_file("big", large, {}, None).etag == uploaded.etag
 
 
+def test_retry_with_another_part_size_still_finds_its_own_multipart_object(
+    bucket: Bucket, files: Any
+) -> None:
+    """Uploaded in 5 MiB parts, retried after a remount with 6 MiB parts: the object's ETag is
+    that of 5 MiB parts, and the retry must still know it for its own (not a conflict copy)."""
+    data = files(payload(12 * MiB, "reparted"))
+    uploaded = s3_site(bucket).store.put_file("big", data, {}, None)
+    options = S3Options(
+        endpoint_url=bucket.endpoint, region=REGION, path_style=True, part_size=6 * MiB
+    )
+    retried = S3Store(bucket.name, PREFIX, options).put_file("big", data, {}, None)
+    assert retried.etag == uploaded.etag and uploaded.etag.endswith('-3"')
+    with pytest.raises(Conflict):
+        S3Store(bucket.name, PREFIX, options).put_file(
+            "big", files(payload(12 * MiB, "other")), {}, None
+        )
+
+
 def test_create_only_multipart_put_refuses_an_existing_key(s3: Site, files: Any) -> None:
     """The create-only condition also holds for a multipart upload, which is then aborted."""
     s3.store.put_file("k", files(b"small"), {}, None)
@@ -524,3 +542,81 @@ def test_standard_aws_environment_chooses_region_profile_and_endpoint(
     monkeypatch.delenv("AWS_REGION")
     monkeypatch.setenv("AWS_PROFILE", "archive")
     assert S3Store("bucket", "", S3Options()).client.meta.region_name == "ap-south-1"
+
+
+# -- conditional delete --------------------------------------------------------------------------
+
+
+def test_delete_keeps_a_version_another_writer_wrote(site: Site, files: Any) -> None:
+    """A delete of the version this host knew is refused once another writer replaced it: the
+    newer object stays.  The version the store holds now deletes; a missing key is no error."""
+    old = site.store.put_file("d/report.pdf", files(b"this host's version"), {}, None)
+    site.rewrite("d/report.pdf", b"another site's version")
+    with pytest.raises(Conflict):
+        site.store.delete("d/report.pdf", old.etag)
+    current = site.store.head("d/report.pdf")
+    assert read_all(site.store, current) == b"another site's version"
+    site.store.delete("d/report.pdf", current.etag)
+    with pytest.raises(NotFound):
+        site.store.head("d/report.pdf")
+    site.store.delete("d/report.pdf", current.etag)
+
+
+def test_conditional_delete_is_checked_by_the_server_too(
+    s3: Site, files: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another writer lands between the HEAD and the DELETE: If-Match on the DeleteObject
+    (which moto enforces, as AWS does) keeps the newer object."""
+    old = s3.store.put_file("k", files(b"old"), {}, None)
+    real_head = s3.store.head
+
+    def head_then_rewrite(key: str) -> ObjectInfo:
+        info = real_head(key)
+        s3.rewrite(key, b"newer, written between the two requests")
+        return info
+
+    monkeypatch.setattr(s3.store, "head", head_then_rewrite)
+    with pytest.raises(Conflict):
+        s3.store.delete("k", old.etag)
+    monkeypatch.undo()
+    assert read_all(s3.store, s3.store.head("k")) == b"newer, written between the two requests"
+
+
+def test_conditional_delete_of_a_key_removed_meanwhile_succeeds(
+    s3: Site, files: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another client deletes the key between the HEAD and the DELETE: the key is gone, which
+    is what the delete was for (S3 answers If-Match on a missing key with NoSuchKey)."""
+    old = s3.store.put_file("k", files(b"old"), {}, None)
+    real_head = s3.store.head
+
+    def head_then_delete(key: str) -> ObjectInfo:
+        info = real_head(key)
+        s3.raw_client().delete_object(Bucket=s3.bucket_name, Key=f"{PREFIX}/{key}")
+        return info
+
+    monkeypatch.setattr(s3.store, "head", head_then_delete)
+    s3.store.delete("k", old.etag)
+    assert s3.bucket is not None and s3.bucket.listed_keys() == []
+
+
+def test_conditional_delete_on_a_server_that_ignores_if_match(s3: Site, files: Any) -> None:
+    """An endpoint that ignores If-Match on a delete (the header is dropped before it is sent
+    here) still never loses another writer's object: the HEAD before the delete sees it."""
+    old = s3.store.put_file("k", files(b"old"), {}, None)
+    s3.rewrite("k", b"another site's version")
+    sent: list[dict[str, Any]] = []
+
+    def drop_condition(params: dict[str, Any], **_: Any) -> None:
+        params.pop("IfMatch", None)
+        sent.append(dict(params))
+
+    assert isinstance(s3.store, S3Store)
+    s3.store.client.meta.events.register("before-parameter-build.s3.DeleteObject", drop_condition)
+    with pytest.raises(Conflict):
+        s3.store.delete("k", old.etag)
+    assert sent == []  # refused before any DeleteObject
+    assert read_all(s3.store, s3.store.head("k")) == b"another site's version"
+    s3.store.delete("k", s3.store.head("k").etag)
+    assert len(sent) == 1 and "IfMatch" not in sent[0]
+    assert s3.bucket is not None and s3.bucket.listed_keys() == []

@@ -9,10 +9,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import itertools
 import os
 import shutil
 import signal
 import socket
+import sqlite3
+import stat
 import subprocess
 import sys
 import threading
@@ -37,6 +40,7 @@ from conftest import (
 
 KiB = 1024
 MiB = 1024 * KiB
+GiB = 1024 * MiB
 FAST = ["--upload-delay", "0.2", "--drain-timeout", "20"]
 """Upload soon after close, so tests need not wait for the default delay."""
 
@@ -553,3 +557,209 @@ def test_unmount_drains_uploads_or_leaves_them_journaled(
     gate.open()
     again = mount(bucket, endpoint=gate.endpoint, cache_dir=cache_dir, options=FAST)
     wait_for_bucket(bucket, {"first.dcm": first, "second.dcm": second}, again)
+
+
+def test_chmod_chown_utime_of_an_uploaded_file_reach_the_bucket(
+    mount: Callable[..., Mount], bucket: Bucket
+) -> None:
+    """Attributes changed after the upload reach the object's metadata (a server-side copy
+    onto itself): mode, uid, gid and mtime all, with the bytes unchanged."""
+    m = mount(bucket, options=FAST)
+    data = payload(100 * KiB, "attributes")
+    path = m.path / "a.dcm"
+    write_synced(path, data)
+    wait_for_bucket(bucket, {"a.dcm": data}, m)
+    assert wait_until(lambda: drained(m), 30), backlog(m)
+    os.chmod(path, 0o600)
+    os.chown(path, 1234, 5678)
+    os.utime(path, (1_500_000_000, 1_600_000_000))
+    wanted = {
+        "mode": str(stat.S_IFREG | 0o600),
+        "uid": "1234",
+        "gid": "5678",
+        "mtime": "1600000000",
+    }
+    client = bucket.server.client()
+
+    def metadata() -> dict[str, str]:
+        return dict(client.head_object(Bucket=bucket.name, Key="a.dcm")["Metadata"])
+
+    assert wait_until(lambda: metadata() == wanted, 30, interval=0.2), (metadata(), m.log_tail())
+    assert wait_until(lambda: drained(m), 30), backlog(m)
+    assert bucket_objects(bucket) == {"a.dcm": data}
+    shown = path.stat()
+    assert (stat.S_IMODE(shown.st_mode), shown.st_uid, shown.st_gid) == (0o600, 1234, 5678)
+    assert shown.st_mtime == 1_600_000_000
+
+
+def test_free_space_option_sets_what_statfs_reports(
+    mount: Callable[..., Mount], bucket: Bucket
+) -> None:
+    """--free-space replaces the default 2^50 bytes, for a PACS that plans by free space."""
+    m = mount(bucket, options=[*FAST, "--free-space", "3G"])
+    figures = os.statvfs(m.path)
+    assert figures.f_bavail * figures.f_frsize == 3 * GiB
+    assert figures.f_bfree == figures.f_bavail
+    assert shutil.disk_usage(m.path).free == 3 * GiB
+
+
+def test_sqlite_in_rollback_journal_and_wal_mode(
+    mount: Callable[..., Mount], bucket: Bucket, tmp_path: Path
+) -> None:
+    """SQLite works on the mount in both journal modes: rows committed, the database closed and
+    reopened, integrity_check passes, and the copy that reaches the bucket is whole too."""
+    m = mount(bucket, options=FAST)
+    (m.path / "index").mkdir()
+    expected: dict[str, list[tuple[str, bytes]]] = {}
+    for mode in ("delete", "wal"):
+        path = m.path / "index" / f"{mode}.sqlite"
+        rows = [(f"{mode}-{n}", payload(1500 + n, f"{mode}{n}")) for n in range(300)]
+        expected[f"index/{mode}.sqlite"] = rows
+        db = sqlite3.connect(path)
+        assert db.execute(f"PRAGMA journal_mode={mode}").fetchone()[0] == mode
+        db.execute("CREATE TABLE instances (uid TEXT PRIMARY KEY, body BLOB)")
+        for start in range(0, len(rows), 50):  # one transaction per batch, as an index writes
+            with db:
+                db.executemany("INSERT INTO instances VALUES (?, ?)", rows[start : start + 50])
+        db.close()
+        db = sqlite3.connect(path)
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == mode
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert db.execute("SELECT uid, body FROM instances ORDER BY rowid").fetchall() == rows
+        db.close()
+
+    def only_databases() -> bool:
+        return set(bucket.listed_keys()) == set(expected) and drained(m)
+
+    assert wait_until(only_databases, 60, interval=0.2), (bucket.listed_keys(), m.log_tail())
+    for key, data in bucket_objects(bucket).items():
+        assert_bytes(data, (m.path / key).read_bytes(), key)
+        copy = tmp_path / key.replace("/", "-")
+        copy.write_bytes(data)
+        db = sqlite3.connect(copy)
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert (
+            db.execute("SELECT uid, body FROM instances ORDER BY rowid").fetchall()
+            == (expected[key])
+        )
+        db.close()
+
+
+def test_delete_keeps_an_object_another_writer_replaced(
+    mount: Callable[..., Mount], bucket: Bucket
+) -> None:
+    """An unlink of a file whose object another site replaced since the last relist keeps the
+    other writer's object; the delete is settled (counted, logged once), and a relist shows the
+    object again."""
+    m = mount(bucket, options=FAST)
+    write_synced(m.path / "report.pdf", payload(40 * KiB, "this host's version"))
+    assert wait_until(lambda: bucket.listed_keys() == ["report.pdf"] and drained(m), 30)
+    remote = payload(30 * KiB, "another site's version")
+    bucket.put("report.pdf", remote)
+    os.unlink(m.path / "report.pdf")
+    assert wait_until(lambda: drained(m), 30), backlog(m)
+    assert bucket_objects(bucket) == {"report.pdf": remote}
+    assert backlog(m)["conflicts"] == 1
+    assert m.log_text().count("not deleted, the other writer's object is kept") == 1
+    m.refresh()
+    assert (m.path / "report.pdf").read_bytes() == remote
+
+
+def test_kill_9_while_writes_and_uploads_are_in_flight(mount: Mounter, bucket: Bucket) -> None:
+    """Four writers and immediate uploads, one writer with multipart files; kill -9 while a
+    multipart upload is open.  After a remount and the backlog drained, every file whose fsync
+    returned is in the bucket with its bytes, and nothing else is, except a file whose fsync was
+    under way (its bytes complete): one still being written is absent, never a torn object."""
+    cache_dir = mount.tmp_path / "crash-cache"
+    parts = ["--part-size", "5M"]
+    """The same on both mounts: an upload completed just before the kill is recognised after
+    the remount by its multipart ETag, which the part size determines."""
+    m = mount(bucket, cache_dir=cache_dir, options=["--upload-delay", "0", *parts])
+    acked: dict[str, bytes] = {}
+    syncing: dict[str, bytes] = {}
+    """Files whose writes all returned and whose fdatasync was called (it may not have)."""
+    lock = threading.Lock()
+
+    def writer(worker: int) -> None:
+        for index in itertools.count():
+            name = f"w{worker}/{index:03d}.dcm"
+            size = 6 * MiB + index * 4099 if worker == 0 else 40 * KiB + index * 1009
+            data = payload(size, name)
+            try:
+                fd = os.open(m.path / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                try:
+                    for offset in range(0, size, MiB):
+                        os.pwrite(fd, data[offset : offset + MiB], offset)
+                    with lock:
+                        syncing[name] = data
+                    os.fdatasync(fd)
+                    with lock:
+                        acked[name] = data
+                finally:
+                    os.close(fd)
+            except OSError:
+                return  # the daemon is gone
+
+    client = bucket.server.client()
+
+    def multipart_in_flight() -> bool:
+        with lock:
+            enough = len(acked) >= 12
+        return enough and bool(client.list_multipart_uploads(Bucket=bucket.name).get("Uploads"))
+
+    for worker in range(4):
+        (m.path / f"w{worker}").mkdir()
+    with ThreadPoolExecutor(4) as pool:
+        writers = [pool.submit(writer, worker) for worker in range(4)]
+        in_flight = wait_until(multipart_in_flight, 60, interval=0.01)
+        os.kill(m.pid, signal.SIGKILL)
+        for future in writers:
+            future.result()
+    assert in_flight, m.log_tail()
+    assert wait_until(lambda: not process_alive(m.pid), 10)
+    cleared = cloudfs("unmount", m.path)
+    assert cleared.returncode == 0, cleared.stderr
+    with lock:
+        acknowledged, under_way = dict(acked), dict(syncing)
+    assert len(acknowledged) > len(bucket.listed_keys())  # the kill left uploads to do
+
+    again = mount(bucket, mountpoint=m.path, cache_dir=cache_dir, options=[*FAST, *parts])
+    assert wait_until(lambda: drained(again), 120, interval=0.2), backlog(again)
+    assert backlog(again)["conflicts"] == 0, again.log_tail()
+    objects = bucket_objects(bucket)
+    for name, data in acknowledged.items():
+        assert name in objects, f"{name} was fsync'd but is not in the bucket"
+        assert_bytes(objects[name], data, name)
+    for name, data in objects.items():
+        assert name in under_way, f"{name} is in the bucket but its writer never fsync'd it"
+        assert_bytes(data, under_way[name], name)
+    shown = {str(p.relative_to(again.path)) for p in again.path.rglob("*.dcm")}
+    assert shown == set(objects)
+
+
+def test_kill_9_during_a_rewrite_of_a_synced_file_uploads_what_the_disk_holds(
+    mount: Mounter, bucket: Bucket
+) -> None:
+    """A file fsync'd but not yet uploaded, reopened and rewritten in place (no fsync), then
+    kill -9: it is not set aside; what goes up is what a local disk would hold, the
+    acknowledged bytes with the rewrite's writes that returned (here an overwrite and an
+    append)."""
+    cache_dir = mount.tmp_path / "rewrite-cache"
+    m = mount(bucket, cache_dir=cache_dir, options=["--upload-delay", "3600"])
+    first = payload(300 * KiB, "acknowledged")
+    write_synced(m.path / "report.dcm", first)
+    patch, tail = payload(50 * KiB, "rewrite"), payload(20 * KiB, "appended")
+    fd = os.open(m.path / "report.dcm", os.O_WRONLY)
+    os.pwrite(fd, patch, 100 * KiB)
+    os.pwrite(fd, tail, len(first))
+    os.kill(m.pid, signal.SIGKILL)
+    assert wait_until(lambda: not process_alive(m.pid), 10)
+    with contextlib.suppress(OSError):
+        os.close(fd)  # the daemon is gone: close may report it
+    cleared = cloudfs("unmount", m.path)
+    assert cleared.returncode == 0, cleared.stderr
+    assert bucket.listed_keys() == []
+    again = mount(bucket, mountpoint=m.path, cache_dir=cache_dir, options=FAST)
+    expected = first[: 100 * KiB] + patch + first[150 * KiB :] + tail
+    wait_for_bucket(bucket, {"report.dcm": expected}, again)
+    assert "never fsync'd or closed" not in again.log_text()

@@ -102,8 +102,10 @@ class ObjectStore(Protocol):
         exists.  Returns the stored object's info."""
         ...
 
-    def delete(self, key: str) -> None:
-        """Remove ``key``; a missing key is not an error (S3 answers so)."""
+    def delete(self, key: str, etag: str | None = None) -> None:
+        """Remove ``key``, only if it still holds the version ``etag`` (None: whatever it
+        holds), so an object another site wrote since this host last saw the key is kept:
+        Conflict otherwise.  A missing key is not an error (S3 answers so)."""
         ...
 
     def copy(

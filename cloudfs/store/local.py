@@ -319,17 +319,18 @@ class LocalStore:
                     os.unlink(temporary, dir_fd=directory)
         return ObjectInfo(key, st.st_size, st.st_mtime_ns, _etag(st))
 
-    def delete(self, key: str) -> None:
-        """Remove the file behind ``key`` and the directories that leaves empty, up to the root:
-        S3 has no directories, so none may linger as a "dir/" marker.  A marker key removes its
-        directory if empty.  A missing key, a symbolic link or a special file (none of them an
-        object) is left alone, as S3 answers a delete of a missing key with success."""
+    def delete(self, key: str, etag: str | None = None) -> None:
+        """Remove the file behind ``key`` (if it still holds the version ``etag``: Conflict
+        otherwise) and the directories that leaves empty, up to the root: S3 has no
+        directories, so none may linger as a "dir/" marker.  A marker key removes its directory
+        if empty.  A missing key, a symbolic link or a special file (none of them an object) is
+        left alone, as S3 answers a delete of a missing key with success."""
         path = self._path(key)
         names = path.relative_to(self.root).parts
         try:
             with self._directories(key, create=False) as chain:
                 if not key.endswith("/"):
-                    self._unlink_file(chain[-1], path.name, key)
+                    self._unlink_file(chain[-1], path.name, key, etag)
                     names = names[:-1]
                 self._prune(chain, names)
         except NotFound:
@@ -346,16 +347,21 @@ class LocalStore:
                 except OSError:
                     return
 
-    @staticmethod
-    def _unlink_file(directory: int, name: str, key: str) -> None:
-        try:
-            st = os.stat(name, dir_fd=directory, follow_symlinks=False)
-            if stat.S_ISREG(st.st_mode):
+    def _unlink_file(self, directory: int, name: str, key: str, etag: str | None) -> None:
+        """The version check and the unlink are one step among this process's threads, as
+        for a conditional replace (a directory has no conditional unlink)."""
+        with self._replacing:
+            try:
+                st = os.stat(name, dir_fd=directory, follow_symlinks=False)
+                if not stat.S_ISREG(st.st_mode):
+                    return
+                if etag is not None and _etag(st) != etag:
+                    raise Conflict(f"{key}: another writer changed it; not deleted")
                 os.unlink(name, dir_fd=directory)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise Unavailable(f"{key}: {exc.strerror}") from exc
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise Unavailable(f"{key}: {exc.strerror}") from exc
 
     def copy(
         self, source: str, target: str, etag: str, metadata: Mapping[str, str] | None = None

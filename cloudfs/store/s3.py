@@ -50,6 +50,8 @@ COPY_PART = 512 * MiB
 mean fewer requests (a 5 TiB object still fits in 10,000 of them once grown, see _part_size)."""
 
 _MD5_ETAG = re.compile(r'^"[0-9a-f]{32}(-[0-9]+)?"$')
+_MULTIPART_ETAG = re.compile(r'^"[0-9a-f]{32}-[0-9]+"$')
+"""S3's ETag of a multipart upload: the MD5 of its parts' MD5s, then the number of parts."""
 _CONFLICT_CODES = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict", "409"})
 
 _TRANSPORT_ERRORS = (
@@ -292,17 +294,34 @@ class S3Store:
                 reply, expected = self._put_whole(key, source, metadata, condition)
             else:
                 reply, expected = self._put_parts(key, source, metadata, condition)
-        except Conflict as conflict:
+        except Conflict:
             # A retry of an upload whose reply was lost finds its own bytes there.
-            try:
-                current = self.head(key)
-            except NotFound:
-                raise conflict from None
-            if current.etag in _etags_of(source, part, key):
-                return ObjectInfo(key, size, time.time_ns(), current.etag)
-            raise
+            own = self._own_upload(key, source, part)
+            if own is None:
+                raise
+            return ObjectInfo(key, size, time.time_ns(), own)
         _check_etag(key, reply, expected, source, part)
         return ObjectInfo(key, size, time.time_ns(), reply["ETag"])
+
+    def _own_upload(self, key: str, source: Source, part: int) -> str | None:
+        """The ETag of ``key`` if it holds exactly the bytes of ``source``, else None.  A
+        multipart object is checked with the part size it was uploaded with (the size of its
+        first part), which is not this mount's if ``--part-size`` changed before the retry."""
+        try:
+            current = self.head(key)
+        except NotFound:
+            return None
+        if current.size != source.size:
+            return None
+        if _MULTIPART_ETAG.match(current.etag):
+            try:
+                first = self.client.head_object(
+                    Bucket=self.bucket, Key=self.prefix + key, PartNumber=1
+                )
+                part = int(first["ContentLength"]) or part
+            except (bex.BotoCoreError, bex.ClientError, KeyError, ValueError):
+                pass  # a server without part numbers: this mount's part size it is
+        return current.etag if current.etag in _etags_of(source, part, key) else None
 
     def _put_whole(
         self, key: str, source: Source, metadata: Mapping[str, str], condition: dict[str, str]
@@ -424,11 +443,29 @@ class S3Store:
                 exc,
             )
 
-    def delete(self, key: str) -> None:
-        """Deleting a missing key succeeds, as S3 itself answers."""
+    def delete(self, key: str, etag: str | None = None) -> None:
+        """Deleting a missing key succeeds, as S3 itself answers.  With ``etag``, the object is
+        deleted only while it holds that version, so another writer's newer object is kept
+        (Conflict): a HEAD compares the ETag first, for servers that ignore conditions on a
+        delete, and the DeleteObject carries If-Match, which AWS (and moto) check, closing the
+        window between the two requests."""
+        condition: dict[str, str] = {}
+        if etag is not None:
+            try:
+                current = self.head(key)
+            except NotFound:
+                return
+            if current.etag.strip('"') != etag.strip('"'):
+                raise Conflict(f"{key}: another writer changed it in the store; not deleted")
+            condition = {"IfMatch": etag}
         try:
-            self.client.delete_object(Bucket=self.bucket, Key=self.prefix + key)
-        except (bex.BotoCoreError, bex.ClientError) as exc:
+            self.client.delete_object(Bucket=self.bucket, Key=self.prefix + key, **condition)
+        except bex.ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if condition and code in ("NoSuchKey", "404"):
+                return  # deleted by someone else since the HEAD: gone either way
+            raise self._write_error(exc, key, condition) from exc
+        except bex.BotoCoreError as exc:
             raise self._error(exc, key) from exc
 
     def copy(
