@@ -137,13 +137,14 @@ import stat
 import sys
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from logging.handlers import SysLogHandler
 from pathlib import Path
 from typing import Any
+
+from .processes import Executables
 
 log = logging.getLogger(__name__)
 
@@ -173,11 +174,6 @@ the writer's work (it writes tens of thousands of records a second)."""
 QUEUE_WAIT_SECONDS = 1.0
 """How long a caller waits for room in a full queue before the record is dropped (and counted):
 long enough to ride out a slow fsync, short enough that a dead disk cannot hang the mount."""
-EXECUTABLES_CACHED = 1024
-"""Processes whose executable is remembered; a viewer makes thousands of accesses from one pid."""
-EXECUTABLE_SECONDS = 300.0
-"""A remembered executable is looked up again after this long, which limits how long a pid
-reused by another program could be reported with the old program's path."""
 TAIL_WINDOW = 64 * 1024
 """Bytes read from the end of a log at a time when looking for its last record (a record is a few
 hundred bytes; a path full of escaped characters may reach some tens of KiB)."""
@@ -737,8 +733,7 @@ class AuditLog:
         self._lock = threading.Lock()  # guards _pending, _closed and dropped
         self._pending: dict[int, dict[tuple[str, int], _Aggregate]] = {}
         self._closed = False
-        self._executables_lock = threading.Lock()
-        self._executables: OrderedDict[int, tuple[str, float]] = OrderedDict()
+        self._executables = Executables()
         self._queue: queue.Queue[object] = queue.Queue(maxsize=QUEUE_RECORDS)
         self._writer: _Writer | None = None
         self._thread: threading.Thread | None = None
@@ -873,7 +868,7 @@ class AuditLog:
             "uid": int(uid),
             "gid": int(gid),
             "pid": int(pid),
-            "executable": self._executable(pid),
+            "executable": self._executables.of(pid),
             "operation": operation,
             "path": path,
             "bytes": int(size),
@@ -884,24 +879,6 @@ class AuditLog:
         if study_uid:
             record["study_uid"] = study_uid
         return record
-
-    def _executable(self, pid: int) -> str:
-        now = time.monotonic()
-        with self._executables_lock:
-            cached = self._executables.get(pid)
-            if cached is not None and now - cached[1] < EXECUTABLE_SECONDS:
-                self._executables.move_to_end(pid)
-                return cached[0]
-        try:
-            executable = os.readlink(f"/proc/{pid}/exe")
-        except OSError:
-            executable = ""  # the process is gone, or belongs to a user we may not inspect
-        with self._executables_lock:
-            self._executables[pid] = (executable, now)
-            self._executables.move_to_end(pid)
-            while len(self._executables) > EXECUTABLES_CACHED:
-                self._executables.popitem(last=False)
-        return executable
 
     def _fold(
         self,

@@ -32,6 +32,13 @@ Pinned blocks still count towards the cap, which holds exactly as before: if pin
 (or leave fewer unpinned blocks than one cull takes), diskcache evicts pinned blocks too, oldest pin
 first.  Callers therefore refuse pins bigger than a fraction of the cache.
 
+Backups: blocks a backup program brings in are stored with the scan tag, whose insert trigger
+moves their store time ``_SCAN_AGE`` into the past, so they are the first to go (oldest scan block
+first) and a backup of the whole archive churns only the space it borrowed; blocks other readers
+brought in stay, which plain LRU would lose to any scan larger than the cache.  Reads on a
+backup's behalf do not record recency either; a block a backup stored that anyone else reads is
+moved to now like any read block and is then kept as any other.
+
 A full disk or any storage error on insert is logged and reported (the read still succeeds from the
 fetched bytes); it never raises into the read path.  The pinning calls serve the tiering policy, not
 reads, and let ``sqlite3.Error`` through: the policy retries on its next run.
@@ -73,6 +80,11 @@ _PINNED_EPOCH = 1e12
 clock reaches it, and adding the pin time keeps pinned blocks in pin order among themselves."""
 _PIN_TAG = 1
 """diskcache tag given to blocks inserted for a pinned key; the insert trigger pins them."""
+_SCAN_TAG = 2
+"""diskcache tag given to blocks a backup program brought in; the insert trigger ages them."""
+_SCAN_AGE = 1e9
+"""How far into the past a backup's blocks are stored: some 32 years, so that they sort before
+every block stored or read by anyone else since, and stay in their own order among themselves."""
 _WAL_PAGES_PER_ROW = 4
 """Pages one store-time update may add to the write-ahead log, which bounds the rows one transaction
 updates within the log's reserve (measured on rows in random order: 3 pages for a lone row, its
@@ -88,6 +100,12 @@ _TRIGGERS = {
         WHEN NEW.tag = {_PIN_TAG} AND NEW.store_time < {_PINNED_EPOCH}
         BEGIN
             UPDATE Cache SET store_time = NEW.store_time + {_PINNED_EPOCH} WHERE rowid = NEW.rowid;
+        END""",
+    "cloudfs_age_scan_on_insert": f"""
+        AFTER INSERT ON Cache
+        WHEN NEW.tag = {_SCAN_TAG} AND NEW.store_time < {_PINNED_EPOCH}
+        BEGIN
+            UPDATE Cache SET store_time = NEW.store_time - {_SCAN_AGE} WHERE rowid = NEW.rowid;
         END""",
     # Only diskcache's set() assigns filename: the updates made here never fire this one.
     "cloudfs_pin_on_restore": f"""
@@ -223,8 +241,9 @@ class BlockCache:
         digest = hashlib.blake2b(identity.encode("utf-8", "surrogatepass"), digest_size=16)
         return self._name(block), digest.digest()
 
-    def get(self, block: BlockId) -> memoryview | None:
-        """The verified payload of ``block``, or None if absent or found corrupt (then deleted)."""
+    def get(self, block: BlockId, backup: bool = False) -> memoryview | None:
+        """The verified payload of ``block``, or None if absent or found corrupt (then deleted);
+        ``backup``: read for a backup program, which does not make the block recent."""
         name, digest = self._identity(block)
         try:
             value = self._store.get(name, default=None)
@@ -243,14 +262,16 @@ class BlockCache:
                 and xxhash.xxh3_64_intdigest(payload) == checksum
             ):
                 if self.cipher is None:
-                    self._recently_read.append(name)
+                    if not backup:
+                        self._recently_read.append(name)
                     return payload
                 try:
                     opened = self.cipher.open(payload, digest)
                 except Unsealable:
                     pass  # tampered with, or sealed under another key: fetched again
                 else:
-                    self._recently_read.append(name)
+                    if not backup:
+                        self._recently_read.append(name)
                     return memoryview(opened)
         self.corrupt_blocks += 1
         log.warning("corrupt block %d of %s dropped; fetching it again", block.number, block.key)
@@ -322,8 +343,9 @@ class BlockCache:
     def contains(self, block: BlockId) -> bool:
         return self._name(block) in self._store
 
-    def put(self, block: BlockId, payload: bytes | memoryview) -> bool:
-        """Store a block; False (logged, rate-limited) if the disk refused it."""
+    def put(self, block: BlockId, payload: bytes | memoryview, backup: bool = False) -> bool:
+        """Store a block; False (logged, rate-limited) if the disk refused it.  ``backup``: a
+        backup program brought it in, so it goes before blocks anyone else brought in."""
         name, digest = self._identity(block)
         if self.cipher is not None:
             payload = self.cipher.seal(payload, digest)
@@ -331,8 +353,8 @@ class BlockCache:
         try:
             # A file object with read=True: given bytes, diskcache writes them line by line
             # (thousands of write calls per block, measured at 46% of the daemon's CPU).
-            # The tag makes the insert pin the block (see the module docstring).
-            tag = _PIN_TAG if block.key in self._pinned_keys else None
+            # The tag makes the insert pin or age the block (see the module docstring).
+            tag = _PIN_TAG if block.key in self._pinned_keys else _SCAN_TAG if backup else None
             self._store.set(name, _Chunks(header, payload), read=True, tag=tag)
             return True
         except (OSError, sqlite3.Error) as exc:

@@ -24,6 +24,7 @@ import click
 from . import __version__, configfile, control
 from .audit import LEVELS, AuditOptions, rotated_files, verify
 from .config import (
+    BACKUP_PROGRAMS,
     PATIENT_FOLDERS,
     UPLOAD_MODES,
     CacheOptions,
@@ -78,6 +79,25 @@ class OctalType(click.ParamType):
 
 
 OCTAL = OctalType()
+
+
+class NamesType(click.ParamType):
+    """A set of names: comma-separated on the command line, a list or that string in a file."""
+
+    name = "names"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> frozenset[str]:
+        if isinstance(value, frozenset):
+            return value
+        items = value if isinstance(value, list) else str(value).split(",")
+        if not all(isinstance(item, str) for item in items):
+            self.fail(f"expected names, got {value!r}", param, ctx)
+        return frozenset(item.strip() for item in items if item.strip())
+
+
+NAMES = NamesType()
 
 
 def default_cache_dir(source: str) -> Path:
@@ -226,6 +246,14 @@ def main() -> None:
     show_default=True,
     help="Seconds a read may wait for the cloud before failing with EIO.",
 )
+@click.option(
+    "--backup-programs",
+    type=NAMES,
+    default=",".join(sorted(BACKUP_PROGRAMS)),
+    show_default=True,
+    help="Programs whose reads must not displace cached data: what they bring in is evicted "
+    "first ('' for none).",
+)
 @click.option("--read-only", is_flag=True, help="Mount read-only.")
 @click.option(
     "--staging-size",
@@ -281,6 +309,13 @@ def main() -> None:
     show_default=True,
     help="Opening an archived (GLACIER, DEEP_ARCHIVE) object asks S3 to restore it for this "
     "many days; 0 never asks.",
+)
+@click.option(
+    "--free-space",
+    type=SIZE,
+    default="1024T",
+    show_default=True,
+    help="Free space statfs reports (df, PACS free-space thresholds); at least one block.",
 )
 @click.option("--endpoint-url", help="S3-compatible endpoint [default: AWS_ENDPOINT_URL or AWS].")
 @click.option("--region", help="S3 region [default: AWS_REGION or the profile's].")
@@ -428,6 +463,7 @@ def main() -> None:
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="info",
     show_default=True,
+    help="Least severe log lines written.",
 )
 @click.option(
     "--log-file",
@@ -494,6 +530,7 @@ def _mount(
     refresh_interval: float,
     attr_timeout: float,
     io_timeout: float,
+    backup_programs: frozenset[str],
     read_only: bool,
     staging_size: int,
     upload_mode: str,
@@ -503,6 +540,7 @@ def _mount(
     part_size: int,
     drain_timeout: float,
     restore_days: int,
+    free_space: int,
     endpoint_url: str | None,
     region: str | None,
     profile: str | None,
@@ -549,10 +587,12 @@ def _mount(
             readahead_max=read_ahead,
             readahead_budget=read_ahead_memory,
             io_timeout=io_timeout,
+            backup_programs=backup_programs,
         ),
         mount=MountOptions(
             read_only=read_only,
             restore_days=restore_days,
+            free_space=free_space,
             attr_timeout=attr_timeout,
             refresh_interval=refresh_interval,
             fuse_options=tuple(o for o in extra if o not in ("ro", "rw")),
@@ -927,7 +967,9 @@ def index_status(mountpoint: Path, as_json: bool) -> None:
 @main.command()
 @click.argument("mountpoint", type=click.Path(path_type=Path))
 @selector_options
-@click.option("--limit", type=click.IntRange(1), default=1000, show_default=True)
+@click.option(
+    "--limit", type=click.IntRange(1), default=1000, show_default=True, help="Studies at most."
+)
 @click.option("--names", is_flag=True, help="Show patient names (PHI) too.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document, for scripts.")
 def studies(
@@ -984,7 +1026,7 @@ def unpin(mountpoint: Path, **selector: str | None) -> None:
 
 @main.command()
 @click.argument("mountpoint", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the pins as JSON.")
 def pins(mountpoint: Path, as_json: bool) -> None:
     """List the pins of a mount and what they hold."""
     reply = _ask(mountpoint, "pins")
@@ -1046,6 +1088,7 @@ def prefetch(mountpoint: Path, quiet: bool, **selector: str | None) -> None:
     type=click.Path(path_type=Path),
     default=lambda: str(Path.home() / "cloudfs-demo"),
     show_default="~/cloudfs-demo",
+    help="Where to mount the sample archive.",
 )
 @click.option(
     "--archive",

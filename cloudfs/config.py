@@ -77,6 +77,14 @@ class S3Options:
     upload holds at most 64 MiB of parts in memory and a few of botocore's pooled connections."""
 
 
+BACKUP_PROGRAMS = frozenset(
+    {"tar", "bsdtar", "star", "cpio", "rsync", "rclone", "restic", "borg", "duplicity"}
+    | {"bacula-fd", "bareos-fd", "dsmc", "dsmcad"}
+)
+"""Archivers, copy and backup clients (Bacula, Bareos, IBM Storage Protect) found reading a whole
+archive at night; cloudfs's own readers and viewers are not among them."""
+
+
 @dataclass(frozen=True)
 class CacheOptions:
     """The persistent block cache and the read path that fills it."""
@@ -121,6 +129,10 @@ class CacheOptions:
     or 64 hex digits, readable by its owner only); None: the key in $CLOUDFS_CACHE_KEY, if set."""
     io_timeout: float = 60.0
     """Upper bound in seconds on one read waiting for the cloud before it fails with EIO."""
+    backup_programs: frozenset[str] = BACKUP_PROGRAMS
+    """Programs (executable names) whose reads must not displace the cache: the blocks they
+    bring in go first and their reads do not make blocks recent, so a nightly backup of the
+    archive leaves the studies radiologists use where they were (see ``cache``)."""
 
 
 @dataclass(frozen=True)
@@ -144,7 +156,9 @@ class MountOptions:
     """On open of an archived object (GLACIER, DEEP_ARCHIVE), ask S3 for a restored copy kept
     this many days.  0 never asks: a restore costs money and takes hours, so it is opt-in."""
     free_space: int = 1 << 50
-    """statfs free space: large and stable, so PACS free-space thresholds never stop ingest."""
+    """statfs free space: large and stable, so PACS free-space thresholds never stop ingest
+    (the cloud has no "full"; the staging area's own limit answers ENOSPC).  A site may set it
+    lower, for a PACS that plans its storage from the free space it is told."""
     owner_uid: int | None = None
     """Owner shown for objects that carry none (written by other S3 clients); None: the user
     running the daemon."""
@@ -157,6 +171,9 @@ class MountOptions:
     127.0.0.1:9464: the endpoint has no authentication, so only the host's own scraper (or an
     agent forwarding to it) should reach it unless the operator says otherwise."""
 
+
+MAX_FREE_SPACE = 1 << 60
+"""The most free space statfs may report: its block counts stay far inside 64 bits."""
 
 UPLOAD_MODES = ("async", "sync")
 
@@ -254,6 +271,11 @@ class Config:
             )
         if c.readahead_budget < c.fetch_chunk or c.foreground_budget < c.fetch_chunk:
             raise ValueError("memory budgets must hold at least one fetch chunk")
+        if not c.block_size <= self.mount.free_space <= MAX_FREE_SPACE:
+            raise ValueError(
+                f"free space must be at least one cache block ({format_size(c.block_size)}: "
+                f"statfs counts whole blocks) and at most 1048576T"
+            )
         d = self.dicom
         if d.patient_folder not in PATIENT_FOLDERS:
             raise ValueError(f"patient folder must be one of {', '.join(PATIENT_FOLDERS)}")

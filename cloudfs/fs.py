@@ -422,8 +422,9 @@ class ArchiveFS:
 
     # -- files -----------------------------------------------------------------------------
 
-    async def open(self, ino: int, flags: int) -> tuple[int, bool]:
+    async def open(self, ino: int, flags: int, backup: bool = False) -> tuple[int, bool]:
         """Open a file; returns the handle and whether the kernel may keep cached pages.
+        ``backup``: the caller is a backup program, whose reads must not displace the cache.
 
         Reading a file whose bytes are in the cloud pins the version it had at open.  Writing
         moves the file into the staging area first (the whole file: objects cannot be patched),
@@ -446,8 +447,8 @@ class ArchiveFS:
         assert node.cloud_key is not None and node.etag is not None
         if node.storage_class in ARCHIVE_CLASSES:
             await self._check_restored(node.cloud_key)
-        version = ObjectVersion(node.cloud_key, node.etag, node.size)
-        if self.studies is not None:
+        version = ObjectVersion(node.cloud_key, node.etag, node.size, backup)
+        if self.studies is not None and not backup:
             self.studies.opened(node.cloud_key)
         keep_cache = self._opened_versions.get(ino) == node.etag
         if len(self._opened_versions) >= _REMEMBERED_VERSIONS:
@@ -570,35 +571,49 @@ class ArchiveFS:
 
     async def _check_restored(self, key: str) -> None:
         """Archived objects need a restore before a GET: fail at open with one log line, and
-        ask for the restore if the mount is configured to."""
-        info = await trio.to_thread.run_sync(self.store.head, key, limiter=self._store_threads)
-        if not info.needs_restore:
-            return
-        if key not in self._warned_archived:
-            self._warned_archived.add(key)
-            days = self.config.mount.restore_days
-            if days:
-                try:
-                    await trio.to_thread.run_sync(
-                        self.store.request_restore, key, days, limiter=self._store_threads
-                    )
+        ask for the restore if the mount is configured to.  The store is given io_timeout, as
+        a read is: with the cloud down, botocore's retries would hold the open for over a
+        minute; the open fails with EIO instead."""
+        timeout = self.config.cache.io_timeout
+        with trio.move_on_after(timeout):
+            info = await trio.to_thread.run_sync(
+                self.store.head, key, limiter=self._store_threads, abandon_on_cancel=True
+            )
+            if not info.needs_restore:
+                return
+            if key not in self._warned_archived:
+                self._warned_archived.add(key)
+                days = self.config.mount.restore_days
+                if days:
+                    try:
+                        await trio.to_thread.run_sync(
+                            self.store.request_restore,
+                            key,
+                            days,
+                            limiter=self._store_threads,
+                            abandon_on_cancel=True,
+                        )
+                        log.warning(
+                            "%s is in storage class %s: restore requested for %d days; it "
+                            "becomes readable when S3 finishes (hours)",
+                            key,
+                            info.storage_class,
+                            days,
+                        )
+                    except CloudfsError as exc:
+                        self._warned_archived.discard(key)
+                        log.warning("%s: restore request failed: %s", key, exc)
+                    except trio.Cancelled:
+                        self._warned_archived.discard(key)  # timed out: the next open asks
+                        raise
+                else:
                     log.warning(
-                        "%s is in storage class %s: restore requested for %d days; it becomes "
-                        "readable when S3 finishes (hours)",
+                        "%s is in storage class %s and not restored; restore it before reading",
                         key,
                         info.storage_class,
-                        days,
                     )
-                except CloudfsError as exc:
-                    self._warned_archived.discard(key)
-                    log.warning("%s: restore request failed: %s", key, exc)
-            else:
-                log.warning(
-                    "%s is in storage class %s and not restored; restore it before reading",
-                    key,
-                    info.storage_class,
-                )
-        raise NeedsRestore(f"{key}: in {info.storage_class}, needs a restore")
+            raise NeedsRestore(f"{key}: in {info.storage_class}, needs a restore")
+        raise Unavailable(f"{key}: no answer from the store in {timeout:g}s")
 
     async def read(self, handle: int, offset: int, size: int) -> bytes | memoryview:
         open_file = self._handles.get(handle)

@@ -25,6 +25,7 @@ import trio
 from .audit import AuditLog, outcome_for
 from .errors import CloudfsError
 from .fs import ArchiveFS, Attributes
+from .processes import Executables
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,8 @@ class FuseOperations(pyfuse3.Operations):
         mount = fs.config.mount
         self.attr_timeout = mount.attr_timeout
         self.negative_timeout = mount.negative_timeout
+        self.backup_programs = fs.config.cache.backup_programs
+        self.executables = Executables()
 
     def _entry(self, attributes: Attributes) -> pyfuse3.EntryAttributes:
         entry = pyfuse3.EntryAttributes()
@@ -119,8 +122,14 @@ class FuseOperations(pyfuse3.Operations):
 
     @_guard
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        handle, keep_cache = await self.fs.open(inode, flags)
+        handle, keep_cache = await self.fs.open(inode, flags, self._is_backup(ctx.pid))
         return pyfuse3.FileInfo(fh=handle, keep_cache=keep_cache)
+
+    def _is_backup(self, pid: int) -> bool:
+        """Whether the caller is one of the backup programs (a readlink of /proc, remembered)."""
+        if not self.backup_programs:
+            return False
+        return os.path.basename(self.executables.of(pid)) in self.backup_programs
 
     @_guard
     async def read(self, fh: int, off: int, size: int) -> bytes:

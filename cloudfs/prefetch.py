@@ -8,7 +8,7 @@ when less than half of it is left ahead, so steady reading issues half-window ba
 full-size GETs), not one small GET per block read.
 
 Pure logic on integers: no FUSE, no store, no clock.  ``PrefetchLedger`` keeps the account of
-what read-ahead fetched for nothing.
+what read-ahead fetched for nothing, and of what it fetched for readers still to come.
 """
 
 from __future__ import annotations
@@ -56,11 +56,24 @@ class ReadAhead:
         return first, last
 
 
+class Cancelled:
+    """A flag set when an open file is closed: read-ahead for it stops, and the blocks fetched
+    ahead for it no longer wait for a reader."""
+
+    def __init__(self) -> None:
+        self.is_set = False
+
+
 class PrefetchLedger:
     """Whether the bytes fetched ahead of readers were worth fetching: a prefetched block is
     *used* when a read asks for it, and *wasted* when it is still unread after the cache has taken
     in a whole cache's worth of newer fetches (by then an LRU cache has evicted it, or it is
     kept only because it is pinned).  A block counts once, under the first of those to happen.
+
+    Unread blocks are *awaited* while a reader may still ask for them: those fetched for a file
+    still open, and those fetched for no file in particular (whole objects).  Read-ahead keeps
+    awaited bytes within a share of the cache, so the cache does not evict them before their
+    reader comes.
 
     Blocks are opaque hashable names; sizes and the cache's capacity are in bytes.
     """
@@ -70,17 +83,23 @@ class PrefetchLedger:
         self.used_bytes = 0
         self.wasted_bytes = 0
         self.unread_bytes = 0
+        self.awaited_bytes = 0
         self._fetched_total = 0
-        self._unread: dict[object, tuple[int, int]] = {}
-        """Prefetched blocks no read has asked for: the fetch total when each landed, its size.
-        In landing order, so the oldest are first."""
+        self._unread: dict[object, tuple[int, int, Cancelled | None, bool]] = {}
+        """Prefetched blocks no read has asked for: the fetch total when each landed, its size,
+        the open file it was fetched for and whether it is awaited.  In landing order, so the
+        oldest are first."""
 
-    def fetched(self, block: object, size: int, ahead: bool) -> None:
-        """A block came from the cloud, fetched ahead of readers or on a read's demand."""
+    def fetched(
+        self, block: object, size: int, ahead: bool, reader: Cancelled | None = None
+    ) -> None:
+        """A block came from the cloud, fetched on a read's demand or ahead of readers (of the
+        open file ``reader``, if for one)."""
         self._fetched_total += size
         if ahead and block not in self._unread:
-            self._unread[block] = (self._fetched_total, size)
+            self._unread[block] = (self._fetched_total, size, reader, True)
             self.unread_bytes += size
+            self.awaited_bytes += size
         self._expire()
 
     def read(self, block: object) -> None:
@@ -88,14 +107,27 @@ class PrefetchLedger:
         entry = self._unread.pop(block, None) if self._unread else None
         if entry is not None:
             self.used_bytes += entry[1]
-            self.unread_bytes -= entry[1]
+            self._uncount(entry)
+
+    def forget_closed(self) -> None:
+        """Await no reader for the unread blocks of files closed since: they stay unread, and
+        count as used or wasted later, as any other."""
+        for block, (landed, size, reader, awaited) in self._unread.items():
+            if awaited and reader is not None and reader.is_set:
+                self._unread[block] = (landed, size, reader, False)
+                self.awaited_bytes -= size
+
+    def _uncount(self, entry: tuple[int, int, Cancelled | None, bool]) -> None:
+        self.unread_bytes -= entry[1]
+        if entry[3]:
+            self.awaited_bytes -= entry[1]
 
     def _expire(self) -> None:
         oldest_kept = self._fetched_total - self.horizon
         while self._unread:
-            block, (landed, size) = next(iter(self._unread.items()))
-            if landed > oldest_kept:
+            block, entry = next(iter(self._unread.items()))
+            if entry[0] > oldest_kept:
                 return
             del self._unread[block]
-            self.wasted_bytes += size
-            self.unread_bytes -= size
+            self.wasted_bytes += entry[1]
+            self._uncount(entry)

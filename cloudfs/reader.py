@@ -9,8 +9,12 @@ Invariants (see docs/design.md):
 * Single flight: a block being fetched, or loaded from disk ahead of a sequential reader, has one
   ``_Pending`` in ``_inflight``; every reader of it waits on that instead of doing the work again.
   Blocks fetched recently are remembered in ``_landed``, so read-ahead never fetches them twice.
-* Foreground reads never wait behind read-ahead: read-ahead has its own thread limiter and memory
-  budget and registers its blocks as in flight only once it holds its budget.
+* Foreground reads never wait behind read-ahead: read-ahead has its own memory budget, may hold
+  at most half of the ``fetch_threads`` GETs, and registers its blocks as in flight only once it
+  holds its budget.  All GETs together never exceed ``fetch_threads``.
+* Read-ahead never evicts the blocks it is about to serve: the bytes it fetched that no read has
+  asked for yet and a reader may still ask for (the ledger's awaited bytes, and those in flight)
+  stay within ``UNREAD_AHEAD_SHARE`` of the cache.
 * Memory: in-flight bytes are bounded by the foreground and read-ahead budgets and resident blocks
   by ``memory_blocks``, whatever the number of open files.
 * Worker threads see only immutable values (keys, ranges, bytes); ``_memory``, ``_inflight``,
@@ -19,6 +23,7 @@ Invariants (see docs/design.md):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections import Counter, OrderedDict
@@ -29,7 +34,7 @@ import trio
 from .cache import BlockCache, BlockId
 from .config import CacheOptions
 from .errors import CloudfsError, Unavailable
-from .prefetch import PrefetchLedger
+from .prefetch import Cancelled, PrefetchLedger
 from .store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -41,6 +46,13 @@ into one transaction, early enough that eviction never sees a stale order for lo
 _LANDED_MEMORY = 4096
 """Recently fetched blocks remembered by identity only, so read-ahead never fetches twice a block
 that a foreground read fetched while read-ahead waited for its budget."""
+
+UNREAD_AHEAD_SHARE = 0.5
+"""Share of the cache that read-ahead may fill with blocks no read has asked for yet, across all
+open files (the per-file guard, a cache of four windows, says nothing of many files at once):
+past it, read-ahead skips its plan and the reader fetches those blocks when it gets there.  The
+other half holds the blocks readers are using now, which the LRU keeps as recent.  Blocks of
+files closed unread stop counting, so files read only in part do not hold read-ahead back."""
 
 WARM_AHEAD = 16
 """Blocks just ahead of a sequential reader that are loaded from the disk cache into memory, so
@@ -58,16 +70,16 @@ class ObjectVersion:
     key: str
     etag: str
     size: int
+    backup: bool = False
+    """Opened by a backup program: the blocks its reads bring into the disk cache go first,
+    and its reads do not make cached blocks recent (see ``cache``)."""
 
     def block(self, index: int) -> BlockId:
         return BlockId(self.key, self.etag, index)
 
 
-class Cancelled:
-    """A flag read-ahead checks before spending budget: set when its file is closed."""
-
-    def __init__(self) -> None:
-        self.is_set = False
+_NO_LIMIT = contextlib.nullcontext()
+"""Stands in for the read-ahead thread share around a foreground GET."""
 
 
 @dataclass
@@ -131,13 +143,17 @@ class BlockReader:
         self._memory_bytes = 0
         self._inflight: dict[BlockId, _Pending] = {}
         self._landed: OrderedDict[BlockId, None] = OrderedDict()
-        self._demand_threads = trio.CapacityLimiter(options.fetch_threads)
-        self._ahead_threads = trio.CapacityLimiter(options.fetch_threads)
+        self._fetch_threads = trio.CapacityLimiter(options.fetch_threads)
+        # Taken before a fetch thread, so read-ahead always leaves half of them to readers.
+        self._ahead_threads = trio.CapacityLimiter(max(options.fetch_threads // 2, 1))
         self._disk_threads = trio.CapacityLimiter(options.disk_threads)
         # Warming has threads of its own so a foreground disk lookup never queues behind it.
         self._warm_threads = trio.CapacityLimiter(options.disk_threads)
         self._demand_budget = ByteBudget(options.foreground_budget)
         self._ahead_budget = ByteBudget(options.readahead_budget)
+        self._unread_limit = int(cache.size_limit * UNREAD_AHEAD_SHARE)
+        self._ahead_in_flight = 0
+        """Bytes of read-ahead GETs started and not landed: unread too, once they land."""
         self._nursery: trio.Nursery | None = None
 
     async def run(self) -> None:
@@ -218,7 +234,10 @@ class BlockReader:
                 to_check.append(index)
         if to_check:
             loaded = await trio.to_thread.run_sync(
-                self._load_blocks, [obj.block(i) for i in to_check], limiter=self._disk_threads
+                self._load_blocks,
+                [obj.block(i) for i in to_check],
+                obj.backup,
+                limiter=self._disk_threads,
             )
             on_disk = {
                 i: data for i, data in zip(to_check, loaded, strict=True) if data is not None
@@ -243,7 +262,7 @@ class BlockReader:
                     landed.append(index)
                 else:
                     missing.append(index)
-            waiting.update(self._start_fetches(obj, missing, ahead=False))
+            waiting.update(self._start_fetches(obj, missing))
             for index in landed:  # on disk since our look: look again rather than fetch again
                 (found[index],) = await self._blocks(obj, index, index, look_again=False)
         with trio.move_on_after(self.options.io_timeout) as deadline:
@@ -279,10 +298,15 @@ class BlockReader:
         return run[0] * self.block_size, min((run[-1] + 1) * self.block_size, obj.size)
 
     def _start_fetches(
-        self, obj: ObjectVersion, indices: list[int], ahead: bool
+        self,
+        obj: ObjectVersion,
+        indices: list[int],
+        ahead: bool = False,
+        reader: Cancelled | None = None,
     ) -> dict[int, _Pending]:
         """Register ``indices`` as in flight and start their GETs; must not await in between.
-        Read-ahead callers hold the budget for these bytes already; the fetch releases it."""
+        Read-ahead callers hold the budget for these bytes already; the fetch releases it.
+        ``reader``: the open file read-ahead fetches for, if any."""
         assert self._nursery is not None, "BlockReader.run() is not running"
         started: dict[int, _Pending] = {}
         for run in self._runs(indices):
@@ -290,24 +314,40 @@ class BlockReader:
             for index, pending in pendings.items():
                 self._inflight[obj.block(index)] = pending
             started.update(pendings)
-            self._nursery.start_soon(self._fetch, obj, pendings, ahead)
+            if ahead:
+                start, end = self._span(obj, run)
+                self._ahead_in_flight += end - start
+            self._nursery.start_soon(self._fetch, obj, pendings, ahead, reader)
         return started
 
-    async def _fetch(self, obj: ObjectVersion, pendings: dict[int, _Pending], ahead: bool) -> None:
+    async def _fetch(
+        self,
+        obj: ObjectVersion,
+        pendings: dict[int, _Pending],
+        ahead: bool,
+        reader: Cancelled | None,
+    ) -> None:
         first, last = min(pendings), max(pendings)
         start, end = self._span(obj, list(pendings))
-        threads = self._ahead_threads if ahead else self._demand_threads
         budget = self._ahead_budget if ahead else self._demand_budget
         self.stats.requests_in_flight += 1
         try:
             if not ahead:
                 await budget.acquire(_held(start, end))
             try:
-                blocks = await trio.to_thread.run_sync(
-                    self._get_and_store, obj, start, end, limiter=threads, abandon_on_cancel=True
-                )
+                async with self._ahead_threads if ahead else _NO_LIMIT:
+                    blocks = await trio.to_thread.run_sync(
+                        self._get_and_store,
+                        obj,
+                        start,
+                        end,
+                        limiter=self._fetch_threads,
+                        abandon_on_cancel=True,
+                    )
             finally:
                 budget.release(_held(start, end))
+                if ahead:
+                    self._ahead_in_flight -= end - start
             self.stats.requests += 1
             self.stats.fetched_bytes += end - start
             if ahead:
@@ -318,7 +358,7 @@ class BlockReader:
             for index, data in zip(range(first, last + 1), blocks, strict=True):
                 self._remember(obj.block(index), data)
                 self._landed[obj.block(index)] = None
-                self.ledger.fetched(obj.block(index), len(data), ahead)
+                self.ledger.fetched(obj.block(index), len(data), ahead, reader)
                 pendings[index].data = data
             while len(self._landed) > _LANDED_MEMORY:
                 self._landed.popitem(last=False)
@@ -346,7 +386,7 @@ class BlockReader:
         blocks = []
         for offset in range(0, len(data), self.block_size):
             block = bytes(data[offset : offset + self.block_size])
-            self.cache.put(obj.block((start + offset) // self.block_size), block)
+            self.cache.put(obj.block((start + offset) // self.block_size), block, obj.backup)
             blocks.append(block)
         return blocks
 
@@ -372,9 +412,20 @@ class BlockReader:
             await self._ahead_budget.acquire(_held(start, end))
             # While this waited, the file may have closed or a foreground read taken blocks over.
             still = [] if cancelled.is_set else [i for i in run if self._unfetched(obj.block(i))]
-            kept = sum(_held(a, b) for a, b in (self._span(obj, r) for r in self._runs(still)))
-            self._ahead_budget.release(_held(start, end) - kept)
-            self._start_fetches(obj, still, ahead=True)
+            spans = [self._span(obj, r) for r in self._runs(still)]
+            wanted = sum(b - a for a, b in spans)
+            if wanted and self._awaited() + wanted > self._unread_limit:
+                self.ledger.forget_closed()  # only when needed: it walks every unread block
+                if self._awaited() + wanted > self._unread_limit:
+                    log.debug("read-ahead of %s skipped: cache share full", obj.key)
+                    self._ahead_budget.release(_held(start, end))
+                    return
+            self._ahead_budget.release(_held(start, end) - sum(_held(a, b) for a, b in spans))
+            self._start_fetches(obj, still, ahead=True, reader=cancelled)
+
+    def _awaited(self) -> int:
+        """Bytes fetched ahead of readers that a reader may still ask for, landed or not."""
+        return self.ledger.awaited_bytes + self._ahead_in_flight
 
     async def fetch_object(self, obj: ObjectVersion) -> int:
         """Make a whole object local as read-ahead does (its own threads and memory budget, so
@@ -420,15 +471,15 @@ class BlockReader:
                 pending = self._inflight[block] = _Pending(from_disk=True)
                 batch.append((block, pending))
                 if len(batch) == WARM_BATCH:
-                    self._nursery.start_soon(self._warm, batch)
+                    self._nursery.start_soon(self._warm, batch, obj.backup)
                     batch = []
         if batch:
-            self._nursery.start_soon(self._warm, batch)
+            self._nursery.start_soon(self._warm, batch, obj.backup)
 
-    async def _warm(self, batch: list[tuple[BlockId, _Pending]]) -> None:
+    async def _warm(self, batch: list[tuple[BlockId, _Pending]], backup: bool) -> None:
         try:
             found = await trio.to_thread.run_sync(
-                self._load_blocks, [block for block, _ in batch], limiter=self._warm_threads
+                self._load_blocks, [block for block, _ in batch], backup, limiter=self._warm_threads
             )
             for (block, pending), data in zip(batch, found, strict=True):
                 if data is not None:
@@ -438,9 +489,9 @@ class BlockReader:
             for block, pending in batch:
                 self._settle(block, pending)
 
-    def _load_blocks(self, blocks: list[BlockId]) -> list[memoryview | None]:
+    def _load_blocks(self, blocks: list[BlockId], backup: bool) -> list[memoryview | None]:
         """Worker thread: the blocks from the disk cache, None where absent."""
-        return [self.cache.get(block) for block in blocks]
+        return [self.cache.get(block, backup) for block in blocks]
 
     def _absent(self, block: BlockId) -> bool:
         return block not in self._memory and block not in self._inflight

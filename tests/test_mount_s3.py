@@ -321,6 +321,27 @@ def test_changed_object_is_read_whole_after_refresh_never_mixed(
         assert os.stat(path).st_size == len(data)
 
 
+@pytest.mark.timeout(120)
+def test_short_refresh_interval_picks_up_added_keys_by_itself(
+    bucket: Bucket, mount: Mounter
+) -> None:
+    """With --refresh-interval 1, keys another client adds to the bucket appear in the mount
+    within seconds without `cloudfs refresh`, also a name looked up (and missed) just before."""
+    bucket.put("first.dcm", payload(10 * KiB, "first"))
+    mounted = mount(bucket, options=["--refresh-interval", "1"])
+    assert os.listdir(mounted.path) == ["first.dcm"]
+    assert not (mounted.path / "late.dcm").exists()  # the kernel now caches a missing name
+
+    bucket.put("late.dcm", payload(20 * KiB, "late"))
+    bucket.put("new/deep.dcm", payload(30 * KiB, "deep"))
+
+    # Well under the 10 s the kernel keeps a missing name.
+    assert wait_until(lambda: (mounted.path / "late.dcm").exists(), 8), mounted.log_tail()
+    assert wait_until(lambda: "new" in os.listdir(mounted.path), 8), mounted.log_tail()
+    for key in ("late.dcm", "new/deep.dcm"):
+        assert_bytes(read_file(mounted.path / key), bucket.objects[key], key)
+
+
 # -- 5. eviction -----------------------------------------------------------------------------------
 
 
@@ -547,18 +568,43 @@ def test_glacier_restore_is_requested_when_asked(bucket: Bucket, mount: Mounter)
     assert_bytes(read_file(cold), bucket.objects["archive/cold.dcm"])
 
 
+@pytest.mark.timeout(120)
+def test_glacier_object_open_fails_with_eio_within_io_timeout_when_the_server_hangs(
+    private_s3_server: MotoServer, mount: Mounter
+) -> None:
+    """With the S3 server frozen, opening an archived object (which asks S3 whether it has been
+    restored) fails with EIO after about --io-timeout, not after botocore's retries."""
+    bucket = new_bucket(private_s3_server)
+    bucket.put("cold.dcm", payload(100 * KiB, "frozen"), storage_class="GLACIER")
+    mounted = mount(bucket, options=["--io-timeout", "3"])
+
+    private_s3_server.pause()
+    try:
+        code, seconds = timed_errno(lambda: read_file(mounted.path / "cold.dcm"))
+        assert code == errno.EIO, f"errno {code} after {seconds:.1f}s"
+        assert seconds < 3 + 3, f"EIO took {seconds:.1f}s with --io-timeout 3"
+    finally:
+        private_s3_server.resume()
+    code, _ = timed_errno(lambda: read_file(mounted.path / "cold.dcm"))
+    assert code == errno.EACCES, f"errno {code} once the server answers"
+
+
 # -- 10. stopping ----------------------------------------------------------------------------------
 
 
 @pytest.mark.timeout(120)
-def test_sigterm_unmounts_a_foreground_daemon_cleanly(bucket: Bucket, mount: Mounter) -> None:
-    """SIGTERM to `cloudfs mount --foreground` unmounts and the process exits with status 0."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_unmounts_a_foreground_daemon_cleanly(
+    bucket: Bucket, mount: Mounter, signum: signal.Signals
+) -> None:
+    """SIGTERM or SIGINT (Ctrl-C) to `cloudfs mount --foreground` unmounts and the process exits
+    with status 0."""
     bucket.put("a.dcm", payload(100 * KiB, "a"))
     mounted = mount(bucket, foreground=True)
     assert_bytes(read_file(mounted.path / "a.dcm"), bucket.objects["a.dcm"])
     assert mounted.process is not None
 
-    os.kill(mounted.pid, signal.SIGTERM)
+    os.kill(mounted.pid, signum)
     code = mounted.process.wait(30)
 
     assert code == 0, mounted.log_tail()

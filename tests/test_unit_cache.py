@@ -513,3 +513,66 @@ def test_pinning_from_many_threads(small: BlockCache) -> None:
     # (then the pin finds nothing); if it is still there, the last pin holds.
     toggled = BlockId("toggled", '"e"', 0)
     assert small.is_pinned(toggled) or not small.contains(toggled)
+
+
+# -- backups ------------------------------------------------------------------------------------
+
+
+def backup_stream(
+    cache: BlockCache, count: int, first_seed: int = 20_000, key: str = "backup"
+) -> list[BlockId]:
+    """A backup reading ``count`` new blocks through the cache, checking the cap each time."""
+    blocks = blocks_of(key, count)
+    for index, block in enumerate(blocks):
+        assert cache.put(block, payload(first_seed + index), backup=True)
+        assert cache.volume() <= cache.size_limit, index
+    return blocks
+
+
+def test_backup_larger_than_the_cache_leaves_other_blocks_alone(small: BlockCache) -> None:
+    """A study read once, then a backup of three cache sizes: plain LRU would lose the study;
+    the backup's blocks go first, oldest first, and its latest ones stay."""
+    study = blocks_of("study", 8)
+    for index, block in enumerate(study):
+        assert small.put(block, payload(index))
+    backup = backup_stream(small, 3 * small.size_limit // BLOCK)
+    assert all(intact(small, block, index) for index, block in enumerate(study))
+    assert not small.contains(backup[0])
+    assert small.contains(backup[-1])
+
+
+def test_backup_reads_do_not_make_a_block_recent(small: BlockCache) -> None:
+    """A block only a backup reads ages like an unread one; a block someone else reads is kept."""
+    read_by_backup, read_by_viewer = BlockId("a", '"e"', 0), BlockId("b", '"e"', 0)
+    assert small.put(read_by_backup, payload(1))
+    assert small.put(read_by_viewer, payload(2))
+    # More than diskcache culls at once, stored after both and read by no one.
+    for index in range(20):
+        assert small.put(BlockId("unread", '"e"', index), payload(50_000 + index))
+    assert small.get(read_by_backup, backup=True) is not None
+    assert small.get(read_by_viewer) is not None
+    small.record_recency()
+    inserted = 0
+    while small.contains(read_by_backup):
+        assert small.put(BlockId("new", '"e"', inserted), payload(40_000 + inserted))
+        inserted += 1
+        assert inserted < 200, "nothing was ever evicted"
+    assert intact(small, read_by_viewer, 2)
+
+
+def test_backup_block_read_by_anyone_else_is_kept_like_any_other(small: BlockCache) -> None:
+    """The first block a backup brought in, later read by a viewer, outlives the rest of the
+    backup's blocks under more backup pressure."""
+    first, *_ = backup_stream(small, 4)
+    assert small.get(first) is not None
+    small.record_recency()
+    later = backup_stream(small, 2 * small.size_limit // BLOCK, 30_000, key="more")
+    assert intact(small, first, 20_000)
+    assert not small.contains(later[0])
+
+
+def test_pinned_key_wins_over_backup(small: BlockCache) -> None:
+    small.pin_keys({"keep"})
+    block = BlockId("keep", '"e"', 0)
+    assert small.put(block, payload(5), backup=True)
+    assert small.is_pinned(block)

@@ -7,7 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from cloudfs.config import CacheOptions, Config, GiB, KiB, MiB, format_size, parse_size
+from cloudfs.config import (
+    MAX_FREE_SPACE,
+    CacheOptions,
+    Config,
+    GiB,
+    KiB,
+    MiB,
+    MountOptions,
+    format_size,
+    parse_size,
+)
 
 
 @pytest.mark.parametrize(
@@ -139,3 +149,20 @@ def test_config_is_frozen(tmp_path: Path) -> None:
     built = config(tmp_path)
     with pytest.raises(dataclasses.FrozenInstanceError):
         built.cache.block_size = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("free_space", [MiB, 3 * GiB, 1 << 50, MAX_FREE_SPACE])
+def test_free_space_from_one_block_up_passes(tmp_path: Path, free_space: int) -> None:
+    """statfs reports free space in cache blocks: one block is the least it can say."""
+    dataclasses.replace(config(tmp_path), mount=MountOptions(free_space=free_space)).check()
+
+
+@pytest.mark.parametrize("free_space", [-1, 0, MiB - 1, MAX_FREE_SPACE + 1])
+def test_free_space_below_a_block_or_absurdly_large_is_refused(
+    tmp_path: Path, free_space: int
+) -> None:
+    """Less than a block would show a full disk (a PACS stops writing); the upper bound keeps
+    the block counts statfs reports inside 64 bits."""
+    built = dataclasses.replace(config(tmp_path), mount=MountOptions(free_space=free_space))
+    with pytest.raises(ValueError, match=r"free space must be at least one cache block \(1.0 MiB"):
+        built.check()

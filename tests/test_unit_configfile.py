@@ -37,6 +37,7 @@ size = "500G"
 read_ahead = "64M"
 [mount]
 read_only = true
+free_space = "500G"
 fuse_options = ["allow_other"]
 [write]
 upload_mode = "sync"
@@ -63,6 +64,7 @@ def test_file_values_reach_the_mount(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert seen["read_ahead"] == 64 << 20
     assert seen["read_only"] is True
     assert tuple(seen["fuse_options"]) == ("allow_other",)
+    assert seen["free_space"] == 500 << 30
     assert seen["upload_mode"] == "sync" and seen["upload_threads"] == 4
     assert seen["endpoint_url"] == "https://s3.example.internal" and seen["path_style"] is True
     assert seen["patient_folder"] == "name" and seen["priors"] == 1
@@ -102,13 +104,14 @@ def test_flags_override_the_file_and_the_file_overrides_defaults(
     ("text", "message"),
     [
         ("sauce = 'x'", "unknown key 'sauce'"),
-        ("[cache]\nsise = '1G'", "unknown key [cache] sise (known in [cache]: block_size"),
+        ("[cache]\nsise = '1G'", "unknown key [cache] sise (known in [cache]: backup_programs"),
         ("[caches]\nsize = '1G'", "unknown key 'caches'"),
         ("[cache]\nsize = 'lots'", "[cache] size: not a size: 'lots'"),
         ("[write]\nupload_mode = 'fast'", "[write] upload_mode: 'fast' is not one of"),
         ("[write]\nupload_threads = 'many'", "[write] upload_threads:"),
         ("[dicom]\npriors = 99", "[dicom] priors: 99 is not in the range"),
         ("[mount]\nread_only = 'perhaps'", "[mount] read_only:"),
+        ("[mount]\nfree_space = 'plenty'", "[mount] free_space: not a size: 'plenty'"),
         ("source = [", "not valid TOML"),
     ],
 )
@@ -152,3 +155,45 @@ def test_every_file_key_names_a_mount_option() -> None:
     names = {parameter.name for parameter in cli.mount.params}
     for section in configfile.KEYS.values():
         assert set(section.values()) <= names
+
+
+def test_free_space_flag_sets_statfs_and_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--free-space`` reaches the mount options; a value statfs cannot report (less than one
+    cache block) is refused before anything is mounted, with the reason."""
+    code, output, seen = mount_with(monkeypatch, "s3://b", "/mnt/x", "--free-space", "2T")
+    assert code == 0, output
+    assert seen["free_space"] == 2 << 40
+    monkeypatch.undo()
+    built: list[Any] = []
+    monkeypatch.setattr(cli, "_start_daemon", lambda *args: built.append(args))
+    result = CliRunner().invoke(cli.main, ["mount", "s3://b", "/mnt/x", "--free-space", "4K"])
+    assert result.exit_code != 0 and not built
+    assert "free space must be at least one cache block" in result.output, result.output
+    result = CliRunner().invoke(cli.main, ["mount", "s3://b", "/mnt/x", "--free-space", "some"])
+    assert result.exit_code != 0 and "not a size: 'some'" in result.output, result.output
+
+
+def test_backup_programs_from_the_file_the_flag_or_the_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A TOML list or a comma-separated flag; '' means none; the default names the usual
+    archivers and backup clients."""
+    base = 'source = "file:///srv/archive"\nmountpoint = "/mnt/archive"\n'
+    listed = write_config(tmp_path, base + '[cache]\nbackup_programs = ["tar", " bacula-fd "]\n')
+    code, output, seen = mount_with(monkeypatch, "--config", str(listed))
+    assert code == 0, output
+    assert seen["backup_programs"] == frozenset({"tar", "bacula-fd"})
+    code, output, seen = mount_with(
+        monkeypatch, "--config", str(listed), "--backup-programs", "rsync,restic"
+    )
+    assert code == 0, output
+    assert seen["backup_programs"] == frozenset({"rsync", "restic"})
+    code, output, seen = mount_with(monkeypatch, "--config", str(listed), "--backup-programs", "")
+    assert code == 0, output
+    assert seen["backup_programs"] == frozenset()
+    code, output, seen = mount_with(monkeypatch, "file:///srv/archive", "/mnt/archive")
+    assert code == 0, output
+    assert {"tar", "rsync", "bacula-fd"} <= seen["backup_programs"]
+    wrong = write_config(tmp_path, base + "[cache]\nbackup_programs = [1, 2]\n")
+    code, output, _ = mount_with(monkeypatch, "--config", str(wrong))
+    assert code != 0 and "backup_programs" in output and "expected names" in output, output

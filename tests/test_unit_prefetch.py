@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cloudfs.prefetch import PrefetchLedger, ReadAhead
+from cloudfs.prefetch import Cancelled, PrefetchLedger, ReadAhead
 
 BS = 64 * 1024
 INITIAL = 2 * BS
@@ -240,3 +240,30 @@ def test_ledger_expires_oldest_first_and_keeps_newer_ones() -> None:
     ledger.read("d")
     ledger.read("c")
     assert (ledger.used_bytes, ledger.wasted_bytes, ledger.unread_bytes) == (2 * BS, 2 * BS, 0)
+
+
+def test_ledger_awaits_unread_blocks_until_their_file_closes() -> None:
+    """Unread blocks are awaited while their file is open (and always when fetched for no file);
+    once it closes they stop being awaited but stay unread, and are still counted as used or
+    wasted later."""
+    ledger = PrefetchLedger(horizon=4 * BS)
+    first, second = Cancelled(), Cancelled()
+    ledger.fetched("a", BS, ahead=True, reader=first)
+    ledger.fetched("b", BS, ahead=True, reader=first)
+    ledger.fetched("c", BS, ahead=True, reader=second)
+    ledger.fetched("whole", BS, ahead=True)
+    assert (ledger.unread_bytes, ledger.awaited_bytes) == (4 * BS, 4 * BS)
+
+    first.is_set = True
+    assert ledger.awaited_bytes == 4 * BS, "closing alone changes nothing until asked"
+    ledger.forget_closed()
+    ledger.forget_closed()
+    assert (ledger.unread_bytes, ledger.awaited_bytes) == (4 * BS, 2 * BS)
+
+    ledger.read("a")  # another open of the same object reads it after all
+    assert (ledger.used_bytes, ledger.unread_bytes, ledger.awaited_bytes) == (BS, 3 * BS, 2 * BS)
+    ledger.read("c")
+    assert (ledger.used_bytes, ledger.unread_bytes, ledger.awaited_bytes) == (2 * BS, 2 * BS, BS)
+    for name in "wxyz":  # a cache's worth of newer fetches expires "b" and "whole"
+        ledger.fetched(name, BS, ahead=False)
+    assert (ledger.wasted_bytes, ledger.unread_bytes, ledger.awaited_bytes) == (2 * BS, 0, 0)

@@ -359,10 +359,10 @@ def test_small_object_read_from_start_is_one_request(
     rig = make_rig(tmp_path, {"img.dcm": data}, small_object=MiB, fetch_chunk=MiB)
     lookup = rig.cache.get
 
-    def slow_first_block(block: BlockId) -> memoryview | None:
+    def slow_first_block(block: BlockId, *flags: bool) -> memoryview | None:
         if block.number == 0:
             time.sleep(0.2)
-        return lookup(block)
+        return lookup(block, *flags)
 
     monkeypatch.setattr(rig.cache, "get", slow_first_block)
 
