@@ -41,6 +41,8 @@ VIEW_BASE = 1 << 48
 VIEW_ROOT, BY_PATIENT, BY_DATE = 1, 2, 3
 """Row ids of the fixed top of the view tree."""
 UNDATED = "undated"
+_FOLDERS_META = "dicom_patient_folders"
+"""Catalog meta entry: what patient folders are named by ("ids" or "names") in the stored view."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS dicom_instances (
@@ -155,6 +157,26 @@ class DicomIndex:
                 "INSERT OR IGNORE INTO view_nodes(id, parent, name, identity) VALUES (?,?,?,?)",
                 _FIXED,
             )
+            chosen = "names" if patient_names else "ids"
+            if catalog.get_meta(_FOLDERS_META) != chosen:
+                self._rebuild_view(db)
+                catalog.set_meta(_FOLDERS_META, chosen)
+
+    def _rebuild_view(self, db: sqlite3.Connection) -> None:
+        """Name every patient folder anew, after ``--patient-folder`` changed (or on a view built
+        before the choice was recorded): names are stored, so without this, folders named after
+        patients would outlive a switch to IDs only.  One transaction: the view never mixes the
+        two; a duplicate instance stays hidden behind the copy indexed first, as before."""
+        fixed = [row[0] for row in _FIXED]
+        db.execute(f"DELETE FROM view_nodes WHERE id NOT IN ({','.join('?' * len(fixed))})", fixed)
+        rows = db.execute(
+            f"SELECT key, {_TAGS} FROM dicom_instances WHERE problem IS NULL "
+            "ORDER BY indexed_at, key"
+        ).fetchall()
+        for row in rows:
+            self._place(db, row[0], Header(*row[1:]))
+        if rows:
+            log.info("DICOM view rebuilt for the patient-folder choice: %d instances", len(rows))
 
     # -- indexing --------------------------------------------------------------------------
 

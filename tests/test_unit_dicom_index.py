@@ -382,6 +382,24 @@ def test_patient_names_only_when_asked(tmp_path: Path) -> None:
         assert by_date == {f"{folder}_CT CHEST_ACC1" for folder in folders}
 
 
+def test_switching_the_patient_folder_choice_renames_every_folder(tmp_path: Path) -> None:
+    """Names are stored: a switch from names to IDs must not leave names (PHI) in the view,
+    and switching back brings them back; nothing else of the tree changes."""
+    path = tmp_path / "catalog.db"
+    catalog = Catalog(path)
+    index = DicomIndex(catalog, patient_names=True)
+    put(catalog, {"a.dcm": '"1"', "b.dcm": '"1"'})
+    record(index, {"a.dcm": instance_header(1, 1, 1), "b.dcm": instance_header(1, 1, 2)})
+    with_names = files(index)
+    assert with_names[f"by-patient/DOE JANE_PAT1/{STUDY}/001_CT_AXIAL/0002.dcm"] == "b.dcm"
+    ids_only = files(DicomIndex(Catalog(path), patient_names=False))
+    assert not any("JANE" in name for name in ids_only), ids_only
+    assert ids_only == {
+        name.replace("DOE JANE_PAT1", "PAT1"): target for name, target in with_names.items()
+    }
+    assert files(DicomIndex(Catalog(path), patient_names=True)) == with_names
+
+
 # -- collisions, duplicates, stability -------------------------------------------------------------
 
 
