@@ -844,6 +844,11 @@ def _upload_line(uploads: dict[str, Any]) -> str:
         f"({format_size(uploads['uploaded_bytes'])}) uploaded, {uploads['conflicts']} conflicts, "
         f"staging {format_size(uploads['staging_bytes'])} of "
         f"{format_size(uploads['staging_limit'])} ({uploads['mode']})"
+        + (
+            f"; {uploads['damaged_files']} staged files DAMAGED, not uploaded (see the log)"
+            if uploads.get("damaged_files")
+            else ""
+        )
     )
 
 

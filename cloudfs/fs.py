@@ -835,7 +835,7 @@ class ArchiveFS:
         await trio.to_thread.run_sync(record, limiter=limiter)
         staged.writes -= writes
         staged.ready = staged.writes == 0
-        self.uploader.notify()
+        self.uploader.written(staged.name)
 
     async def release(self, handle: int) -> None:
         open_file = self._handles.pop(handle, None)
@@ -1185,6 +1185,7 @@ class ArchiveFS:
             "copies": stats.copies,
             "deletes": stats.deletes,
             "conflicts": stats.conflicts,
+            "damaged_files": len(stats.damaged),
             "errors": stats.errors,
             "last_error": stats.last_error,
             "last_error_at": stats.last_error_at or None,

@@ -26,7 +26,7 @@ from .catalog import Node
 from .changes import Changes, Work
 from .config import WriteOptions
 from .errors import CloudfsError, Conflict, Unavailable
-from .staging import StagingArea
+from .staging import StagingArea, Tampered
 from .store import ObjectInfo, ObjectStore, Source
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,9 @@ class UploadStats:
     copies: int = 0
     deletes: int = 0
     conflicts: int = 0
+    damaged: set[str] = field(default_factory=set)
+    """Staging files that failed authentication (a chunk torn by a crash during a rewrite that
+    was never fsync'd, or altered on disk): not retried until the file is written anew."""
     errors: int = 0
     last_error: str = ""
     last_error_at: float = 0.0
@@ -131,6 +134,12 @@ class Uploader:
     def notify(self) -> None:
         """Something was queued: look at the journal now."""
         self._wake.set()
+
+    def written(self, staged: str) -> None:
+        """A staging file was journaled anew (closed or fsync'd): worth an upload again even if
+        it failed authentication before."""
+        self.stats.damaged.discard(staged)
+        self.notify()
 
     def is_uploading(self, staged: str) -> bool:
         """A writer must not change this staging file: it is being read for an upload."""
@@ -211,6 +220,9 @@ class Uploader:
             urgent = node.ino in self._urgent
             if not (urgent or self._draining) and self.owner.being_written(node.ino):
                 continue  # its last close wakes us; after unmount no writer is left
+            if node.staged in self.stats.damaged:
+                self._settle(node.ino, current, self._damage(node))
+                continue
             due = self._due(item)
             if not (urgent or self._draining):
                 quiet_until = node.local_at / 1e9 + self.options.upload_delay
@@ -268,19 +280,33 @@ class Uploader:
             self._busy_keys.difference_update(keys)
             self._finished[item] = self._rounds
             self.notify()
-        if error is not None:
-            retry = self._retries.setdefault(item, _Retry())
-            retry.attempts += 1
-            delay = min(_MAX_BACKOFF, 2.0 ** (retry.attempts - 1))
-            retry.due = time.monotonic() + delay
-            self.stats.errors += 1
-            self.stats.errors_by_kind[type(error).__name__] += 1
-            self.stats.last_error = str(error)
-            self.stats.last_error_at = time.time()
-            log.warning("%s of %s failed (retry in %.0fs): %s", item[0], item[1], delay, error)
+        if error is None:
+            return None
+        self.stats.errors += 1
+        self.stats.errors_by_kind[type(error).__name__] += 1
+        self.stats.last_error = str(error)
+        self.stats.last_error_at = time.time()
+        if isinstance(error, Tampered):
+            log.error(
+                "%s of %s failed: %s; not retried until the file is written again (read "
+                "it, rewrite it or remove it through the mount; `cloudfs export-staged` reads "
+                "the intact part)",
+                *item,
+                error,
+            )
+            return error
+        retry = self._retries.setdefault(item, _Retry())
+        retry.attempts += 1
+        delay = min(_MAX_BACKOFF, 2.0 ** (retry.attempts - 1))
+        retry.due = time.monotonic() + delay
+        log.warning("%s of %s failed (retry in %.0fs): %s", item[0], item[1], delay, error)
         return error
 
     # -- the steps -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _damage(node: Node) -> Tampered:
+        return Tampered(f"{node.key}: its staged bytes failed authentication")
 
     def _settle(self, ino: int, current: int, error: CloudfsError | None) -> None:
         """Answer the fsyncs of ``ino`` that asked before journal read ``current`` began."""
@@ -314,6 +340,9 @@ class Uploader:
                     # recognises its own bytes if this one lands after all.
                     abandon_on_cancel=True,
                 )
+            except Tampered:
+                self.stats.damaged.add(staged)
+                raise
             except Conflict:
                 self.stats.conflicts += 1
                 diverted = await self._catalog(self.changes.divert, node.ino)

@@ -12,8 +12,9 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
+import trio
 from click.testing import CliRunner
-from helpers_unit import ino_of, make_rig, run_fs
+from helpers_unit import ino_of, make_rig, run_fs, wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -386,3 +387,36 @@ def test_an_operator_exports_a_staged_file_with_the_key(
     os.close(fd)
     as_is = runner.invoke(main, ["export-staged", str(tmp_path / plain)])
     assert as_is.exit_code == 0 and as_is.stdout_bytes == data
+
+
+def test_a_damaged_staged_file_is_not_retried_until_written_again(tmp_path: Path) -> None:
+    """A sealed staged file whose chunk fails authentication (torn by a crash, or altered) is
+    neither uploaded nor retried every minute for ever: one error, shown in status, and the
+    upload goes ahead once the file is written anew."""
+    rig = make_rig(tmp_path, {})
+    rig.key = KEY
+    rig.config = dataclasses.replace(rig.config, write=WriteOptions(upload_delay=0))
+    data = os.urandom(2 * CHUNK)
+
+    async def body(fs: ArchiveFS) -> None:
+        handle, _ = await fs.create(ROOT, "x.dcm", 0o644, os.O_RDWR | os.O_CREAT, 0, 0)
+        await fs.write(handle, 0, data)
+        ino = await ino_of(fs, "x.dcm")
+        name = fs._staged[ino].name
+        await fs.fsync(handle)
+        flip(fs.staging.path(name), HEADER + STRIDE + 7)
+        await fs.release(handle)
+        assert await wait_until(lambda: fs.uploader.stats.damaged == {name}, 10)
+        await trio.sleep(1.5)  # a retry, if any, would come after 1 s
+        assert fs.uploader.stats.errors == 1
+        assert (await fs.status())["uploads"]["damaged_files"] == 1
+        assert not (rig.source / "x.dcm").exists()
+        handle, _ = await fs.open(ino, os.O_RDWR)
+        await fs.write(handle, CHUNK, data[CHUNK:])  # the damaged chunk, written again
+        await fs.fsync(handle)
+        await fs.release(handle)
+        assert await wait_until(lambda: (rig.source / "x.dcm").exists(), 10)
+        assert fs.uploader.stats.damaged == set()
+
+    run_fs(rig, body)
+    assert (rig.source / "x.dcm").read_bytes() == data
