@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 _READDIR_BATCH = 1000
 _FIGURES_PERIOD = 5.0
 """Seconds between refreshes of the metrics figures that cost a database query."""
+_BUSY_FOR = 0.05
+"""Seconds after a kernel request during which the mount counts as busy for background work."""
 _REMEMBERED_VERSIONS = 100_000
 
 
@@ -155,6 +157,8 @@ class ArchiveFS:
         )
         self.uploader = Uploader(store, self.changes, self.staging, cache, config.write, self)
         self.kernel: KernelCache = NoKernelCache()
+        self.active_at = 0.0
+        """When the kernel last brought a request (monotonic clock); set by the FUSE layer."""
         mount_options = config.mount
         self.uid = os.getuid() if mount_options.owner_uid is None else mount_options.owner_uid
         self.gid = os.getgid() if mount_options.owner_gid is None else mount_options.owner_gid
@@ -185,8 +189,12 @@ class ArchiveFS:
         self.view_name = ""
         if config.dicom.index:
             index = DicomIndex(catalog, config.dicom.patient_folder == "name")
-            self.studies = Studies(config.dicom, index, store, cache, self.reader)
+            self.studies = Studies(config.dicom, index, store, cache, self.reader, self.busy)
             self.view_name = config.dicom.view_dir
+
+    def busy(self) -> bool:
+        """Whether the mount is answering requests now: background indexing waits for a gap."""
+        return time.monotonic() - self.active_at < _BUSY_FOR
 
     async def run(self, first_refresh: float) -> None:
         """The filesystem's background work: the read path's fetches, catalog refreshes and

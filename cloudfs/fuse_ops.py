@@ -15,6 +15,7 @@ import functools
 import logging
 import os
 import stat
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, ParamSpec, TypeVar
@@ -36,6 +37,9 @@ T = TypeVar("T")
 def _guard(handler: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
     @functools.wraps(handler)
     async def guarded(*args: P.args, **kwargs: P.kwargs) -> T:
+        operations = args[0]
+        if isinstance(operations, FuseOperations):
+            operations.fs.active_at = time.monotonic()
         try:
             return await handler(*args, **kwargs)
         except pyfuse3.FUSEError:

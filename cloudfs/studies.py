@@ -26,6 +26,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import count
 from typing import Any
@@ -54,6 +55,10 @@ _FINISHED_MEMORY = 600.0
 """Seconds a study prefetched to the end is not looked at again on the next open."""
 _TIERING_PERIOD = 3600.0
 """Seconds between re-evaluations of the pins (the date window moves, new studies arrive)."""
+_QUIET_STEP = 0.05
+"""Seconds the indexer waits at a time while the mount is busy with requests."""
+_MAX_YIELD = 2.0
+"""Longest a header read waits for a quiet moment: under constant load indexing still moves."""
 
 
 def _blocks(obj: ObjectRef, block_size: int) -> list[BlockId]:
@@ -127,8 +132,13 @@ class Studies:
         store: ObjectStore,
         cache: BlockCache,
         reader: BlockReader,
+        busy: Callable[[], bool] = lambda: False,
     ) -> None:
+        """``busy``: whether the mount is answering requests right now; header reads wait for
+        a quiet moment (up to ``_MAX_YIELD``), so indexing a large new bucket does not slow the
+        listings and reads of the people using the mount."""
         self.options = options
+        self._busy = busy
         self.index = index
         self.store = store
         self.cache = cache
@@ -198,6 +208,10 @@ class Studies:
                 await self.apply_pins()
 
     async def _read_one(self, item: Pending, results: list[tuple[Pending, Any, bool]]) -> None:
+        waited = 0.0
+        while self._busy() and waited < _MAX_YIELD:
+            await trio.sleep(_QUIET_STEP)
+            waited += _QUIET_STEP
         try:
             outcome, read = await trio.to_thread.run_sync(
                 self._header, item, limiter=self._header_threads, abandon_on_cancel=True

@@ -29,6 +29,7 @@ from helpers_unit import (
     wait_until,
 )
 
+from cloudfs import studies as studies_module
 from cloudfs.cache import BlockId
 from cloudfs.catalog import ROOT
 from cloudfs.config import DicomOptions, MiB, WriteOptions, format_size
@@ -230,6 +231,28 @@ def test_indexer_reads_every_header_and_marks_other_files(tmp_path: Path) -> Non
     assert sorted(rig.store.calls) == sorted(
         (key, 0, min(len(data), HEADER_PROBE)) for key, data in rig.files.items()
     )
+
+
+def test_indexing_waits_for_a_quiet_moment_but_never_stops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the mount answers requests, header reads wait (a listing of a new bucket is not
+    slowed by indexing it); under constant load each read waits at most _MAX_YIELD."""
+    monkeypatch.setattr(studies_module, "_MAX_YIELD", 1.0)
+    rig = dicom_rig(tmp_path, study("PAT-1", 1, [("CT", 3)], "20240105"))
+
+    async def body(fs: ArchiveFS) -> tuple[int, float]:
+        fs.active_at = time.monotonic() + 3600  # a request "now", for the whole test
+        started = time.monotonic()
+        await trio.sleep(0.5)
+        during = studies_of(fs).headers_read
+        status = await indexed(fs)
+        return during, time.monotonic() - started if status["pending"] == 0 else -1.0
+
+    during, seconds = run_fs(rig, body)
+    rig.close()
+    assert during == 0
+    assert 1.0 <= seconds < 10
 
 
 def test_opening_an_instance_makes_its_study_local(tmp_path: Path) -> None:
