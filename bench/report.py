@@ -39,6 +39,11 @@ METRICS = (
         "cloudfs: first read from the disk cache (remount, page cache dropped)",
         "MB/s",
     ),
+    Metric(
+        "cloudfs_cached_hot_seq",
+        "cloudfs: first read from the disk cache, its files in the page cache (remount)",
+        "MB/s",
+    ),
     Metric("cloudfs_warm_seq", "cloudfs: warm re-read, same mount (kernel page cache)", "GB/s"),
     Metric("cloudfs_random_cold_p50", "cloudfs: random 64 KiB pread, cold cache, p50", "ms"),
     Metric("cloudfs_random_cold_p99", "cloudfs: random 64 KiB pread, cold cache, p99", "ms"),
@@ -59,6 +64,11 @@ RATIOS: tuple[Ratio, ...] = (
     ("cloudfs cold sequential / boto3 single stream", "cloudfs_cold_seq", "boto3_single"),
     ("cloudfs cached first read / FUSE ceiling (1024 KiB)", "cloudfs_cached_seq", "memfs_1024"),
     ("cloudfs cached first read / local disk, cold", "cloudfs_cached_seq", "local_cold"),
+    (
+        "cloudfs cached first read, cache files in the page cache / FUSE ceiling (1024 KiB)",
+        "cloudfs_cached_hot_seq",
+        "memfs_1024",
+    ),
     ("cloudfs warm re-read / local page-cache re-read", "cloudfs_warm_seq", "local_warm"),
     (
         "cloudfs random 64 KiB p50: cold / disk cache",
