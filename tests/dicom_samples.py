@@ -13,7 +13,7 @@ import struct
 from collections.abc import Mapping
 from typing import Any
 
-from cloudfs.dicom import derived_uid, sample_instance
+from cloudfs.dicom import Header, derived_uid, sample_instance
 
 _LONG_LENGTH_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
 
@@ -113,3 +113,23 @@ def synthetic_study(
             )
             objects.append((f"{patient_id}/{study_uid}/{series_uid}/{sop_uid}.dcm", data))
     return objects
+
+
+SAMPLE_HEADER = Header(
+    patient_id="PAT1",
+    patient_name="DOE^JANE",
+    study_uid="1.2.1",
+    study_date="20240315",
+    study_time="093000",
+    accession="ACC1",
+    study_description="CT CHEST",
+    series_uid="1.2.1.1",
+    series_number=2,
+    modality="CT",
+    series_description="AXIAL",
+    sop_uid="1.2.1.1.1",
+    instance_number=1,
+    body_part="CHEST",
+    transfer_syntax="1.2.840.10008.1.2.1",
+)
+"""The tags of one CT instance, as the index records them; tests change what they need."""

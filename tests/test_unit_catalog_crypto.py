@@ -3,6 +3,7 @@ of a wrong or missing key, and the conversion of a plaintext catalog holding pen
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import multiprocessing
 import os
@@ -10,11 +11,11 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from dicom_samples import SAMPLE_HEADER
 from helpers_unit import listing, node_at, obj
 
 from cloudfs.catalog import READY, ROOT, Catalog
 from cloudfs.changes import Changes
-from cloudfs.dicom import Header
 from cloudfs.dicom_index import DicomIndex
 from cloudfs.errors import ConfigError
 
@@ -25,22 +26,8 @@ WRITTEN = "PAT-SECRET-88.dcm"
 MARKERS = (b"PAT-SECRET-77", b"PAT-SECRET-88", b"SECRETNAME")
 """The archived key, the name of a file written through the mount, the indexed PatientName."""
 
-HEADER = Header(
-    patient_id="PAT-SECRET-77",
-    patient_name="DOE^SECRETNAME",
-    study_uid="1.2.1",
-    study_date="20240315",
-    study_time="093000",
-    accession="ACC1",
-    study_description="CT CHEST",
-    series_uid="1.2.1.1",
-    series_number=2,
-    modality="CT",
-    series_description="AXIAL",
-    sop_uid="1.2.1.1.1",
-    instance_number=1,
-    body_part="CHEST",
-    transfer_syntax="1.2.840.10008.1.2.1",
+HEADER = dataclasses.replace(
+    SAMPLE_HEADER, patient_id="PAT-SECRET-77", patient_name="DOE^SECRETNAME"
 )
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dicom_samples import instance_bytes
+from dicom_samples import SAMPLE_HEADER, instance_bytes
 from helpers_unit import listing, obj
 
 from cloudfs.catalog import Catalog
@@ -31,30 +31,13 @@ from cloudfs.dicom_index import (
 )
 from cloudfs.store import ObjectInfo
 
-BASE = Header(
-    patient_id="PAT1",
-    patient_name="DOE^JANE",
-    study_uid="1.2.1",
-    study_date="20240315",
-    study_time="093000",
-    accession="ACC1",
-    study_description="CT CHEST",
-    series_uid="1.2.1.1",
-    series_number=2,
-    modality="CT",
-    series_description="AXIAL",
-    sop_uid="1.2.1.1.1",
-    instance_number=1,
-    body_part="CHEST",
-    transfer_syntax="1.2.840.10008.1.2.1",
-)
 STUDY = "20240315_CT CHEST_ACC1"
 SERIES = "002_CT_AXIAL"
 SIZE = 100
 
 
 def header(**changes: Any) -> Header:
-    return dataclasses.replace(BASE, **changes)
+    return dataclasses.replace(SAMPLE_HEADER, **changes)
 
 
 def instance_header(study: int, series: int, number: int | None, **changes: Any) -> Header:
