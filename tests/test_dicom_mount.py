@@ -283,16 +283,17 @@ def test_opening_one_instance_makes_the_whole_study_local(
     mount: Mounter, private_s3_server: MotoServer
 ) -> None:
     """One open of a cold instance prefetches the rest of its study; another study stays in the
-    cloud.  Checked by freezing the server and reading everything."""
+    cloud.  Checked by freezing the server and reading everything.  The study is CT at a real
+    size: a series of 200 slices of 512 x 512 x 16 bits (513 KiB each) and a second series."""
     from conftest import new_bucket
 
     bucket = new_bucket(private_s3_server)
-    study = synthetic_study("PAT-9", 9, [("CT", 40), ("CT", 10)], rows=256, columns=256)
+    study = synthetic_study("PAT-9", 9, [("CT", 200), ("CT", 20)])
     other = synthetic_study("PAT-8", 8, [("CT", 5)], rows=256, columns=256)
     put_all(bucket, study + other)
     m = mount(bucket, options=[*FAST, "--priors", "0"])
     wait_indexed(m, len(study) + len(other))
-    key, data = study[20]
+    key, data = study[100]
     with open(m.path / key, "rb") as handle:
         assert handle.read() == data
     # Foreground reads are served while the prefetch runs: the last instance of the other
