@@ -4,6 +4,7 @@ without a kernel, and a store wrapper that records, delays or fails ranged reads
 from __future__ import annotations
 
 import builtins
+import contextlib
 import os
 import random
 import threading
@@ -20,7 +21,7 @@ from cloudfs.catalog import ROOT, Catalog, Node
 from cloudfs.config import CacheOptions, Config, DicomOptions, KiB, MiB, MountOptions
 from cloudfs.errors import Unavailable
 from cloudfs.fs import ArchiveFS
-from cloudfs.store import ObjectInfo, ObjectStore, Source
+from cloudfs.store import FileSource, ObjectInfo, ObjectStore, Source
 from cloudfs.store.local import LocalStore
 
 T = TypeVar("T")
@@ -297,3 +298,23 @@ def node_at(catalog: Catalog, path: str) -> Node | None:
         if node is None:
             return None
     return node
+
+
+@contextlib.contextmanager
+def source_files(directory: Path) -> Iterator[Callable[[bytes], FileSource]]:
+    """``make(data)``: a Source over a new file in ``directory`` holding ``data``, as the
+    staging area hands one to an upload; the descriptors are closed on the way out."""
+    directory.mkdir(parents=True, exist_ok=True)
+    opened: list[int] = []
+
+    def make(data: bytes) -> FileSource:
+        path = directory / f"file{len(opened)}"
+        path.write_bytes(data)
+        opened.append(os.open(path, os.O_RDONLY))
+        return FileSource.of(opened[-1])
+
+    try:
+        yield make
+    finally:
+        for fd in opened:
+            os.close(fd)

@@ -16,11 +16,12 @@ from typing import Any
 import botocore.exceptions as bex
 import pytest
 from conftest import REGION, Bucket, assert_bytes, payload
+from helpers_unit import source_files
 
 from cloudfs.config import KiB, MiB, S3Options
 from cloudfs.errors import ConfigError, Conflict, NotFound, StaleObject, Unavailable
 from cloudfs.staging import CHUNK, HEADER, STRIDE, StagingArea, Tampered
-from cloudfs.store import FileSource, ObjectInfo, ObjectStore
+from cloudfs.store import ObjectInfo, ObjectStore
 from cloudfs.store import s3 as s3_module
 from cloudfs.store.local import TEMPORARY_SUFFIX, LocalStore
 from cloudfs.store.s3 import S3Store
@@ -97,20 +98,9 @@ def site(request: pytest.FixtureRequest) -> Site:
 @pytest.fixture
 def files(tmp_path: Path) -> Iterator[Any]:
     """``files(data)``: a Source over a local file holding ``data``, as the staging area hands
-    one to an upload; the descriptors are closed when the test ends."""
-    directory = tmp_path / "staging"
-    directory.mkdir()
-    opened: list[int] = []
-
-    def make(data: bytes) -> FileSource:
-        path = directory / f"file{len(opened)}"
-        path.write_bytes(data)
-        opened.append(os.open(path, os.O_RDONLY))
-        return FileSource.of(opened[-1])
-
-    yield make
-    for fd in opened:
-        os.close(fd)
+    one to an upload."""
+    with source_files(tmp_path / "staging") as make:
+        yield make
 
 
 def read_all(store: ObjectStore, info: ObjectInfo) -> bytes:

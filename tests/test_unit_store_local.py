@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from helpers_unit import source_files
 
 from cloudfs.config import S3Options
 from cloudfs.errors import CloudfsError, ConfigError, NotFound, StaleObject
@@ -252,27 +253,18 @@ def test_escaping_keys_are_not_found(
 
 
 @pytest.fixture
-def plain_source() -> Iterator[Callable[[Path, bytes], FileSource]]:
-    """``plain_source(path, data)``: a Source over a new file holding ``data``, as the staging
-    area hands one to an upload; its descriptor is closed when the test ends."""
-    opened: list[int] = []
-
-    def make(path: Path, data: bytes) -> FileSource:
-        path.write_bytes(data)
-        opened.append(os.open(path, os.O_RDONLY))
-        return FileSource.of(opened[-1])
-
-    yield make
-    for fd in opened:
-        os.close(fd)
+def plain_source(tmp_path: Path) -> Iterator[Callable[[bytes], FileSource]]:
+    """``plain_source(data)``: a Source over a new file holding ``data``."""
+    with source_files(tmp_path / "sources") as make:
+        yield make
 
 
 def test_put_file_delete_copy(
-    tmp_path: Path, root: Path, store: LocalStore, plain_source: Callable[[Path, bytes], FileSource]
+    root: Path, store: LocalStore, plain_source: Callable[[bytes], FileSource]
 ) -> None:
     """Uploads create parent directories atomically; copies duplicate; deletes are idempotent."""
     data = os.urandom(5000)
-    source = plain_source(tmp_path / "upload.bin", data)
+    source = plain_source(data)
     info = store.put_file("new/deep/obj.bin", source, {"patient": "x"}, None)
     assert isinstance(info, ObjectInfo)
     assert (info.key, info.size) == ("new/deep/obj.bin", 5000)
@@ -284,7 +276,7 @@ def test_put_file_delete_copy(
     assert copied.size == 5000
     assert store.get_range("other/copy.bin", 0, 5000, copied.etag) == data
 
-    replacement = plain_source(tmp_path / "replacement.bin", b"short")
+    replacement = plain_source(b"short")
     replaced = store.put_file("other/copy.bin", replacement, {}, copied.etag)
     assert replaced.size == 5 and replaced.etag != copied.etag
 
@@ -297,10 +289,10 @@ def test_put_file_delete_copy(
 
 
 def test_put_file_refuses_escaping_key(
-    tmp_path: Path, store: LocalStore, plain_source: Callable[[Path, bytes], FileSource]
+    tmp_path: Path, store: LocalStore, plain_source: Callable[[bytes], FileSource]
 ) -> None:
     """An upload can never write outside the root."""
-    source = plain_source(tmp_path / "upload.bin", b"x")
+    source = plain_source(b"x")
     with pytest.raises(NotFound):
         store.put_file("../escaped.bin", source, {}, None)
     assert not (tmp_path / "escaped.bin").exists()
