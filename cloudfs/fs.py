@@ -123,6 +123,14 @@ class StagedFile:
 
 
 @dataclass
+class _Opening:
+    """Opens of one staging file in progress, and whether it was let go meanwhile."""
+
+    count: int = 0
+    let_go: bool = False
+
+
+@dataclass
 class OpenFile:
     ino: int
     version: ObjectVersion | None
@@ -164,6 +172,7 @@ class ArchiveFS:
         self.gid = os.getgid() if mount_options.owner_gid is None else mount_options.owner_gid
         self._handles: dict[int, OpenFile] = {}
         self._staged: dict[int, StagedFile] = {}
+        self._opening: dict[str, _Opening] = {}
         self._recovered_keys: list[str] = []
         self._listings: dict[int, _Listing] = {}
         self._nursery: trio.Nursery | None = None
@@ -450,8 +459,11 @@ class ArchiveFS:
                 raise FsError(errno.EROFS, "this mount is read-only")
             staged = await self._stage(node, truncate=bool(flags & os.O_TRUNC))
             return self._new_handle(ino, None, staged, writable), False
-        if node.staged is not None:
-            return self._new_handle(ino, None, await self._open_staged(node), False), False
+        while node.staged is not None:
+            opened = await self._open_staged(node)
+            if opened is not None:
+                return self._new_handle(ino, None, opened, False), False
+            node = await self._node(ino)  # its staging file went meanwhile: read it again
         assert node.cloud_key is not None and node.etag is not None
         if node.storage_class in ARCHIVE_CLASSES:
             await self._check_restored(node.cloud_key)
@@ -494,25 +506,47 @@ class ArchiveFS:
         )
         return handle
 
-    async def _open_staged(self, node: Node) -> StagedFile:
-        """The open staging file of a node whose bytes are staged."""
+    async def _open_staged(self, node: Node) -> StagedFile | None:
+        """The open staging file of a node whose bytes are staged, or None if that file was let
+        go while it was being opened (its upload finished, or the node changed): the caller
+        reads the node again.  Opening takes a disk thread, and the file must not be taken
+        into ``_staged`` once its remover has looked there and found nothing."""
         staged = self._staged.get(node.ino)
-        if staged is None:
-            assert node.staged is not None
-            fd = await self._disk(self.staging.open, node.staged)
-            staged = self._staged.get(node.ino)  # another open may have won meanwhile
-            if staged is None:
-                staged = StagedFile(node.ino, node.staged, fd, node.size, node.mtime_ns)
-                self._staged[node.ino] = staged
-            else:
-                os.close(fd)
+        if staged is not None:
+            return staged
+        name = node.staged
+        assert name is not None
+        opening = self._opening.setdefault(name, _Opening())
+        opening.count += 1
+        try:
+            fd = await self._disk(self.staging.open, name)
+        except FileNotFoundError:
+            return None
+        finally:
+            opening.count -= 1
+            if not opening.count:
+                del self._opening[name]
+        staged = self._staged.get(node.ino)  # another open may have won meanwhile
+        if staged is not None or opening.let_go:
+            os.close(fd)
+            return staged
+        staged = StagedFile(node.ino, name, fd, node.size, node.mtime_ns)
+        self._staged[node.ino] = staged
         return staged
+
+    def _let_go(self, name: str) -> None:
+        """Staging file ``name`` is about to be removed: opens of it in progress start over."""
+        opening = self._opening.get(name)
+        if opening is not None:
+            opening.let_go = True
 
     async def _stage(self, node: Node, truncate: bool) -> StagedFile:
         """Make a file writable: its bytes in a staging file no upload is reading."""
         staged = self._staged.get(node.ino)
-        if staged is None and node.staged is not None:
+        while staged is None and node.staged is not None:
             staged = await self._open_staged(node)
+            if staged is None:
+                node = await self._node(node.ino)
         if staged is not None and (staged.detached or self.uploader.is_uploading(staged.name)):
             # Copy on write: the upload in progress keeps reading the bytes it started with.
             size = 0 if truncate else staged.size
@@ -567,6 +601,7 @@ class ArchiveFS:
             os.close(staged.fd)
             staged.fd = -1
             if not self.uploader.is_uploading(staged.name):  # else the uploader removes it
+                self._let_go(staged.name)
                 self._nursery_or_fail().start_soon(self._disk, self.staging.remove, staged.name)
 
     def _nursery_or_fail(self) -> trio.Nursery:
@@ -878,6 +913,7 @@ class ArchiveFS:
     def uploaded(self, ino: int, staged_name: str, kept: bool) -> bool:
         staged = self._staged.get(ino)
         if staged is None or staged.name != staged_name:
+            self._let_go(staged_name)
             return False
         if kept:
             staged.in_cloud = not staged.writes
@@ -966,6 +1002,7 @@ class ArchiveFS:
         if staged is not None:
             self._retire(staged)
         elif node.staged is not None and not self.uploader.is_uploading(node.staged):
+            self._let_go(node.staged)
             await self._disk(self.staging.remove, node.staged)
 
     async def rmdir(self, parent: int, name: str) -> None:

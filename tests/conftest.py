@@ -619,6 +619,21 @@ def bucket(s3_server: MotoServer) -> Iterator[Bucket]:
         client.delete_bucket(Bucket=made.name)
 
 
+_MOUNTER = pytest.StashKey["Mounter"]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed test's report carries the end of each of its daemons' logs: the daemon's own
+    account is what explains a failure seen only once, on a CI machine."""
+    outcome = yield
+    report = outcome.get_result()
+    mounter = item.stash.get(_MOUNTER, None)
+    if report.failed and mounter is not None:
+        for number, mount in enumerate(mounter.mounts, 1):
+            report.sections.append((f"daemon log {number}", mount.log_tail(60)))
+
+
 @pytest.fixture
 def mount(
     integration_environment: None, request: pytest.FixtureRequest, tmp_path: Path
@@ -626,6 +641,7 @@ def mount(
     """The mount factory: ``mount(bucket, ...)`` mounts and returns a ``Mount``; ``mount.attempt``
     runs a mount that may fail.  Everything is unmounted and every daemon ended afterwards."""
     mounter = Mounter(tmp_path)
+    request.node.stash[_MOUNTER] = mounter
     marker = request.node.get_closest_marker("timeout")
     limit = float(marker.args[0]) if marker and marker.args else 300.0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -159,3 +160,47 @@ def test_unlinked_open_file_stays_usable_and_never_goes_up(tmp_path: Path) -> No
 
     run_fs(rig, body)
     assert not (rig.source / "scratch").exists()
+
+
+@pytest.mark.parametrize("removed_first", [True, False], ids=["removed-first", "opened-first"])
+def test_open_racing_the_end_of_its_upload(tmp_path: Path, removed_first: bool) -> None:
+    """A file opened just as its upload ends: the uploader removes the staging file either before
+    the open reaches it or just after.  The open neither fails (ENOENT) nor holds on to the
+    removed file: the bytes read right, and a later write goes up."""
+    rig = with_writes(make_rig(tmp_path, {}), upload_delay=0.3)
+    data = os.urandom(100_000)
+
+    async def body(fs: ArchiveFS) -> None:
+        await fs.release(await create(fs, "a.dcm", data))
+        node = rig.catalog.lookup(ROOT, "a.dcm")
+        assert node is not None and node.staged is not None
+        staged_path = fs.staging.path(node.staged)
+        plain_open = fs.staging.open
+
+        def removed() -> None:
+            deadline = time.monotonic() + 10
+            while staged_path.exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert not staged_path.exists()
+
+        def racing_open(name: str) -> int:
+            if removed_first:
+                removed()
+                return plain_open(name)
+            fd = plain_open(name)
+            removed()
+            return fd
+
+        fs.staging.open = racing_open  # type: ignore[method-assign]
+        reader, _ = await fs.open(node.ino, os.O_RDONLY)
+        fs.staging.open = plain_open  # type: ignore[method-assign]
+        assert bytes(await fs.read(reader, 0, len(data))) == data
+        writer, _ = await fs.open(node.ino, os.O_WRONLY)
+        assert await fs.write(writer, 0, b"new") == 3
+        await fs.release(writer)
+        await fs.release(reader)
+        target = rig.source / "a.dcm"
+        expected = b"new" + data[3:]
+        assert await wait_until(lambda: target.read_bytes() == expected, 10)
+
+    run_fs(rig, body)
