@@ -3,7 +3,10 @@
 One row per object in ``dicom_instances``, for the object version (ETag) whose header was read:
 the tags of a DICOM instance, or the reason it is not one (``problem``), so no object is read twice.
 An object with no row, or a row of another version, is *pending*: indexing resumes there after a
-restart and picks up objects added by a relist or written through the mount.
+restart and picks up objects added by a relist or written through the mount.  Triggers on the
+catalog queue every key whose node is added, changed or removed (``dicom_queue``), so finding
+what is pending costs what changed, not a scan of an archive of millions of objects each time an
+upload lands; a key whose node left the catalog leaves the index and the view from that queue.
 
 The browse view is a tree of ``view_nodes``: directories for patients, studies, series and the
 by-date levels, and files that name the object (``target``) holding their bytes.  Each directory
@@ -43,6 +46,9 @@ VIEW_ROOT, BY_PATIENT, BY_DATE = 1, 2, 3
 UNDATED = "undated"
 _FOLDERS_META = "dicom_patient_folders"
 """Catalog meta entry: what patient folders are named by ("ids" or "names") in the stored view."""
+_QUEUE_STEP = 1000
+"""Queued keys looked at per transaction while looking for pending ones (the write lock is
+held meanwhile: a queue of a million keys after a first listing must not stall writers)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS dicom_instances (
@@ -71,6 +77,20 @@ CREATE TABLE IF NOT EXISTS view_nodes (
 CREATE UNIQUE INDEX IF NOT EXISTS view_by_name ON view_nodes(parent, name);
 CREATE UNIQUE INDEX IF NOT EXISTS view_by_identity ON view_nodes(parent, identity);
 CREATE INDEX IF NOT EXISTS view_by_target ON view_nodes(target) WHERE target IS NOT NULL;
+CREATE TABLE IF NOT EXISTS dicom_queue (key TEXT PRIMARY KEY) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS dicom_queue_added AFTER INSERT ON nodes
+    WHEN NEW.key IS NOT NULL AND NEW.is_dir = 0
+    BEGIN INSERT OR IGNORE INTO dicom_queue(key) VALUES (NEW.key); END;
+CREATE TRIGGER IF NOT EXISTS dicom_queue_changed
+    AFTER UPDATE OF key, etag, size, dirty, fetch_key ON nodes
+    WHEN NEW.key IS NOT NULL AND NEW.is_dir = 0
+    BEGIN INSERT OR IGNORE INTO dicom_queue(key) VALUES (NEW.key); END;
+CREATE TRIGGER IF NOT EXISTS dicom_queue_left AFTER UPDATE OF key ON nodes
+    WHEN OLD.key IS NOT NULL AND OLD.key IS NOT NEW.key
+    BEGIN INSERT OR IGNORE INTO dicom_queue(key) VALUES (OLD.key); END;
+CREATE TRIGGER IF NOT EXISTS dicom_queue_removed AFTER DELETE ON nodes
+    WHEN OLD.key IS NOT NULL
+    BEGIN INSERT OR IGNORE INTO dicom_queue(key) VALUES (OLD.key); END;
 CREATE TABLE IF NOT EXISTS pins (selector TEXT PRIMARY KEY, created REAL NOT NULL);
 """
 
@@ -151,8 +171,15 @@ class DicomIndex:
         self.catalog = catalog
         self.patient_names = patient_names
         with catalog.write_lock:
-            catalog.connection().executescript(_SCHEMA)  # commits by itself
+            db = catalog.connection()
+            queued = db.execute("SELECT 1 FROM sqlite_master WHERE name='dicom_queue'").fetchone()
+            db.executescript(_SCHEMA)  # commits by itself
         with catalog.transaction() as db:
+            if not queued:  # an index from before the queue, or none yet: look at everything
+                db.execute(
+                    "INSERT OR IGNORE INTO dicom_queue(key) SELECT key FROM nodes "
+                    "WHERE key IS NOT NULL AND is_dir=0 UNION SELECT key FROM dicom_instances"
+                )
             db.executemany(
                 "INSERT OR IGNORE INTO view_nodes(id, parent, name, identity) VALUES (?,?,?,?)",
                 _FIXED,
@@ -181,20 +208,47 @@ class DicomIndex:
     # -- indexing --------------------------------------------------------------------------
 
     def pending(self, limit: int) -> list[Pending]:
-        """Clean objects (their bytes are in the cloud) whose current version is not indexed."""
-        rows = (
-            self.catalog.connection()
-            .execute(
-                "SELECT n.key, n.etag, n.size, n.local_at > 0 FROM nodes n "
-                "LEFT JOIN dicom_instances d ON d.key = n.key "
-                "WHERE n.is_dir=0 AND n.dirty=0 AND n.fetch_key IS NULL AND n.key IS NOT NULL "
-                "AND n.etag IS NOT NULL AND n.size > 0 AND (d.key IS NULL OR d.etag != n.etag) "
-                "LIMIT ?",
-                (limit,),
-            )
-            .fetchall()
-        )
-        return [Pending(row[0], row[1], row[2], bool(row[3])) for row in rows]
+        """Up to ``limit`` clean objects (their bytes are in the cloud) whose current version is
+        not indexed.  Queued keys that need no read are settled on the way: one indexed at its
+        current version, or not ready (being written, moved, empty: a later change queues it
+        again), leaves the queue; one whose node left the catalog leaves the index and the view
+        too.  A pending key stays queued until ``record`` stores it, so a failed read is tried
+        again."""
+        found: list[Pending] = []
+        after = ""
+        while len(found) < limit:
+            with self.catalog.transaction() as db:
+                rows = db.execute(
+                    "SELECT q.key, n.ino, n.is_dir, n.dirty, n.fetch_key, n.etag, n.size, "
+                    "n.local_at > 0, d.etag FROM dicom_queue q "
+                    "LEFT JOIN nodes n ON n.key = q.key "
+                    "LEFT JOIN dicom_instances d ON d.key = q.key "
+                    "WHERE q.key > ? ORDER BY q.key LIMIT ?",
+                    (after, _QUEUE_STEP),
+                ).fetchall()
+                if not rows:
+                    break
+                settled = []
+                for key, ino, is_dir, dirty, fetch_key, etag, size, local, indexed in rows:
+                    if ino is None or is_dir:
+                        self._forget(db, key)
+                    elif dirty or fetch_key is not None or etag is None or not size:
+                        pass  # not in the cloud as it is (yet): its next change queues it
+                    elif indexed != etag:
+                        if len(found) < limit:
+                            found.append(Pending(key, etag, size, bool(local)))
+                        continue
+                    settled.append((key,))
+                db.executemany("DELETE FROM dicom_queue WHERE key=?", settled)
+                after = rows[-1][0]
+        return found
+
+    def _forget(self, db: sqlite3.Connection, key: str) -> None:
+        """``key`` left the catalog (deleted, or renamed away): out of the index and the view."""
+        before = self._instance_identity(db, key)
+        self._unplace(db, key)
+        if db.execute("DELETE FROM dicom_instances WHERE key=?", (key,)).rowcount:
+            self._show_other_copy(db, before, key)
 
     def record(
         self, results: Iterable[tuple[Pending, Header | str, bool]]
@@ -210,6 +264,7 @@ class DicomIndex:
                 current = db.execute("SELECT etag FROM nodes WHERE key=?", (item.key,)).fetchone()
                 if current is None or current[0] != item.etag:
                     continue  # changed or gone while its header was read: pending again
+                db.execute("DELETE FROM dicom_queue WHERE key=?", (item.key,))
                 before = self._instance_identity(db, item.key)
                 self._unplace(db, item.key)
                 if isinstance(outcome, str):
@@ -250,23 +305,6 @@ class DicomIndex:
                 if before != (h.sop_uid, h.series_uid, h.study_uid):
                     self._show_other_copy(db, before, item.key)
         return new_studies, local_studies
-
-    def purge(self) -> int:
-        """Forget objects that left the catalog (deleted, or renamed away); returns how many."""
-        with self.catalog.transaction() as db:
-            gone = [
-                row[0]
-                for row in db.execute(
-                    "SELECT key FROM dicom_instances d WHERE NOT EXISTS "
-                    "(SELECT 1 FROM nodes n WHERE n.key = d.key)"
-                )
-            ]
-            for key in gone:
-                before = self._instance_identity(db, key)
-                self._unplace(db, key)
-                db.execute("DELETE FROM dicom_instances WHERE key=?", (key,))
-                self._show_other_copy(db, before, key)
-        return len(gone)
 
     @staticmethod
     def _instance_identity(db: sqlite3.Connection, key: str) -> tuple[str, str, str] | None:

@@ -179,17 +179,12 @@ class Studies:
     # -- indexing --------------------------------------------------------------------------
 
     async def _indexer(self) -> None:
-        purged = False
         while True:
             batch: list[Pending] = await self._db(self.index.pending, _BATCH)
             if not batch:
-                if not purged:
-                    await self._db(self.index.purge)
-                    purged = True
                 with trio.move_on_after(_IDLE_PERIOD):
                     await self._wanted.wait()
                 self._wanted = trio.Event()
-                purged = False
                 continue
             results: list[tuple[Pending, Any, bool]] = []
             async with trio.open_nursery() as nursery:

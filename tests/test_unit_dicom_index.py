@@ -68,6 +68,10 @@ def put(catalog: Catalog, objects: dict[str, str], size: int = SIZE) -> None:
     catalog.sync(listing(obj(key, size=size, etag=etag) for key, etag in objects.items()))
 
 
+def queued(catalog: Catalog) -> list[str]:
+    return [row[0] for row in catalog.connection().execute("SELECT key FROM dicom_queue")]
+
+
 def pending_of(index: DicomIndex, key: str) -> Pending:
     found = [item for item in index.pending(10_000) if item.key == key]
     assert len(found) == 1, f"{key} is not pending"
@@ -79,7 +83,7 @@ def record(
 ) -> tuple[list[str], list[str]]:
     """Record read results for pending objects, in the order given."""
     return index.record(
-        (pending_of(index, key), outcome, local) for key, outcome in outcomes.items()
+        [(pending_of(index, key), outcome, local) for key, outcome in outcomes.items()]
     )
 
 
@@ -470,7 +474,7 @@ def test_names_are_stable_across_reopening_and_rerecording(tmp_path: Path) -> No
     # The study named STUDY~2 goes; the one named STUDY~3 keeps its name.
     del objects["s1.dcm"]
     put(catalog, objects)
-    assert index.purge() == 1
+    assert index.pending(10) == []
     assert files(index) == {path: key for path, key in first.items() if key != "s1.dcm"}
 
 
@@ -495,7 +499,7 @@ def test_remaining_copy_of_an_instance_is_shown_once_the_placed_one_goes(
     put(catalog, {"a.dcm": '"1"', "copy/a.dcm": '"1"'})
     record(index, {"a.dcm": header(), "copy/a.dcm": header()})
     put(catalog, {"copy/a.dcm": '"1"'})
-    assert index.purge() == 1
+    assert index.pending(10) == []
     assert set(files(index).values()) == {"copy/a.dcm"}
 
 
@@ -585,12 +589,45 @@ def test_purge_forgets_objects_that_left_the_catalog(catalog: Catalog, index: Di
     )
     kept = {path: key for path, key in files(index).items() if key == "a.dcm"}
     put(catalog, {"a.dcm": '"1"'})
-    assert index.purge() == 2
+    assert index.pending(10) == []
     assert files(index) == kept
     assert not any("PAT4" in path or "2020" in path for path in dirs(index))
     progress = index.progress()
     assert (progress["objects"], progress["indexed"], progress["not_dicom"]) == (1, 1, 0)
-    assert index.purge() == 0
+    assert queued(catalog) == []
+
+
+def test_only_changed_keys_are_looked_at_and_a_renamed_key_leaves_the_index(
+    catalog: Catalog, index: DicomIndex
+) -> None:
+    """Once everything is indexed the queue is empty, so an upload landing in a large archive
+    costs a look at its own key; a rename queues both keys, and the old one leaves the index."""
+    put(catalog, {f"s{n}.dcm": '"1"' for n in range(50)})
+    record(index, {f"s{n}.dcm": instance_header(n + 1, 1, 1) for n in range(50)})
+    assert index.pending(100) == [] and queued(catalog) == []
+    db = catalog.connection()
+    db.execute("UPDATE nodes SET key='moved.dcm', name='moved.dcm' WHERE key='s7.dcm'")
+    db.execute("UPDATE nodes SET etag='\"2\"' WHERE key='s8.dcm'")
+    assert queued(catalog) == ["moved.dcm", "s7.dcm", "s8.dcm"]
+    assert {item.key for item in index.pending(100)} == {"moved.dcm", "s8.dcm"}
+    assert "s7.dcm" not in set(files(index).values())
+    assert queued(catalog) == ["moved.dcm", "s8.dcm"], "pending keys stay until recorded"
+
+
+def test_an_index_from_before_the_queue_is_looked_at_whole(tmp_path: Path) -> None:
+    """A catalog indexed before changes were queued: opening it queues every key once, so
+    objects left pending and rows of deleted objects are still found."""
+    catalog = Catalog(tmp_path / "catalog.db")
+    put(catalog, {"a.dcm": '"1"', "b.dcm": '"1"'})
+    record(DicomIndex(catalog, patient_names=False), {"a.dcm": header()})
+    db = catalog.connection()
+    for name in ("added", "changed", "left", "removed"):
+        db.execute(f"DROP TRIGGER dicom_queue_{name}")
+    db.execute("DROP TABLE dicom_queue")
+    db.execute("DELETE FROM nodes WHERE key='a.dcm'")
+    reopened = DicomIndex(catalog, patient_names=False)
+    assert [item.key for item in reopened.pending(10)] == ["b.dcm"]
+    assert files(reopened) == {}
 
 
 # -- hostile tag values ----------------------------------------------------------------------------
