@@ -186,9 +186,10 @@ class Changes:
         assert node is not None
         return node
 
-    def stage(self, ino: int, staged: str) -> None:
-        """The file's bytes now live in a staging file (opened for writing)."""
-        with self.catalog.transaction() as db:
+    def stage(self, ino: int, staged: str, durable: bool = False) -> None:
+        """The file's bytes now live in a staging file (opened for writing); ``durable``: the
+        record must survive a power cut (the file was complete and is not yet in the cloud)."""
+        with self.catalog.transaction(durable) as db:
             # A file already durable stays so: its new staging file starts as a copy of it.
             db.execute(
                 "UPDATE nodes SET staged=?, dirty=CASE WHEN dirty=? THEN ? ELSE ? END, local_at=? "

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple, Protocol
 import trio
 
 from .cache import BlockCache
-from .catalog import ROOT, Catalog, Node, SyncReport
+from .catalog import READY, ROOT, Catalog, Node, SyncReport
 from .changes import Backlog, Changes
 from .config import Config
 from .dicom_index import BY_PATIENT, VIEW_BASE, VIEW_ROOT, DicomIndex, ViewEntry, is_view_inode
@@ -550,8 +550,11 @@ class ArchiveFS:
         if staged is not None and (staged.detached or self.uploader.is_uploading(staged.name)):
             # Copy on write: the upload in progress keeps reading the bytes it started with.
             size = 0 if truncate else staged.size
-            name, fd = await self._disk(self.staging.copy, staged.fd, size)
-            await self._catalog(self.changes.stage, node.ino, name)
+            # Once named, the copy is all the journal has of a complete file not yet in the
+            # cloud: it and its naming must be durable, as the fsync that made it complete was.
+            durable = not (truncate or staged.detached) and (staged.ready or node.dirty == READY)
+            name, fd = await self._disk(self.staging.copy, staged.fd, size, durable)
+            await self._catalog(self.changes.stage, node.ino, name, durable)
             replacement = StagedFile(node.ino, name, fd, size, time.time_ns())
             self._retire(staged)
             self._staged[node.ino] = staged = replacement

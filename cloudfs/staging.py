@@ -313,8 +313,9 @@ class StagingArea:
         finally:
             os.close(fd)
 
-    def copy(self, source_fd: int, size: int) -> tuple[str, int]:
-        """A new staging file holding the first ``size`` bytes of ``source_fd``."""
+    def copy(self, source_fd: int, size: int, durable: bool = False) -> tuple[str, int]:
+        """A new staging file holding the first ``size`` bytes of ``source_fd``; ``durable``:
+        on disk before this returns."""
         self.reserve(size)
         name, fd = self.take()
         offset = 0
@@ -334,6 +335,8 @@ class StagingArea:
             self.remove(name)  # gives back the bytes copied so far
             self.release(size - offset)
             raise
+        if durable:
+            self.durable(fd)
         return name, fd
 
     def durable(self, fd: int) -> None:

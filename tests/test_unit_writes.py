@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -202,5 +203,59 @@ def test_open_racing_the_end_of_its_upload(tmp_path: Path, removed_first: bool) 
         target = rig.source / "a.dcm"
         expected = b"new" + data[3:]
         assert await wait_until(lambda: target.read_bytes() == expected, 10)
+
+    run_fs(rig, body)
+
+
+def test_reopening_a_complete_file_during_its_upload_keeps_the_fsync_promise(
+    tmp_path: Path,
+) -> None:
+    """A complete file reopened for writing while it goes up is copied (the upload keeps its
+    bytes); the copy is then all the journal has of a file not yet in the cloud, so it and the
+    record naming it are made durable before the open returns."""
+    rig = with_writes(make_rig(tmp_path, {}), upload_delay=0)
+    data = os.urandom(200_000)
+    release_upload = threading.Event()
+    plain_put = rig.store.put_file
+
+    def held_put(*args: object, **kwargs: object) -> object:
+        release_upload.wait(10)
+        return plain_put(*args, **kwargs)  # type: ignore[arg-type]
+
+    rig.store.put_file = held_put  # type: ignore[method-assign]
+
+    async def body(fs: ArchiveFS) -> None:
+        handle = await create(fs, "a.dcm", data)
+        await fs.fsync(handle)
+        await fs.release(handle)
+        node = rig.catalog.lookup(ROOT, "a.dcm")
+        assert node is not None and node.staged is not None
+        first = node.staged
+        assert await wait_until(lambda: fs.uploader.is_uploading(first), 10)
+        synced: list[int] = []
+        durable_commits: list[bool] = []
+        plain_durable, plain_transaction = fs.staging.durable, rig.catalog.transaction
+
+        def counting(fd: int) -> None:
+            synced.append(fd)
+            plain_durable(fd)
+
+        def noting(durable: bool = False) -> object:
+            durable_commits.append(durable)
+            return plain_transaction(durable)
+
+        fs.staging.durable = counting  # type: ignore[method-assign]
+        rig.catalog.transaction = noting  # type: ignore[assignment,method-assign]
+        writer, _ = await fs.open(node.ino, os.O_WRONLY)
+        fs.staging.durable, rig.catalog.transaction = plain_durable, plain_transaction  # type: ignore[method-assign]
+        copy = rig.catalog.lookup(ROOT, "a.dcm")
+        assert copy is not None and copy.staged not in (None, first)
+        assert len(synced) == 1 and durable_commits.count(True) == 1
+        assert await fs.write(writer, 0, b"new") == 3
+        await fs.release(writer)
+        release_upload.set()
+        target = rig.source / "a.dcm"
+        expected = b"new" + data[3:]
+        assert await wait_until(lambda: target.exists() and target.read_bytes() == expected, 10)
 
     run_fs(rig, body)
