@@ -27,7 +27,7 @@ from .changes import Changes, Work
 from .config import WriteOptions
 from .errors import CloudfsError, Conflict, Unavailable
 from .staging import StagingArea, Tampered
-from .store import ObjectInfo, ObjectStore, Source
+from .store import UPLOAD_TOKEN, ObjectInfo, ObjectStore, Source
 
 log = logging.getLogger(__name__)
 
@@ -327,8 +327,11 @@ class Uploader:
                 """One worker-thread call: send the file, then put its bytes in the block
                 cache (under the new ETag) before the catalog says the file is in the cloud,
                 so whoever reads it next, the DICOM indexer included, finds them there."""
+                # The journal's version of the file names the upload: a retry, even after a
+                # restart, recognises an object an earlier attempt of it left.
+                metadata = {**object_metadata(node), UPLOAD_TOKEN: f"{staged}-{node.local_at}"}
                 with self.staging.source(staged) as source:
-                    info = self.store.put_file(key, source, object_metadata(node), node.base_etag)
+                    info = self.store.put_file(key, source, metadata, node.base_etag)
                     self._keep_in_cache(source, info)
                 return info
 

@@ -21,7 +21,7 @@ from helpers_unit import source_files
 from cloudfs.config import KiB, MiB, S3Options
 from cloudfs.errors import ConfigError, Conflict, NotFound, StaleObject, Unavailable
 from cloudfs.staging import CHUNK, HEADER, STRIDE, StagingArea, Tampered
-from cloudfs.store import ObjectInfo, ObjectStore
+from cloudfs.store import UPLOAD_TOKEN, ObjectInfo, ObjectStore
 from cloudfs.store import s3 as s3_module
 from cloudfs.store.local import TEMPORARY_SUFFIX, LocalStore
 from cloudfs.store.s3 import S3Store
@@ -228,6 +228,24 @@ def test_retried_upload_finds_its_own_bytes_and_succeeds(s3: Site, files: Any) -
     large = files(payload(11 * MiB, "retried"))
     uploaded = s3.store.put_file("big", large, {}, None)
     assert s3.store.put_file("big", large, {}, None).etag == uploaded.etag
+
+
+def test_retried_upload_knows_its_own_object_by_its_token_when_etags_say_nothing(
+    s3: Site, files: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under SSE-KMS or SSE-C an ETag is no MD5 of the bytes, so a retry whose first attempt
+    landed cannot know its object by its ETag: the upload token in its metadata tells it.  An
+    object with another token (another writer's, or another version's) stays a conflict."""
+    monkeypatch.setattr(s3_module, "_etags_of", lambda source, part, key: set())
+    small, large = files(b"same bytes"), files(payload(11 * MiB, "retried"))
+    for key, data in (("k", small), ("big", large)):
+        first = s3.store.put_file(key, data, {UPLOAD_TOKEN: "v1"}, None)
+        assert s3.user_metadata(key)[UPLOAD_TOKEN] == "v1"
+        assert s3.store.put_file(key, data, {UPLOAD_TOKEN: "v1"}, None).etag == first.etag
+        with pytest.raises(Conflict):
+            s3.store.put_file(key, data, {UPLOAD_TOKEN: "v2"}, None)
+        with pytest.raises(Conflict):
+            s3.store.put_file(key, data, {}, None)
 
 
 def test_retry_with_another_part_size_still_finds_its_own_multipart_object(

@@ -19,6 +19,10 @@ from ..errors import ConfigError
 
 ARCHIVE_CLASSES = frozenset({"GLACIER", "DEEP_ARCHIVE"})
 """Storage classes whose objects need a restore before a GET (GLACIER_IR reads directly)."""
+UPLOAD_TOKEN = "cloudfs-upload"
+"""User metadata naming the version of a file an upload sent: a retried conditional write that
+finds an object there recognises its own earlier success by it, whatever the ETag is (under
+SSE-KMS and SSE-C an ETag is not an MD5 of the bytes)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,7 +31,7 @@ from ..errors import (
     StoreUnreachable,
     Unavailable,
 )
-from . import ObjectInfo, Source
+from . import UPLOAD_TOKEN, ObjectInfo, Source
 
 log = logging.getLogger(__name__)
 
@@ -235,11 +235,17 @@ class S3Store:
         except (bex.BotoCoreError, bex.ClientError) as exc:
             raise self._error(exc, self.prefix or "/") from exc
 
-    def head(self, key: str) -> ObjectInfo:
+    def _head(self, key: str) -> dict[str, Any]:
         try:
-            reply = self.client.head_object(Bucket=self.bucket, Key=self.prefix + key)
+            reply: dict[str, Any] = self.client.head_object(
+                Bucket=self.bucket, Key=self.prefix + key
+            )
         except (bex.BotoCoreError, bex.ClientError) as exc:
             raise self._error(exc, key) from exc
+        return reply
+
+    def head(self, key: str) -> ObjectInfo:
+        reply = self._head(key)
         return ObjectInfo(
             key,
             reply["ContentLength"],
@@ -296,24 +302,28 @@ class S3Store:
                 reply, expected = self._put_parts(key, source, metadata, condition)
         except Conflict:
             # A retry of an upload whose reply was lost finds its own bytes there.
-            own = self._own_upload(key, source, part)
+            own = self._own_upload(key, source, part, metadata.get(UPLOAD_TOKEN))
             if own is None:
                 raise
             return ObjectInfo(key, size, time.time_ns(), own)
         _check_etag(key, reply, expected, source, part)
         return ObjectInfo(key, size, time.time_ns(), reply["ETag"])
 
-    def _own_upload(self, key: str, source: Source, part: int) -> str | None:
-        """The ETag of ``key`` if it holds exactly the bytes of ``source``, else None.  A
-        multipart object is checked with the part size it was uploaded with (the size of its
-        first part), which is not this mount's if ``--part-size`` changed before the retry."""
+    def _own_upload(self, key: str, source: Source, part: int, token: str | None) -> str | None:
+        """The ETag of ``key`` if this upload (``token``) wrote it, or it holds exactly the bytes
+        of ``source``; else None.  A multipart object is checked with the part size it was
+        uploaded with (the size of its first part), which is not this mount's if ``--part-size``
+        changed before the retry."""
         try:
-            current = self.head(key)
+            reply = self._head(key)
         except NotFound:
             return None
-        if current.size != source.size:
+        etag = str(reply["ETag"])
+        if reply["ContentLength"] != source.size:
             return None
-        if _MULTIPART_ETAG.match(current.etag):
+        if token is not None and reply.get("Metadata", {}).get(UPLOAD_TOKEN) == token:
+            return etag
+        if _MULTIPART_ETAG.match(etag):
             try:
                 first = self.client.head_object(
                     Bucket=self.bucket, Key=self.prefix + key, PartNumber=1
@@ -321,7 +331,7 @@ class S3Store:
                 part = int(first["ContentLength"]) or part
             except (bex.BotoCoreError, bex.ClientError, KeyError, ValueError):
                 pass  # a server without part numbers: this mount's part size it is
-        return current.etag if current.etag in _etags_of(source, part, key) else None
+        return etag if etag in _etags_of(source, part, key) else None
 
     def _put_whole(
         self, key: str, source: Source, metadata: Mapping[str, str], condition: dict[str, str]
