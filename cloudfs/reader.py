@@ -462,17 +462,21 @@ class BlockReader:
         read per block."""
         assert self._nursery is not None, "BlockReader.run() is not running"
         last = min(first + WARM_AHEAD, -(-obj.size // self.block_size))
+        absent = [index for index in range(first, last) if self._absent(obj.block(index))]
+        if not absent or (absent[0] != first and len(absent) < WARM_BATCH):
+            # The next block is on its way: wait until a whole batch is missing, or a reader
+            # advancing a block at a time would cost a thread hop (and its wake-ups) per block.
+            return
         batch: list[tuple[BlockId, _Pending]] = []
-        for index in range(first, last):
+        for index in absent:
             block = obj.block(index)
-            if self._absent(block):
-                # In flight like a fetch, so a reader arriving meanwhile waits for this load
-                # instead of reading the same block from disk a second time.
-                pending = self._inflight[block] = _Pending(from_disk=True)
-                batch.append((block, pending))
-                if len(batch) == WARM_BATCH:
-                    self._nursery.start_soon(self._warm, batch, obj.backup)
-                    batch = []
+            # In flight like a fetch, so a reader arriving meanwhile waits for this load
+            # instead of reading the same block from disk a second time.
+            pending = self._inflight[block] = _Pending(from_disk=True)
+            batch.append((block, pending))
+            if len(batch) == WARM_BATCH:
+                self._nursery.start_soon(self._warm, batch, obj.backup)
+                batch = []
         if batch:
             self._nursery.start_soon(self._warm, batch, obj.backup)
 

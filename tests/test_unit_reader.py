@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from cloudfs.cache import BlockId
 from cloudfs.errors import CloudfsError
 from cloudfs.fs import ArchiveFS
-from cloudfs.reader import ObjectVersion
+from cloudfs.reader import WARM_BATCH, ObjectVersion
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -457,6 +457,40 @@ def test_sequential_reader_of_cached_file_is_warmed_into_memory(tmp_path: Path) 
 
     run_fs(rig, reread)
     assert len(rig.store.calls) == fetched
+    rig.close()
+
+
+def test_warm_up_loads_whole_batches_not_a_block_per_read(tmp_path: Path) -> None:
+    """A reader advancing a block at a time: the warm-up waits until a whole batch is missing,
+    so loading 64 cached blocks costs about 64 / WARM_BATCH worker-thread calls, not 64 (each
+    call is a thread hop with its wake-ups, which cost the mount more than the reads)."""
+    data = random_bytes(64 * BS, 19)
+    rig = make_rig(tmp_path, {"a.bin": data})
+
+    async def warm_up(fs: ArchiveFS) -> None:
+        assert await read_all(fs, "a.bin") == data
+
+    run_fs(rig, warm_up)
+
+    async def reread(fs: ArchiveFS) -> int:
+        calls = []
+        load = fs.reader._load_blocks
+
+        def counted(blocks: list[BlockId], backup: bool) -> list[memoryview | None]:
+            calls.append(len(blocks))
+            return load(blocks, backup)
+
+        fs.reader._load_blocks = counted  # type: ignore[method-assign]
+        handle = await open_path(fs, "a.bin")
+        for index in range(64):
+            got = await fs.read(handle, index * BS, BS)
+            assert bytes(got) == data[index * BS : (index + 1) * BS]
+            await trio.sleep(0.002)
+        await fs.release(handle)
+        assert fs.reader.stats.memory_hits >= 56
+        return len(calls)
+
+    assert run_fs(rig, reread) <= 64 // WARM_BATCH + 4
     rig.close()
 
 
