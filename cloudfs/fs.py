@@ -43,7 +43,10 @@ log = logging.getLogger(__name__)
 
 _READDIR_BATCH = 1000
 _FIGURES_PERIOD = 5.0
-"""Seconds between refreshes of the metrics figures that cost a database query."""
+"""Seconds between refreshes of the metrics figures that cost a database query, at least."""
+_FIGURES_SHARE = 0.05
+"""At most this share of one core for those queries: they count every catalog and index row,
+close to a second with a million objects, so a large archive is counted less often."""
 _BUSY_FOR = 0.05
 """Seconds after a kernel request during which the mount counts as busy for background work."""
 _REMEMBERED_VERSIONS = 100_000
@@ -781,17 +784,19 @@ class ArchiveFS:
             return figures
 
         while True:
+            started = time.monotonic()
             try:
                 self._figures = await self._catalog(gather)
             except Exception as exc:  # the figures go stale; reads and writes must not care
                 log.warning("metrics figures not refreshed: %s", exc)
+            spent = time.monotonic() - started
             errors = self.reader.stats.errors_by_kind + self.uploader.stats.errors_by_kind
             for kind, total in errors.items():
                 new = total - self._reported_errors.get(kind, 0)
                 if new > 0:
                     self.metrics.cloud_errors.labels(kind=kind).inc(new)
                     self._reported_errors[kind] = total
-            await trio.sleep(_FIGURES_PERIOD)
+            await trio.sleep(max(_FIGURES_PERIOD, spent / _FIGURES_SHARE))
 
     def _writable(self, handle: int) -> StagedFile:
         open_file = self._handles.get(handle)

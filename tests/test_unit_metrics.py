@@ -9,12 +9,17 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
+from helpers_unit import make_rig
 from prometheus_client.parser import text_string_to_metric_families
 
+from cloudfs import fs as fs_module
 from cloudfs import metrics
+from cloudfs.fs import ArchiveFS
 from cloudfs.metrics import (
     DEFAULT_ADDRESS,
     FIGURES,
@@ -416,3 +421,31 @@ def test_serve_twice_is_refused(served: tuple[Metrics, dict[str, Any]]) -> None:
     endpoint, _ = served
     with pytest.raises(RuntimeError, match="already served on 127.0.0.1:"):
         endpoint.serve(("127.0.0.1", 0))
+
+
+def test_figures_of_a_large_catalog_are_counted_less_often(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The figures count every catalog and index row, close to a second with a million objects:
+    their refresh is spaced so that it takes at most 5% of one core, not every few seconds."""
+    monkeypatch.setattr(fs_module, "_FIGURES_PERIOD", 0.01)
+    rig = make_rig(tmp_path, {})
+    calls: list[float] = []
+    counts = rig.catalog.counts
+
+    def slow_counts() -> dict[str, int]:
+        calls.append(time.monotonic())
+        time.sleep(0.05)
+        return counts()
+
+    rig.catalog.counts = slow_counts  # type: ignore[method-assign]
+
+    async def main() -> None:
+        fs = ArchiveFS(rig.config, rig.store, rig.catalog, rig.cache)
+        fs.metrics = Metrics(fs.metrics_snapshot)
+        with trio.move_on_after(1.5):
+            await fs.run(3600.0)
+
+    trio.run(main)
+    rig.close()
+    assert 1 <= len(calls) <= 2, f"counted {len(calls)} times in 1.5 s"
