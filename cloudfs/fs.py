@@ -49,6 +49,8 @@ _FIGURES_SHARE = 0.05
 close to a second with a million objects, so a large archive is counted less often."""
 _BUSY_FOR = 0.05
 """Seconds after a kernel request during which the mount counts as busy for background work."""
+_STAGED_ATTEMPTS = 3
+"""Opens of a node's staging file before giving up: each retry follows a finished upload."""
 _REMEMBERED_VERSIONS = 100_000
 
 
@@ -462,11 +464,9 @@ class ArchiveFS:
                 raise FsError(errno.EROFS, "this mount is read-only")
             staged = await self._stage(node, truncate=bool(flags & os.O_TRUNC))
             return self._new_handle(ino, None, staged, writable), False
-        while node.staged is not None:
-            opened = await self._open_staged(node)
-            if opened is not None:
-                return self._new_handle(ino, None, opened, False), False
-            node = await self._node(ino)  # its staging file went meanwhile: read it again
+        node, opened = await self._current_staged(node)
+        if opened is not None:
+            return self._new_handle(ino, None, opened, False), False
         assert node.cloud_key is not None and node.etag is not None
         if node.storage_class in ARCHIVE_CLASSES:
             await self._check_restored(node.cloud_key)
@@ -509,6 +509,21 @@ class ArchiveFS:
         )
         return handle
 
+    async def _current_staged(self, node: Node) -> tuple[Node, StagedFile | None]:
+        """The node as it is now and its open staging file, or None if its bytes are only in
+        the cloud.  A staging file let go while it was being opened (its upload finished) means
+        reading the node again; one the journal names but the disk does not hold is an error
+        (EIO), never a loop."""
+        for _ in range(_STAGED_ATTEMPTS):
+            if node.staged is None:
+                return node, None
+            staged = await self._open_staged(node)
+            if staged is not None:
+                return node, staged
+            node = await self._node(node.ino)
+        log.error("%s: its staging file %s is missing", node.key, node.staged)
+        raise FsError(errno.EIO, f"{node.key}: staging file missing")
+
     async def _open_staged(self, node: Node) -> StagedFile | None:
         """The open staging file of a node whose bytes are staged, or None if that file was let
         go while it was being opened (its upload finished, or the node changed): the caller
@@ -546,10 +561,8 @@ class ArchiveFS:
     async def _stage(self, node: Node, truncate: bool) -> StagedFile:
         """Make a file writable: its bytes in a staging file no upload is reading."""
         staged = self._staged.get(node.ino)
-        while staged is None and node.staged is not None:
-            staged = await self._open_staged(node)
-            if staged is None:
-                node = await self._node(node.ino)
+        if staged is None:
+            node, staged = await self._current_staged(node)
         if staged is not None and (staged.detached or self.uploader.is_uploading(staged.name)):
             # Copy on write: the upload in progress keeps reading the bytes it started with.
             size = 0 if truncate else staged.size

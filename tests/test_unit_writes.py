@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import trio
 from helpers_unit import Rig, ino_of, make_rig, read_all, run_fs, wait_until
 
 from cloudfs.catalog import READY, ROOT
@@ -257,5 +258,23 @@ def test_reopening_a_complete_file_during_its_upload_keeps_the_fsync_promise(
         target = rig.source / "a.dcm"
         expected = b"new" + data[3:]
         assert await wait_until(lambda: target.exists() and target.read_bytes() == expected, 10)
+
+    run_fs(rig, body)
+
+
+def test_a_staging_file_missing_from_disk_is_an_error_not_a_hang(tmp_path: Path) -> None:
+    """The journal names a staging file the disk does not hold (removed behind the mount's back):
+    opening the file fails with EIO and a log line, for reading and for writing alike."""
+    rig = with_writes(make_rig(tmp_path, {}), upload_delay=3600)
+
+    async def body(fs: ArchiveFS) -> None:
+        await fs.release(await create(fs, "a.dcm", b"written"))
+        node = rig.catalog.lookup(ROOT, "a.dcm")
+        assert node is not None and node.staged is not None
+        fs.staging.path(node.staged).unlink()
+        for flags in (os.O_RDONLY, os.O_WRONLY):
+            with trio.fail_after(5), pytest.raises(FsError) as caught:
+                await fs.open(node.ino, flags)
+            assert caught.value.errno == errno.EIO
 
     run_fs(rig, body)
