@@ -479,11 +479,17 @@ class Catalog:
         )
         return {row[0] for row in rows}
 
-    def refresh_object(self, info: ObjectInfo | None, key: str) -> SyncReport:
-        """Record one object's new state (``None``: it is gone), as learned from a HEAD."""
+    def refresh_object(
+        self, info: ObjectInfo | None, key: str, asked_ns: int | None = None
+    ) -> SyncReport:
+        """Record one object's new state (``None``: it is gone), as learned from a HEAD sent at
+        ``asked_ns`` (wall clock, default now): a change made through the mount since then, such
+        as an upload that finished while the HEAD was out, is newer and stays."""
         report = SyncReport()
         writer = _Writer(self.connection(), report, self._reported, self.write_lock)
-        writer.tombstones = self._tombstones(time.time())
+        if asked_ns is not None:
+            writer.since_ns = asked_ns
+        writer.tombstones = self._tombstones(writer.since_ns / 1e9)
         with writer.batch():
             existing = self.by_key(key)
             if info is None:

@@ -1082,6 +1082,7 @@ class ArchiveFS:
 
     async def refresh_key(self, key: str) -> None:
         """Re-read one object's state from the store (after its ETag stopped matching)."""
+        asked_ns = time.time_ns()
         try:
             info = await trio.to_thread.run_sync(self.store.head, key, limiter=self._store_threads)
         except NotFound:
@@ -1089,7 +1090,7 @@ class ArchiveFS:
         except CloudfsError as exc:
             log.warning("cannot refresh %s: %s", key, exc)
             return
-        report = await self._catalog(self.catalog.refresh_object, info, key)
+        report = await self._catalog(self.catalog.refresh_object, info, key, asked_ns)
         await self.kernel.forget(report.stale_inodes, report.stale_names)
 
     async def sync(self) -> SyncReport:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -326,6 +327,21 @@ def test_marker_and_file_of_the_same_name(catalog: Catalog) -> None:
     d = node_at(catalog, "d")
     assert d is not None and d.is_dir and d.key == "d/"
     assert [key for key, _ in catalog.rejected()] == ["d"]
+
+
+def test_refresh_object_leaves_a_change_newer_than_its_head(catalog: Catalog) -> None:
+    """A HEAD sent before an upload through the mount finished may answer for the old state
+    (gone, or the previous version): applied after that upload, it must not undo it."""
+    catalog.sync(listing(BASE))
+    asked = time.time_ns()
+    uploaded = asked + 1_000_000  # the upload finished while the HEAD was out
+    catalog.connection().execute("UPDATE nodes SET local_at=? WHERE key='a.txt'", (uploaded,))
+    before = node_at(catalog, "a.txt")
+    catalog.refresh_object(None, "a.txt", asked)
+    catalog.refresh_object(obj("a.txt", size=99, etag='"old"'), "a.txt", asked)
+    assert node_at(catalog, "a.txt") == before
+    catalog.refresh_object(None, "a.txt", uploaded + 1)  # a HEAD sent after it: applied
+    assert node_at(catalog, "a.txt") is None
 
 
 def test_refresh_object_add_update_remove(catalog: Catalog) -> None:
