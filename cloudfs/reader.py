@@ -403,25 +403,40 @@ class BlockReader:
         candidates = [i for i in range(first, last) if self._unfetched(obj.block(i))]
         if not candidates or cancelled.is_set:
             return
+        await self._fetch_ahead(obj, candidates, cancelled)
+
+    async def _fetch_ahead(
+        self, obj: ObjectVersion, candidates: list[int], reader: Cancelled | None = None
+    ) -> dict[int, _Pending]:
+        """Start, as read-ahead, the GETs of the candidate blocks the disk cache lacks, a run of
+        blocks at a time once the read-ahead budget holds it; returns the fetches started.
+        With ``reader`` (read-ahead for an open file) it stops when the file closes or the
+        unread share of the cache is full; without (a whole study), it fetches them all."""
         on_disk = await trio.to_thread.run_sync(
             self._on_disk, obj, candidates, limiter=self._disk_threads
         )
-        missing = [i for i in candidates if i not in on_disk]
-        for run in self._runs(missing):
+        started: dict[int, _Pending] = {}
+        for run in self._runs([i for i in candidates if i not in on_disk]):
             start, end = self._span(obj, run)
             await self._ahead_budget.acquire(_held(start, end))
             # While this waited, the file may have closed or a foreground read taken blocks over.
-            still = [] if cancelled.is_set else [i for i in run if self._unfetched(obj.block(i))]
+            closed = reader is not None and reader.is_set
+            still = [] if closed else [i for i in run if self._unfetched(obj.block(i))]
             spans = [self._span(obj, r) for r in self._runs(still)]
-            wanted = sum(b - a for a, b in spans)
-            if wanted and self._awaited() + wanted > self._unread_limit:
-                self.ledger.forget_closed()  # only when needed: it walks every unread block
-                if self._awaited() + wanted > self._unread_limit:
-                    log.debug("read-ahead of %s skipped: cache share full", obj.key)
-                    self._ahead_budget.release(_held(start, end))
-                    return
+            if reader is not None and not self._room_ahead(sum(b - a for a, b in spans)):
+                log.debug("read-ahead of %s skipped: cache share full", obj.key)
+                self._ahead_budget.release(_held(start, end))
+                break
             self._ahead_budget.release(_held(start, end) - sum(_held(a, b) for a, b in spans))
-            self._start_fetches(obj, still, ahead=True, reader=cancelled)
+            started.update(self._start_fetches(obj, still, ahead=True, reader=reader))
+        return started
+
+    def _room_ahead(self, wanted: int) -> bool:
+        """Whether ``wanted`` more bytes fetched ahead stay within the unread share."""
+        if not wanted or self._awaited() + wanted <= self._unread_limit:
+            return True
+        self.ledger.forget_closed()  # only when needed: it walks every unread block
+        return self._awaited() + wanted <= self._unread_limit
 
     def _awaited(self) -> int:
         """Bytes fetched ahead of readers that a reader may still ask for, landed or not."""
@@ -436,20 +451,10 @@ class BlockReader:
         waiting = [p for i in blocks if (p := self._inflight.get(obj.block(i))) is not None]
         fetched = 0
         if candidates:
-            on_disk = await trio.to_thread.run_sync(
-                self._on_disk, obj, candidates, limiter=self._disk_threads
-            )
-            for run in self._runs([i for i in candidates if i not in on_disk]):
-                start, end = self._span(obj, run)
-                await self._ahead_budget.acquire(_held(start, end))
-                still = [i for i in run if self._unfetched(obj.block(i))]
-                spans = (self._span(obj, r) for r in self._runs(still))
-                kept = sum(_held(a, b) for a, b in spans)
-                self._ahead_budget.release(_held(start, end) - kept)
-                started = self._start_fetches(obj, still, ahead=True)
-                waiting.extend(started.values())
-                fetched += sum(min(obj.size, (i + 1) * self.block_size) - i * self.block_size
-                               for i in started)  # fmt: skip
+            started = await self._fetch_ahead(obj, candidates)
+            waiting.extend(started.values())
+            fetched = sum(min(obj.size, (i + 1) * self.block_size) - i * self.block_size
+                          for i in started)  # fmt: skip
         for pending in waiting:
             await pending.done.wait()
             if pending.error is not None:
