@@ -645,37 +645,43 @@ class ArchiveFS:
                 return
             if key not in self._warned_archived:
                 self._warned_archived.add(key)
-                days = self.config.mount.restore_days
-                if days:
-                    try:
-                        await trio.to_thread.run_sync(
-                            self.store.request_restore,
-                            key,
-                            days,
-                            limiter=self._store_threads,
-                            abandon_on_cancel=True,
-                        )
-                        log.warning(
-                            "%s is in storage class %s: restore requested for %d days; it "
-                            "becomes readable when S3 finishes (hours)",
-                            key,
-                            info.storage_class,
-                            days,
-                        )
-                    except CloudfsError as exc:
-                        self._warned_archived.discard(key)
-                        log.warning("%s: restore request failed: %s", key, exc)
-                    except trio.Cancelled:
-                        self._warned_archived.discard(key)  # timed out: the next open asks
-                        raise
-                else:
-                    log.warning(
-                        "%s is in storage class %s and not restored; restore it before reading",
-                        key,
-                        info.storage_class,
-                    )
+                await self._ask_restore(key, info.storage_class)
             raise NeedsRestore(f"{key}: in {info.storage_class}, needs a restore")
         raise Unavailable(f"{key}: no answer from the store in {timeout:g}s")
+
+    async def _ask_restore(self, key: str, storage_class: str) -> None:
+        """The one log line for an archived object, and its restore request if configured;
+        a request that fails or times out is asked again by the next open."""
+        days = self.config.mount.restore_days
+        if not days:
+            log.warning(
+                "%s is in storage class %s and not restored; restore it before reading",
+                key,
+                storage_class,
+            )
+            return
+        try:
+            await trio.to_thread.run_sync(
+                self.store.request_restore,
+                key,
+                days,
+                limiter=self._store_threads,
+                abandon_on_cancel=True,
+            )
+        except CloudfsError as exc:
+            self._warned_archived.discard(key)
+            log.warning("%s: restore request failed: %s", key, exc)
+            return
+        except trio.Cancelled:
+            self._warned_archived.discard(key)  # timed out: the next open asks
+            raise
+        log.warning(
+            "%s is in storage class %s: restore requested for %d days; it becomes readable "
+            "when S3 finishes (hours)",
+            key,
+            storage_class,
+            days,
+        )
 
     async def read(self, handle: int, offset: int, size: int) -> bytes | memoryview:
         open_file = self._handles.get(handle)
