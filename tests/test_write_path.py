@@ -80,6 +80,16 @@ def write_synced(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
+def kill_daemon(m: Mount, open_fd: int) -> None:
+    """kill -9 the daemon with ``open_fd`` still open on the mount, then clear the dead mount."""
+    os.kill(m.pid, signal.SIGKILL)
+    assert wait_until(lambda: not process_alive(m.pid), 10)
+    with contextlib.suppress(OSError):
+        os.close(open_fd)  # the daemon is gone: close may report it
+    cleared = cloudfs("unmount", m.path)
+    assert cleared.returncode == 0, cleared.stderr
+
+
 def backlog(mount: Mount) -> dict:
     uploads: dict = mount.status()["uploads"]
     return uploads
@@ -292,12 +302,7 @@ def test_kill_9_mid_burst_loses_no_fsynced_file(mount: Mounter, bucket: Bucket) 
         synced[f"synced-{index}.dcm"] = data
     half = os.open(m.path / "half-written.dcm", os.O_WRONLY | os.O_CREAT, 0o644)
     os.write(half, payload(100 * KiB, "half"))
-    os.kill(m.pid, signal.SIGKILL)
-    assert wait_until(lambda: not process_alive(m.pid), 10)
-    with contextlib.suppress(OSError):
-        os.close(half)  # the daemon is gone: close may report it
-    cleared = cloudfs("unmount", m.path)
-    assert cleared.returncode == 0, cleared.stderr
+    kill_daemon(m, half)
     assert bucket.listed_keys() == []  # nothing went up before the crash
     again = mount(bucket, mountpoint=m.path, cache_dir=cache_dir, options=FAST)
     wait_for_bucket(bucket, synced, again)
@@ -752,12 +757,7 @@ def test_kill_9_during_a_rewrite_of_a_synced_file_uploads_what_the_disk_holds(
     fd = os.open(m.path / "report.dcm", os.O_WRONLY)
     os.pwrite(fd, patch, 100 * KiB)
     os.pwrite(fd, tail, len(first))
-    os.kill(m.pid, signal.SIGKILL)
-    assert wait_until(lambda: not process_alive(m.pid), 10)
-    with contextlib.suppress(OSError):
-        os.close(fd)  # the daemon is gone: close may report it
-    cleared = cloudfs("unmount", m.path)
-    assert cleared.returncode == 0, cleared.stderr
+    kill_daemon(m, fd)
     assert bucket.listed_keys() == []
     again = mount(bucket, mountpoint=m.path, cache_dir=cache_dir, options=FAST)
     expected = first[: 100 * KiB] + patch + first[150 * KiB :] + tail
