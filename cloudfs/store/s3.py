@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import builtins
+import contextlib
 import hashlib
 import logging
 import os
@@ -24,6 +25,7 @@ import botocore.exceptions as bex
 from ..config import GiB, MiB, S3Options
 from ..errors import (
     S3_ERRORS,
+    CloudfsError,
     ConfigError,
     Conflict,
     NotFound,
@@ -235,10 +237,10 @@ class S3Store:
         except (bex.BotoCoreError, bex.ClientError) as exc:
             raise self._error(exc, self.prefix or "/") from exc
 
-    def _head(self, key: str) -> dict[str, Any]:
+    def _head(self, key: str, **params: Any) -> dict[str, Any]:
         try:
             reply: dict[str, Any] = self.client.head_object(
-                Bucket=self.bucket, Key=self.prefix + key
+                Bucket=self.bucket, Key=self.prefix + key, **params
             )
         except (bex.BotoCoreError, bex.ClientError) as exc:
             raise self._error(exc, key) from exc
@@ -324,13 +326,9 @@ class S3Store:
         if token is not None and reply.get("Metadata", {}).get(UPLOAD_TOKEN) == token:
             return etag
         if _MULTIPART_ETAG.match(etag):
-            try:
-                first = self.client.head_object(
-                    Bucket=self.bucket, Key=self.prefix + key, PartNumber=1
-                )
-                part = int(first["ContentLength"]) or part
-            except (bex.BotoCoreError, bex.ClientError, KeyError, ValueError):
-                pass  # a server without part numbers: this mount's part size it is
+            # A server without part numbers: this mount's part size it is.
+            with contextlib.suppress(CloudfsError, KeyError, ValueError):
+                part = int(self._head(key, PartNumber=1)["ContentLength"]) or part
         return etag if etag in _etags_of(source, part, key) else None
 
     def _put_whole(
