@@ -8,6 +8,7 @@ import os
 import random
 import tempfile
 import threading
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -248,12 +249,17 @@ def test_concurrent_readers_never_see_a_half_sealed_chunk(tmp_path: Path) -> Non
     threads = [threading.Thread(target=reader, args=(own,)) for own in (True, True, False)]
     for thread in threads:
         thread.start()
+    # At least 400 rewrites, and on until the readers have read enough beside them (a loaded
+    # machine may leave them little time during the first 400).
+    deadline = time.monotonic() + 30
+    round_ = 0
     try:
-        for round_ in range(400):
+        while round_ < 400 or (reads[0] <= 100 and time.monotonic() < deadline):
             staging.write(fd, os.urandom(random.randrange(1, 3000)), random.randrange(6 * CHUNK))
             if round_ % 50 == 49:
                 staging.truncate(fd, random.randrange(4 * CHUNK, 6 * CHUNK))
                 staging.truncate(fd, 6 * CHUNK)
+            round_ += 1
     finally:
         stop.set()
         for thread in threads:
