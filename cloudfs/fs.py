@@ -696,19 +696,21 @@ class ArchiveFS:
             raise FsError(errno.EBADF)
         version = open_file.version
         read_ahead = open_file.read_ahead
+        random_access = False
         # Small objects are fetched whole by the first read: read-ahead would only split that GET.
         if version.size > self.config.cache.small_object:
             plan = read_ahead.on_read(offset, size, version.size)
             if plan is not None:
                 self.reader.prefetch(version, plan[0], plan[1], open_file.cancelled)
             next_block = (offset + size) // self.cache.block_size
-            if read_ahead.window and next_block != open_file.warmed_from:
+            random_access = not read_ahead.window
+            if not random_access and next_block != open_file.warmed_from:
                 open_file.warmed_from = next_block
                 self.reader.warm(version, next_block)
         try:
             if self.metrics is None:
-                return await self.reader.read(version, offset, size)
-            return await self._measured_read(version, offset, size)
+                return await self.reader.read(version, offset, size, random_access)
+            return await self._measured_read(version, offset, size, random_access)
         except CloudfsError as exc:
             if exc.errno == errno.ESTALE:
                 log.info("%s changed in the store; refreshing its entry", version.key)
@@ -716,7 +718,7 @@ class ArchiveFS:
             raise
 
     async def _measured_read(
-        self, version: ObjectVersion, offset: int, size: int
+        self, version: ObjectVersion, offset: int, size: int, random_access: bool
     ) -> bytes | memoryview:
         """A read timed for the latency histogram.  Its source is told from the counters it
         moved: a concurrent read's fetch may be taken for this one's, a small error for a
@@ -726,7 +728,7 @@ class ArchiveFS:
         started = time.perf_counter()
         fetched = stats.fetched_blocks + stats.prefetched_blocks
         disk = stats.disk_hits
-        data = await self.reader.read(version, offset, size)
+        data = await self.reader.read(version, offset, size, random_access)
         if stats.fetched_blocks + stats.prefetched_blocks != fetched:
             source = "cloud"
         else:

@@ -185,20 +185,38 @@ class BlockReader:
 
     # -- foreground reads ------------------------------------------------------------------
 
-    async def read(self, obj: ObjectVersion, offset: int, size: int) -> bytes | memoryview:
-        """Bytes ``[offset, offset+size)`` of ``obj`` (short at end of file)."""
+    async def read(
+        self, obj: ObjectVersion, offset: int, size: int, random_access: bool = False
+    ) -> bytes | memoryview:
+        """Bytes ``[offset, offset+size)`` of ``obj`` (short at end of file).  ``random_access``:
+        the reader jumps around, so a cached block is read from disk only as far as asked."""
         end = min(offset + size, obj.size)
         if offset >= end:
             return b""
         bs = self.block_size
         first, last = offset // bs, (end - 1) // bs
         if first == last:
-            data = self._recall(obj.block(first))
+            block = obj.block(first)
+            data = self._recall(block)
             if data is not None:
                 # The hot path: no thread hop, no copy.
                 self.stats.memory_hits += 1
-                self.ledger.read(obj.block(first))
+                self.ledger.read(block)
                 return memoryview(data)[offset - first * bs : end - first * bs]
+            if random_access and block not in self._inflight:
+                part = await trio.to_thread.run_sync(
+                    self.cache.get_range,
+                    block,
+                    offset - first * bs,
+                    end - first * bs,
+                    min(bs, obj.size - first * bs),
+                    obj.backup,
+                    limiter=self._disk_threads,
+                )
+                if part is not None:
+                    self.stats.disk_hits += 1
+                    self.ledger.read(block)
+                    return part
         blocks = await self._blocks(obj, first, last)
         for index in range(first, last + 1):
             self.ledger.read(obj.block(index))

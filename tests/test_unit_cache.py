@@ -14,6 +14,7 @@ import pytest
 
 from cloudfs import cache as cache_module
 from cloudfs.cache import BlockCache, BlockId
+from cloudfs.crypto import BlockCipher
 
 BLOCK = 64 * 1024
 
@@ -111,9 +112,9 @@ def test_corrupt_block_dropped(tmp_path: Path, damage: str) -> None:
     elif damage == "length":
         flip_byte(path, 5)
     elif damage == "checksum":
-        flip_byte(path, 10)
+        flip_byte(path, cache_module._HEADER.size + 2)
     elif damage == "identity":
-        flip_byte(path, 20)
+        flip_byte(path, 12)
     elif damage == "truncate":
         path.write_bytes(path.read_bytes()[:-100])
     else:
@@ -144,6 +145,79 @@ def test_block_stored_under_another_identity_is_rejected(tmp_path: Path) -> None
     got = cache.get(a)
     assert got is not None and bytes(got) == payload(1)
     cache.close()
+
+
+PIECE = cache_module.PIECE
+
+
+@pytest.mark.parametrize("sealed", [False, True])
+def test_partial_reads_match_the_payload(tmp_path: Path, sealed: bool) -> None:
+    """Any span of a multi-piece block, full-sized or short, reads back byte for byte, whole or
+    in part, plain or encrypted."""
+    cipher = BlockCipher(bytes(range(32))) if sealed else None
+    cache = BlockCache(tmp_path / "blocks", 64 * 1024 * 1024, 8 * PIECE, cipher)
+    rng = random.Random(5)
+    for number, length in enumerate([8 * PIECE, 3 * PIECE + 17, PIECE, 1, 0]):
+        block, data = BlockId("ct/1.dcm", '"e"', number), payload(number, length)
+        assert cache.put(block, data)
+        whole = cache.get(block)
+        assert whole is not None and bytes(whole) == data
+        spans = [(0, length), (0, 1), (length - 1, length)] + [
+            sorted(rng.sample(range(length + 1), 2)) for _ in range(20) if length > 1
+        ]
+        for start, end in spans:
+            if 0 <= start < end <= length:
+                got = cache.get_range(block, start, end, length)
+                assert got is not None and bytes(got) == data[start:end], (length, start, end)
+    assert cache.corrupt_blocks == 0
+    cache.close()
+
+
+def test_partial_read_checks_only_its_pieces_and_drops_a_damaged_block(tmp_path: Path) -> None:
+    """A damaged piece is caught by any read that covers it (the block is then dropped); reads of
+    the other pieces alone still get the right bytes."""
+    cache = BlockCache(tmp_path / "blocks", 64 * 1024 * 1024, 4 * PIECE)
+    block, data = BlockId("a", '"e"', 0), payload(1, 4 * PIECE)
+    cache.put(block, data)
+    (path,) = value_files(tmp_path / "blocks")
+    payload_at = cache_module._HEADER.size + 4 * cache_module._CHECK.size
+    flip_byte(path, payload_at + 2 * PIECE + 100)  # inside piece 2
+    got = cache.get_range(block, 10, PIECE + 10, len(data))
+    assert got is not None and bytes(got) == data[10 : PIECE + 10]
+    assert cache.get_range(block, PIECE, 3 * PIECE, len(data)) is None
+    assert cache.corrupt_blocks == 1 and not cache.contains(block)
+    cache.close()
+
+
+def test_pieces_swapped_within_a_block_are_rejected(tmp_path: Path) -> None:
+    """A piece stored at another piece's place fails its check (the seed names its place)."""
+    cache = BlockCache(tmp_path / "blocks", 64 * 1024 * 1024, 2 * PIECE)
+    block, data = BlockId("a", '"e"', 0), payload(1, 2 * PIECE)
+    cache.put(block, data)
+    (path,) = value_files(tmp_path / "blocks")
+    stored = path.read_bytes()
+    payload_at = cache_module._HEADER.size + 2 * cache_module._CHECK.size
+    first, second = stored[payload_at : payload_at + PIECE], stored[payload_at + PIECE :]
+    path.write_bytes(stored[:payload_at] + second + first)
+    assert cache.get_range(block, 0, 100, len(data)) is None
+    assert cache.corrupt_blocks == 1
+    cache.close()
+
+
+def test_cache_of_an_older_layout_is_emptied(tmp_path: Path) -> None:
+    """Opening a cache directory written in another block layout empties it once, so no block
+    is ever read in the wrong layout; a cache of this layout is kept."""
+    cache = BlockCache(tmp_path / "blocks", 16 * 1024 * 1024, BLOCK)
+    cache.put(BlockId("a", '"e"', 0), payload(1))
+    cache.close()
+    kept = BlockCache(tmp_path / "blocks", 16 * 1024 * 1024, BLOCK)
+    assert kept.block_count() == 1
+    kept.close()
+    (tmp_path / "blocks" / cache_module._FORMAT_FILE).unlink()  # as an older version left it
+    emptied = BlockCache(tmp_path / "blocks", 16 * 1024 * 1024, BLOCK)
+    assert emptied.block_count() == 0 and not value_files(tmp_path / "blocks")
+    assert emptied.get(BlockId("a", '"e"', 0)) is None
+    emptied.close()
 
 
 def test_volume_never_exceeds_cap(tmp_path: Path) -> None:
@@ -426,10 +500,10 @@ def test_pinned_volume(small: BlockCache) -> None:
         small.put(block, payload(index, size))
     small.put(BlockId("other", '"e"', 0), payload(7))
     small.pin(pinned)
-    header = cache_module._HEADER.size
-    assert small.pinned_volume() == sum(size + header for size in sizes)
+    stored = [cache_module.stored_length(size, sealed=False) for size in sizes]
+    assert small.pinned_volume() == sum(stored)
     small.unpin(pinned[:1])
-    assert small.pinned_volume() == sum(size + header for size in sizes[1:])
+    assert small.pinned_volume() == sum(stored[1:])
 
 
 def test_cap_holds_with_pins(small: BlockCache) -> None:
@@ -439,7 +513,7 @@ def test_cap_holds_with_pins(small: BlockCache) -> None:
     for index in range(8):
         assert small.put(BlockId("keep", '"e"', index), payload(index))
     stream(small, 3 * small.size_limit // BLOCK)
-    assert small.pinned_volume() == 8 * (BLOCK + cache_module._HEADER.size)
+    assert small.pinned_volume() == 8 * cache_module.stored_length(BLOCK, sealed=False)
     # Everything pinned: the cache still evicts, the earliest pins first.
     small.pin_keys({"all"})
     everything = blocks_of("all", 3 * small.size_limit // BLOCK)

@@ -21,12 +21,13 @@ from helpers_unit import (
     random_bytes,
     read_all,
     run_fs,
+    value_files,
     wait_until,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cloudfs.cache import BlockId
+from cloudfs.cache import PIECE, BlockId, stored_length
 from cloudfs.errors import CloudfsError
 from cloudfs.fs import ArchiveFS
 from cloudfs.reader import WARM_BATCH, ObjectVersion
@@ -513,6 +514,62 @@ def test_corrupt_cached_block_is_refetched(tmp_path: Path) -> None:
     assert end - start == BS  # only the damaged block
     run_fs(rig, read)
     assert len(rig.store.calls) == 2  # healed: served from disk again
+    rig.close()
+
+
+def test_random_reads_of_cached_blocks_read_only_their_pieces(tmp_path: Path) -> None:
+    """On a later mount, a random reader of a cached file gets each small read from the disk
+    cache's pieces (the whole block neither loaded nor kept in memory), a sequential reader
+    still loads whole blocks, and a damaged piece is fetched again, never served."""
+    block = 8 * PIECE
+    data = random_bytes(12 * block + 999, 21)
+    rig = make_rig(tmp_path, {"a.bin": data}, block_size=block, fetch_chunk=4 * block)
+
+    async def fill(fs: ArchiveFS) -> None:
+        assert await read_all(fs, "a.bin") == data
+        assert await wait_until(lambda: fs.reader.stats.requests_in_flight == 0)
+
+    run_fs(rig, fill)
+    fetched = len(rig.store.calls)
+    spans = [(5 * block + 3 * PIECE, PIECE), (block + 17, 5000), (12 * block + 10, 989)]
+
+    async def scattered(fs: ArchiveFS) -> None:
+        loaded = []
+        load = fs.reader._load_blocks
+
+        def counted(blocks: list[BlockId], backup: bool) -> list[memoryview | None]:
+            loaded.extend(blocks)
+            return load(blocks, backup)
+
+        fs.reader._load_blocks = counted  # type: ignore[method-assign]
+        handle = await open_path(fs, "a.bin")
+        for offset, size in spans:
+            got = await fs.read(handle, offset, size)
+            assert bytes(got) == data[offset : offset + size]
+        assert fs.reader.stats.disk_hits == len(spans)
+        assert not loaded and not fs.reader._memory
+
+    run_fs(rig, scattered)
+    assert len(rig.store.calls) == fetched
+    path = next(
+        path
+        for path in value_files(rig.config.cache.directory / "blocks")
+        if path.stat().st_size == stored_length(block, sealed=False)
+    )
+    flip = bytearray(path.read_bytes())
+    flip[-PIECE // 2] ^= 0xFF  # inside the block's last piece
+    path.write_bytes(bytes(flip))
+
+    async def every_last_piece(fs: ArchiveFS) -> None:
+        handle = await open_path(fs, "a.bin")
+        for index in (3, 7, 1, 9, 0, 5, 11, 2, 10, 4, 8, 6):
+            offset = index * block + block - 100
+            got = await fs.read(handle, offset, 100)
+            assert bytes(got) == data[offset : offset + 100], index
+
+    run_fs(rig, every_last_piece)
+    assert rig.cache.corrupt_blocks == 1
+    assert len(rig.store.calls) == fetched + 1
     rig.close()
 
 
