@@ -500,10 +500,17 @@ class ArchiveFS:
             staged.writers += writable
         handle = next(self._next_handle)
         options = self.config.cache
+        # A backup reads everything once: it never gets a whole object fetched on its behalf.
+        whole_limit = 0 if version is None or version.backup else self.cache.size_limit // 4
         self._handles[handle] = OpenFile(
             ino,
             version,
-            ReadAhead(self.cache.block_size, options.readahead_initial, options.readahead_max),
+            ReadAhead(
+                self.cache.block_size,
+                options.readahead_initial,
+                options.readahead_max,
+                whole_limit,
+            ),
             staged,
             writable,
         )

@@ -7,21 +7,34 @@ viewer seeking around an object never pays for bytes it will not read.  The wind
 when less than half of it is left ahead, so steady reading issues half-window batches (several
 full-size GETs), not one small GET per block read.
 
+A reader that keeps jumping around one object (a viewer paging through the frames of a large
+multi-frame image, a database) will want most of it: after ``SCATTERED_READS`` random reads the
+whole object is scheduled once, in the background, if it is no larger than the open file's
+``whole_limit``.  Its later reads then come from the disk cache instead of one round trip each.
+
 Pure logic on integers: no FUSE, no store, no clock.  ``PrefetchLedger`` keeps the account of
 what read-ahead fetched for nothing, and of what it fetched for readers still to come.
 """
 
 from __future__ import annotations
 
+SCATTERED_READS = 4
+"""Random reads of one open file after which its whole object is fetched: enough that a program
+reading a header and then a trailer, or a few tags, does not trigger it."""
+
 
 class ReadAhead:
-    def __init__(self, block_size: int, initial: int, maximum: int) -> None:
+    def __init__(self, block_size: int, initial: int, maximum: int, whole_limit: int = 0) -> None:
         self.block_size = block_size
         self.initial = initial
         self.maximum = maximum
+        self.whole_limit = whole_limit
+        """Largest object fetched whole for a scattered reader (0: never)."""
         self.window = 0
         self.expected: int | None = None
         self.scheduled_until = 0
+        self.scattered = 0
+        """Random reads so far."""
 
     def on_read(self, offset: int, size: int, file_size: int) -> tuple[int, int] | None:
         """Record a read; return the block range ``[first, last)`` to prefetch, or None."""
@@ -38,6 +51,9 @@ class ReadAhead:
         if not sequential:
             self.window = 0
             self.scheduled_until = end
+            self.scattered += 1
+            if self.scattered == SCATTERED_READS and 0 < file_size <= self.whole_limit:
+                return 0, -(-file_size // self.block_size)
             return None
         if self.window == 0:
             self.window = self.initial

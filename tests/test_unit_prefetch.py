@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cloudfs.prefetch import Cancelled, PrefetchLedger, ReadAhead
+from cloudfs.prefetch import SCATTERED_READS, Cancelled, PrefetchLedger, ReadAhead
 
 BS = 64 * 1024
 INITIAL = 2 * BS
@@ -137,6 +137,22 @@ def test_nothing_past_end_of_file() -> None:
     assert plans
     assert max(last for _, last in plans) == blocks_in(size)
     assert ra.on_read(size, BS, size) is None
+
+
+def test_scattered_reader_gets_its_whole_object_once() -> None:
+    """The SCATTERED_READS-th random read schedules the whole object, once, when it is within
+    the limit; sequential reads do not count, and a larger object or no limit never does."""
+    size = 100 * BS + 7
+    ra = ReadAhead(BS, INITIAL, MAXIMUM, whole_limit=size)
+    assert ra.on_read(0, BS, size) is not None  # sequential from the start: read-ahead
+    plans = [ra.on_read(offset * BS, BS, size) for offset in (50, 10, 80, 30, 60, 20)]
+    assert plans == [None] * (SCATTERED_READS - 1) + [(0, 101)] + [None] * 2
+    assert ra.window == 0
+    for limit in (size - 1, 0):
+        ra = ReadAhead(BS, INITIAL, MAXIMUM, whole_limit=limit)
+        assert all(ra.on_read(offset * BS, BS, size) is None for offset in (50, 10, 80, 30, 60))
+    ra = ReadAhead(BS, INITIAL, MAXIMUM, whole_limit=size)
+    assert all(ra.on_read(offset * BS, 10, 0) is None for offset in range(SCATTERED_READS + 2))
 
 
 def test_empty_and_one_block_files() -> None:

@@ -5,6 +5,7 @@ memory and a disk cache that serves and heals."""
 from __future__ import annotations
 
 import errno
+import os
 import random
 import tempfile
 import time
@@ -30,6 +31,7 @@ from hypothesis import strategies as st
 from cloudfs.cache import PIECE, BlockId, stored_length
 from cloudfs.errors import CloudfsError
 from cloudfs.fs import ArchiveFS
+from cloudfs.prefetch import SCATTERED_READS
 from cloudfs.reader import WARM_BATCH, ObjectVersion
 
 pytestmark = pytest.mark.timeout(60)
@@ -313,10 +315,10 @@ def test_sequential_reads_trigger_read_ahead(tmp_path: Path) -> None:
 
 
 def test_random_reads_do_not_read_ahead(tmp_path: Path) -> None:
-    """Scattered reads fetch exactly the blocks they touch and nothing else."""
+    """A few scattered reads fetch exactly the blocks they touch and nothing else."""
     data = random_bytes(2 * MiB, 11)
     rig = make_rig(tmp_path, {"scan.bin": data})
-    picks = [20, 5, 28, 11, 2, 16]
+    picks = [20, 5, 28, 11, 2, 16][: SCATTERED_READS - 1]
 
     async def body(fs: ArchiveFS) -> None:
         handle = await open_path(fs, "scan.bin")
@@ -329,6 +331,44 @@ def test_random_reads_do_not_read_ahead(tmp_path: Path) -> None:
 
     run_fs(rig, body)
     assert sorted(rig.store.calls_for("scan.bin")) == sorted((i * BS, (i + 1) * BS) for i in picks)
+    rig.close()
+
+
+@pytest.mark.parametrize("backup", [False, True])
+def test_scattered_reader_gets_the_whole_object_in_the_background(
+    tmp_path: Path, backup: bool
+) -> None:
+    """Once a reader has jumped around an object SCATTERED_READS times, the rest of it is fetched
+    in the background (read-ahead GETs), so its later reads need no GET; never for a backup
+    program, and never for an object larger than a quarter of the cache."""
+    data, big = random_bytes(2 * MiB, 12), random_bytes(5 * MiB, 13)
+    rig = make_rig(tmp_path, {"frames.bin": data, "big.bin": big}, size_limit=16 * MiB)
+    picks = [20, 5, 28, 11, 2, 16, 30, 9]
+
+    async def body(fs: ArchiveFS) -> None:
+        handle, _ = await fs.open(await ino_of(fs, "frames.bin"), os.O_RDONLY, backup)
+        for index in picks[:SCATTERED_READS]:
+            offset = index * BS + 100
+            assert bytes(await fs.read(handle, offset, 1000)) == data[offset : offset + 1000]
+        assert await wait_until(lambda: fs.reader.stats.requests_in_flight == 0)
+        fetched = len(rig.store.calls)
+        for index in picks[SCATTERED_READS:]:
+            offset = index * BS + 100
+            assert bytes(await fs.read(handle, offset, 1000)) == data[offset : offset + 1000]
+        assert await wait_until(lambda: fs.reader.stats.requests_in_flight == 0)
+        if backup:
+            assert fs.reader.stats.prefetched_blocks == 0
+            assert len(rig.store.calls) == fetched + len(picks) - SCATTERED_READS
+        else:
+            assert fs.reader.stats.prefetched_blocks == len(data) // BS - SCATTERED_READS
+            assert len(rig.store.calls) == fetched
+        large = await open_path(fs, "big.bin")
+        for index in picks:
+            await fs.read(large, index * BS, 10)
+        assert await wait_until(lambda: fs.reader.stats.requests_in_flight == 0)
+        assert rig.store.calls_for("big.bin") == [(i * BS, (i + 1) * BS) for i in picks]
+
+    run_fs(rig, body)
     rig.close()
 
 
