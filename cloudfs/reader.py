@@ -27,6 +27,7 @@ import contextlib
 import logging
 import math
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -285,9 +286,9 @@ class BlockReader:
                 (found[index],) = await self._blocks(obj, index, index, look_again=False)
         with trio.move_on_after(self.options.io_timeout) as deadline:
             for index, pending in waiting.items():
+                if index in found or not first <= index <= last:
+                    continue  # the rest of a small object arrives without this read waiting
                 await pending.done.wait()
-                if index in found:
-                    continue
                 if pending.error is not None:
                     raise pending.error
                 if pending.data is None:
@@ -345,20 +346,27 @@ class BlockReader:
         ahead: bool,
         reader: Cancelled | None,
     ) -> None:
-        first, last = min(pendings), max(pendings)
         start, end = self._span(obj, list(pendings))
         budget = self._ahead_budget if ahead else self._demand_budget
+        token = trio.lowlevel.current_trio_token()
+
+        def deliver(index: int, data: bytes) -> None:
+            """Worker thread: hand a block that has arrived to the trio thread, without waiting
+            for it (its waiters wake while the rest of the GET is still on its way)."""
+            token.run_sync_soon(self._land, obj, index, data, pendings[index], ahead, reader)
+
         self.stats.requests_in_flight += 1
         try:
             if not ahead:
                 await budget.acquire(_held(start, end))
             try:
                 async with self._ahead_threads if ahead else _NO_LIMIT:
-                    blocks = await trio.to_thread.run_sync(
+                    await trio.to_thread.run_sync(
                         self._get_and_store,
                         obj,
                         start,
                         end,
+                        deliver,
                         limiter=self._fetch_threads,
                         abandon_on_cancel=True,
                     )
@@ -369,17 +377,7 @@ class BlockReader:
             self.stats.requests += 1
             self.stats.fetched_bytes += end - start
             if ahead:
-                self.stats.prefetched_blocks += len(blocks)
                 self.stats.prefetched_bytes += end - start
-            else:
-                self.stats.fetched_blocks += len(blocks)
-            for index, data in zip(range(first, last + 1), blocks, strict=True):
-                self._remember(obj.block(index), data)
-                self._landed[obj.block(index)] = None
-                self.ledger.fetched(obj.block(index), len(data), ahead, reader)
-                pendings[index].data = data
-            while len(self._landed) > _LANDED_MEMORY:
-                self._landed.popitem(last=False)
         except CloudfsError as exc:
             self._failed(obj, exc, pendings)
         except Exception as exc:  # a bug must fail the read, not the mount
@@ -390,23 +388,53 @@ class BlockReader:
             for index, pending in pendings.items():
                 self._settle(obj.block(index), pending)
 
+    def _land(
+        self,
+        obj: ObjectVersion,
+        index: int,
+        data: bytes,
+        pending: _Pending,
+        ahead: bool,
+        reader: Cancelled | None,
+    ) -> None:
+        """A block of a GET in progress has arrived (and is in the disk cache): serve it."""
+        block = obj.block(index)
+        # Counted as they arrive: a read served from this GET before it ends is a cloud read.
+        if ahead:
+            self.stats.prefetched_blocks += 1
+        else:
+            self.stats.fetched_blocks += 1
+        self._remember(block, data)
+        self._landed[block] = None
+        while len(self._landed) > _LANDED_MEMORY:
+            self._landed.popitem(last=False)
+        self.ledger.fetched(block, len(data), ahead, reader)
+        pending.data = data
+        self._settle(block, pending)
+
     def _failed(self, obj: ObjectVersion, exc: CloudfsError, pendings: dict[int, _Pending]) -> None:
         self.stats.errors += 1
         self.stats.errors_by_kind[type(exc).__name__] += 1
         self.stats.last_error = str(exc)
         log.warning("fetch failed: %s", exc)
         for pending in pendings.values():
-            pending.error = exc
+            if pending.data is None:  # the blocks that arrived before the failure stand
+                pending.error = exc
 
-    def _get_and_store(self, obj: ObjectVersion, start: int, end: int) -> list[bytes]:
-        """Worker thread: one ranged GET, split into blocks, each written to the disk cache."""
-        data = memoryview(self.store.get_range(obj.key, start, end, obj.etag))
-        blocks = []
-        for offset in range(0, len(data), self.block_size):
-            block = bytes(data[offset : offset + self.block_size])
-            self.cache.put(obj.block((start + offset) // self.block_size), block, obj.backup)
-            blocks.append(block)
-        return blocks
+    def _get_and_store(
+        self,
+        obj: ObjectVersion,
+        start: int,
+        end: int,
+        deliver: Callable[[int, bytes], None],
+    ) -> None:
+        """Worker thread: one ranged GET, each block written to the disk cache and delivered as
+        soon as it has arrived."""
+        pieces = self.store.stream_range(obj.key, start, end, obj.etag, self.block_size)
+        with contextlib.closing(pieces):
+            for index, block in enumerate(pieces, start // self.block_size):
+                self.cache.put(obj.block(index), block, obj.backup)
+                deliver(index, block)
 
     # -- read-ahead ------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -102,6 +102,15 @@ class InstrumentedStore:
         finally:
             with self._lock:
                 self.active -= 1
+
+    def stream_range(
+        self, key: str, start: int, end: int, etag: str, piece: int
+    ) -> Generator[bytes, None, None]:
+        """The reader's GET: recorded, delayed or failed as ``get_range`` (which subclasses
+        override to gate or count GETs), then handed out a piece at a time."""
+        data = self.get_range(key, start, end, etag)
+        for offset in range(0, len(data), piece):
+            yield data[offset : offset + piece]
 
     def unhang(self, timeout: float = 5.0) -> bool:
         """Release hanging GETs; True once none is running any more."""

@@ -130,6 +130,19 @@ def test_small_put_then_head_and_read(site: Site, files: Any) -> None:
         assert site.bucket.listed_keys() == [f"{PREFIX}/dir/small.bin"]
 
 
+def test_streamed_range_comes_in_pieces(site: Site, files: Any) -> None:
+    """stream_range hands out exactly the bytes asked for, in pieces of the size asked (the
+    last shorter), whatever the range; get_range gives the same bytes at once."""
+    data = payload(300_000, "streamed")
+    info = site.store.put_file("dir/streamed.bin", files(data), {}, None)
+    for start, end, piece in [(0, 300_000, 65_536), (5, 200_001, 100_000), (7, 8, 4096)]:
+        pieces = list(site.store.stream_range(info.key, start, end, info.etag, piece))
+        assert [len(p) for p in pieces[:-1]] == [piece] * (len(pieces) - 1)
+        assert 0 < len(pieces[-1]) <= piece
+        assert b"".join(pieces) == data[start:end]
+        assert site.store.get_range(info.key, start, end, info.etag) == data[start:end]
+
+
 def test_empty_file_put(site: Site, files: Any) -> None:
     """A zero-byte file is an object like any other."""
     info = site.store.put_file("empty", files(b""), {}, None)

@@ -8,13 +8,16 @@ import errno
 import os
 import random
 import tempfile
+import threading
 import time
+from collections.abc import Generator
 from pathlib import Path
 
 import pytest
 import trio
 from helpers_unit import (
     BS,
+    InstrumentedStore,
     corrupt_one_block,
     ino_of,
     make_rig,
@@ -29,10 +32,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cloudfs.cache import PIECE, BlockId, stored_length
-from cloudfs.errors import CloudfsError
+from cloudfs.errors import CloudfsError, Unavailable
 from cloudfs.fs import ArchiveFS
 from cloudfs.prefetch import SCATTERED_READS
 from cloudfs.reader import WARM_BATCH, ObjectVersion
+from cloudfs.store import ObjectStore
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -163,6 +167,56 @@ def test_reads_spanning_blocks_share_in_flight_fetches(tmp_path: Path) -> None:
     calls = rig.store.calls_for("big.bin")
     assert (20 * BS, 21 * BS) in calls
     assert sum(1 for start, end in calls if start <= 20 * BS < end) == 1
+    rig.close()
+
+
+class TrickleStore(InstrumentedStore):
+    """Hands out the first block of every GET at once, then holds the rest until ``flow`` is
+    set, or fails it with ``broken``."""
+
+    def __init__(self, inner: ObjectStore) -> None:
+        super().__init__(inner)
+        self.flow = threading.Event()
+        self.broken = False
+
+    def stream_range(
+        self, key: str, start: int, end: int, etag: str, piece: int
+    ) -> Generator[bytes, None, None]:
+        for index, data in enumerate(super().stream_range(key, start, end, etag, piece)):
+            if index:
+                if self.broken:
+                    raise Unavailable(f"{key}: connection reset")
+                self.flow.wait(30)
+            yield data
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_blocks_of_a_long_get_are_served_as_they_arrive(tmp_path: Path, broken: bool) -> None:
+    """A reader waiting for the first block of a multi-block GET gets it as soon as it has
+    arrived, before the rest of the GET; a GET that fails part-way fails only the blocks that
+    had not arrived, and what arrived is served and cached."""
+    data = random_bytes(4 * BS, 31)
+    rig = make_rig(tmp_path, {"a.bin": data}, small_object=MiB, fetch_chunk=4 * BS)
+    store = rig.store = TrickleStore(rig.store.inner)
+    store.broken = broken
+
+    async def body(fs: ArchiveFS) -> None:
+        handle = await open_path(fs, "a.bin")
+        with trio.fail_after(10):
+            assert bytes(await fs.read(handle, 0, 100)) == data[:100]
+        assert not store.flow.is_set()
+        if broken:
+            with pytest.raises(CloudfsError) as failure:
+                await fs.read(handle, 2 * BS, 100)
+            assert failure.value.errno == errno.EIO
+            assert bytes(await fs.read(handle, 10, 100)) == data[10:110]
+        else:
+            store.flow.set()
+            assert bytes(await fs.read(handle, 2 * BS, BS)) == data[2 * BS : 3 * BS]
+        assert store.calls == [("a.bin", 0, 4 * BS)]
+
+    run_fs(rig, body)
+    assert rig.cache.get(BlockId("a.bin", rig.catalog.by_key("a.bin").etag, 0)) is not None
     rig.close()
 
 
@@ -382,6 +436,7 @@ def test_small_object_fetched_whole_by_one_request(tmp_path: Path) -> None:
         assert bytes(await fs.read(handle, 300_000, 100)) == data[300_000:300_100]
         assert rig.store.calls == [("img.dcm", 0, len(data))]
         assert await read_all(fs, "img.dcm", 10_000) == data
+        assert await wait_until(lambda: fs.reader.stats.requests_in_flight == 0)
         assert fs.reader.stats.requests == 1
 
     run_fs(rig, body)

@@ -217,6 +217,21 @@ def test_get_range_missing_key_is_not_found(store: LocalStore) -> None:
         store.head("nope")
 
 
+def test_file_rewritten_while_streamed_stops_before_the_new_bytes(
+    root: Path, store: LocalStore
+) -> None:
+    """A file rewritten between two pieces of a stream raises StaleObject: the pieces handed
+    out before are the old version's, no piece of the new one is handed out."""
+    path = write(root, "f.dcm", b"A" * 100)
+    old = store.head("f.dcm")
+    pieces = store.stream_range("f.dcm", 0, 100, old.etag, 40)
+    assert next(pieces) == b"A" * 40
+    path.write_bytes(b"B" * 100)
+    os.utime(path, ns=(old.mtime_ns + 1, old.mtime_ns + 1))
+    with pytest.raises(StaleObject):
+        next(pieces)
+
+
 def test_rewritten_file_is_stale(root: Path, store: LocalStore) -> None:
     """Reading with the ETag of an earlier version raises StaleObject, never the new bytes."""
     path = write(root, "f.dcm", b"version one")

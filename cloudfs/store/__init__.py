@@ -8,7 +8,7 @@ raise only ``cloudfs.errors`` exceptions.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -89,6 +89,15 @@ class ObjectStore(Protocol):
 
     def get_range(self, key: str, start: int, end: int, etag: str) -> bytes:
         """Bytes ``[start, end)`` of the version ``etag``; StaleObject if the object changed."""
+        ...
+
+    def stream_range(
+        self, key: str, start: int, end: int, etag: str, piece: int
+    ) -> Generator[bytes, None, None]:
+        """Bytes ``[start, end)`` of the version ``etag`` in consecutive pieces of ``piece``
+        bytes (the last may be shorter), each as soon as it has arrived, so whoever waits for
+        the first block of a long GET does not wait for the last; StaleObject, Unavailable...
+        are raised from the iteration, after the pieces before the failure."""
         ...
 
     def request_restore(self, key: str, days: int) -> None:

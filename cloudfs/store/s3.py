@@ -14,7 +14,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -258,6 +258,11 @@ class S3Store:
         )
 
     def get_range(self, key: str, start: int, end: int, etag: str) -> bytes:
+        return b"".join(self.stream_range(key, start, end, etag, max(end - start, 1)))
+
+    def stream_range(
+        self, key: str, start: int, end: int, etag: str, piece: int
+    ) -> Generator[bytes, None, None]:
         try:
             reply = self.client.get_object(
                 Bucket=self.bucket,
@@ -265,15 +270,31 @@ class S3Store:
                 Range=f"bytes={start}-{end - 1}",
                 IfMatch=etag,
             )
-            data: bytes = reply["Body"].read()
         except (bex.BotoCoreError, bex.ClientError) as exc:
             raise self._error(exc, key) from exc
-        # Some S3-compatible servers ignore If-Match: the reply's ETag is the second check.
-        if reply.get("ETag", etag) != etag:
-            raise StaleObject(f"{key}: changed in the store (ETag {reply['ETag']})")
-        if len(data) != end - start:
-            raise Unavailable(f"{key}: short read ({len(data)} of {end - start} bytes)")
-        return data
+        body = reply["Body"]
+        try:
+            # Some S3-compatible servers ignore If-Match: the reply's ETag is the second check.
+            if reply.get("ETag", etag) != etag:
+                raise StaleObject(f"{key}: changed in the store (ETag {reply['ETag']})")
+            for offset in range(start, end, piece):
+                yield self._read_exactly(body, min(piece, end - offset), key, end - start)
+        finally:
+            body.close()
+
+    def _read_exactly(self, body: Any, length: int, key: str, asked: int) -> bytes:
+        """``length`` bytes of a reply body: a body that ends early is a short read."""
+        parts = []
+        while length:
+            try:
+                data: bytes = body.read(length)
+            except (bex.BotoCoreError, bex.ClientError) as exc:
+                raise self._error(exc, key) from exc
+            if not data:
+                raise Unavailable(f"{key}: short read (the reply ended before {asked} bytes)")
+            parts.append(data)
+            length -= len(data)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def request_restore(self, key: str, days: int) -> None:
         try:
