@@ -236,7 +236,10 @@ class BlockCache:
                 count,
             )
             self._store.clear()
-        marker.write_text(FORMAT + "\n")
+        try:
+            marker.write_text(FORMAT + "\n")
+        except OSError as exc:  # a full disk must not stop the mount: emptied again next time
+            log.warning("cannot mark the block cache's layout in %s: %s", marker, exc)
 
     def _db(self) -> sqlite3.Connection:
         """This thread's connection for the updates diskcache has no call for."""

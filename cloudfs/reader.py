@@ -132,6 +132,34 @@ class _Pending:
     """A warm-up load: it may find nothing, so read-ahead still fetches the block."""
 
 
+class _Batch:
+    """The GETs of a whole object, counted for a caller that waits for all of them: holding
+    their ``_Pending`` entries instead would keep every block's bytes alive until the last GET
+    (a whole 1 GiB object in memory)."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.fetched_bytes = 0
+        self.error: CloudfsError | None = None
+        self._lot = trio.lowlevel.ParkingLot()
+
+    def started(self, start: int, end: int) -> None:
+        self.running += 1
+        self.fetched_bytes += end - start
+
+    def finished(self, error: CloudfsError | None) -> None:
+        self.running -= 1
+        self.error = self.error or error
+        self._lot.unpark_all()
+
+    async def wait(self) -> None:
+        """Until every GET started so far has ended; raises the first failure."""
+        while self.running:
+            await self._lot.park()
+        if self.error is not None:
+            raise self.error
+
+
 class BlockReader:
     def __init__(self, store: ObjectStore, cache: BlockCache, options: CacheOptions) -> None:
         self.store = store
@@ -322,10 +350,12 @@ class BlockReader:
         indices: list[int],
         ahead: bool = False,
         reader: Cancelled | None = None,
+        batch: _Batch | None = None,
     ) -> dict[int, _Pending]:
         """Register ``indices`` as in flight and start their GETs; must not await in between.
         Read-ahead callers hold the budget for these bytes already; the fetch releases it.
-        ``reader``: the open file read-ahead fetches for, if any."""
+        ``reader``: the open file read-ahead fetches for, if any; ``batch``: counts the GETs
+        for a caller waiting for a whole object."""
         assert self._nursery is not None, "BlockReader.run() is not running"
         started: dict[int, _Pending] = {}
         for run in self._runs(indices):
@@ -333,10 +363,12 @@ class BlockReader:
             for index, pending in pendings.items():
                 self._inflight[obj.block(index)] = pending
             started.update(pendings)
+            start, end = self._span(obj, run)
             if ahead:
-                start, end = self._span(obj, run)
                 self._ahead_in_flight += end - start
-            self._nursery.start_soon(self._fetch, obj, pendings, ahead, reader)
+            if batch is not None:
+                batch.started(start, end)
+            self._nursery.start_soon(self._fetch, obj, pendings, ahead, reader, batch)
         return started
 
     async def _fetch(
@@ -345,8 +377,10 @@ class BlockReader:
         pendings: dict[int, _Pending],
         ahead: bool,
         reader: Cancelled | None,
+        batch: _Batch | None,
     ) -> None:
         start, end = self._span(obj, list(pendings))
+        failure: CloudfsError | None = None
         budget = self._ahead_budget if ahead else self._demand_budget
         token = trio.lowlevel.current_trio_token()
 
@@ -379,14 +413,18 @@ class BlockReader:
             if ahead:
                 self.stats.prefetched_bytes += end - start
         except CloudfsError as exc:
+            failure = exc
             self._failed(obj, exc, pendings)
         except Exception as exc:  # a bug must fail the read, not the mount
             log.exception("fetching %s bytes %d-%d failed", obj.key, start, end)
-            self._failed(obj, Unavailable(f"{obj.key}: {exc}"), pendings)
+            failure = Unavailable(f"{obj.key}: {exc}")
+            self._failed(obj, failure, pendings)
         finally:
             self.stats.requests_in_flight -= 1
             for index, pending in pendings.items():
                 self._settle(obj.block(index), pending)
+            if batch is not None:
+                batch.finished(failure)
 
     def _land(
         self,
@@ -452,16 +490,19 @@ class BlockReader:
         await self._fetch_ahead(obj, candidates, cancelled)
 
     async def _fetch_ahead(
-        self, obj: ObjectVersion, candidates: list[int], reader: Cancelled | None = None
-    ) -> dict[int, _Pending]:
+        self,
+        obj: ObjectVersion,
+        candidates: list[int],
+        reader: Cancelled | None = None,
+        batch: _Batch | None = None,
+    ) -> None:
         """Start, as read-ahead, the GETs of the candidate blocks the disk cache lacks, a run of
-        blocks at a time once the read-ahead budget holds it; returns the fetches started.
+        blocks at a time once the read-ahead budget holds it, counted in ``batch`` if given.
         With ``reader`` (read-ahead for an open file) it stops when the file closes or the
         unread share of the cache is full; without (a whole study), it fetches them all."""
         on_disk = await trio.to_thread.run_sync(
             self._on_disk, obj, candidates, limiter=self._disk_threads
         )
-        started: dict[int, _Pending] = {}
         for run in self._runs([i for i in candidates if i not in on_disk]):
             start, end = self._span(obj, run)
             await self._ahead_budget.acquire(_held(start, end))
@@ -474,8 +515,7 @@ class BlockReader:
                 self._ahead_budget.release(_held(start, end))
                 break
             self._ahead_budget.release(_held(start, end) - sum(_held(a, b) for a, b in spans))
-            started.update(self._start_fetches(obj, still, ahead=True, reader=reader))
-        return started
+            self._start_fetches(obj, still, ahead=True, reader=reader, batch=batch)
 
     def _room_ahead(self, wanted: int) -> bool:
         """Whether ``wanted`` more bytes fetched ahead stay within the unread share."""
@@ -494,18 +534,17 @@ class BlockReader:
         local already).  Raises the store's error if a fetch fails."""
         blocks = range(-(-obj.size // self.block_size))
         candidates = [i for i in blocks if self._unfetched(obj.block(i))]
+        # Fetches someone else started: bounded by the budgets, so holding them costs little.
         waiting = [p for i in blocks if (p := self._inflight.get(obj.block(i))) is not None]
-        fetched = 0
+        batch = _Batch()
         if candidates:
-            started = await self._fetch_ahead(obj, candidates)
-            waiting.extend(started.values())
-            fetched = sum(min(obj.size, (i + 1) * self.block_size) - i * self.block_size
-                          for i in started)  # fmt: skip
+            await self._fetch_ahead(obj, candidates, batch=batch)
+        await batch.wait()
         for pending in waiting:
             await pending.done.wait()
             if pending.error is not None:
                 raise pending.error
-        return fetched
+        return batch.fetched_bytes
 
     def warm(self, obj: ObjectVersion, first: int) -> None:
         """Load the next WARM_AHEAD blocks from the disk cache into memory in the background,

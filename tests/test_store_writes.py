@@ -143,6 +143,26 @@ def test_streamed_range_comes_in_pieces(site: Site, files: Any) -> None:
         assert site.store.get_range(info.key, start, end, info.etag) == data[start:end]
 
 
+def test_a_reply_that_ignores_the_range_is_refused(
+    s3: Site, files: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that ignores Range answers the whole object, whose first bytes are not the
+    range's: nothing of such a reply is handed out, the read fails as Unavailable."""
+    assert isinstance(s3.store, S3Store)
+    data = payload(300_000, "ranged")
+    info = s3.store.put_file("ranged.bin", files(data), {}, None)
+    client = s3.store.client
+    get = client.get_object
+
+    def whole_object(**kwargs: Any) -> Any:
+        kwargs.pop("Range")
+        return get(**kwargs)
+
+    monkeypatch.setattr(client, "get_object", whole_object)
+    with pytest.raises(Unavailable, match="answered 300000 bytes for a range of 4000"):
+        next(s3.store.stream_range(info.key, 1000, 5000, info.etag, 1024))
+
+
 def test_empty_file_put(site: Site, files: Any) -> None:
     """A zero-byte file is an object like any other."""
     info = site.store.put_file("empty", files(b""), {}, None)

@@ -220,6 +220,25 @@ def test_cache_of_an_older_layout_is_emptied(tmp_path: Path) -> None:
     emptied.close()
 
 
+def test_a_layout_marker_that_cannot_be_written_does_not_stop_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cache disk too full to take the layout marker still opens (and works); the marker is
+    written on a later open."""
+
+    def full(self: Path, *args: object, **kwargs: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    cache = BlockCache(tmp_path / "blocks", 16 * 1024 * 1024, BLOCK)
+    assert cache.put(BlockId("a", '"e"', 0), payload(1))
+    cache.close()
+    monkeypatch.undo()
+    assert not (tmp_path / "blocks" / cache_module._FORMAT_FILE).exists()
+    BlockCache(tmp_path / "blocks", 16 * 1024 * 1024, BLOCK).close()
+    assert (tmp_path / "blocks" / cache_module._FORMAT_FILE).read_text().strip() == "3"
+
+
 def test_volume_never_exceeds_cap(tmp_path: Path) -> None:
     """Inserting 12x the cap in blocks keeps the on-disk volume under the cap after every insert."""
     limit = 2 * 1024 * 1024

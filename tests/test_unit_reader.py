@@ -10,6 +10,7 @@ import random
 import tempfile
 import threading
 import time
+import tracemalloc
 from collections.abc import Generator
 from pathlib import Path
 
@@ -134,6 +135,8 @@ def test_concurrent_reads_of_one_missing_block_issue_one_request(tmp_path: Path)
         async with trio.open_nursery() as nursery:
             for i in range(8):
                 nursery.start_soon(reader, i)
+        # The readers have their bytes as soon as the block lands, before the GET is counted.
+        assert await wait_until(lambda: fs.reader.stats.requests_in_flight == 0)
         assert fs.reader.stats.requests == 1
         assert fs.reader.stats.fetched_blocks == 1
         return results
@@ -423,6 +426,49 @@ def test_scattered_reader_gets_the_whole_object_in_the_background(
         assert rig.store.calls_for("big.bin") == [(i * BS, (i + 1) * BS) for i in picks]
 
     run_fs(rig, body)
+    rig.close()
+
+
+@pytest.mark.parametrize("how", ["scattered reader", "fetch_object"])
+def test_fetching_a_whole_object_holds_a_budget_not_the_object(tmp_path: Path, how: str) -> None:
+    """Fetching a whole object (for a scattered reader, or a study) keeps in memory what the
+    read-ahead budget and the memory tier allow, not every block until the last one lands."""
+    data = random_bytes(320 * BS, 32)  # 20 MiB
+    rig = make_rig(
+        tmp_path,
+        {"frames.bin": data},
+        size_limit=256 * MiB,
+        readahead_budget=8 * BS,
+        memory_blocks=8 * BS,
+    )
+
+    async def body(fs: ArchiveFS) -> int:
+        tracemalloc.start()
+        try:
+            if how == "fetch_object":
+                node = rig.catalog.by_key("frames.bin")
+                assert node is not None and node.etag is not None
+                version = ObjectVersion("frames.bin", node.etag, len(data))
+                assert await fs.reader.fetch_object(version) == len(data)
+            else:
+                handle = await open_path(fs, "frames.bin")
+                for index in (300, 7, 150, 42):
+                    await fs.read(handle, index * BS, 100)
+                stats = fs.reader.stats
+                assert await wait_until(
+                    lambda: (
+                        stats.fetched_blocks + stats.prefetched_blocks == 320
+                        and not stats.requests_in_flight
+                    ),
+                    30,
+                )
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    peak = run_fs(rig, body)
+    assert len(rig.store.calls) > 40  # the whole object came, in many GETs
+    assert peak < 6 * MiB, peak
     rig.close()
 
 

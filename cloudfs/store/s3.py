@@ -277,6 +277,13 @@ class S3Store:
             # Some S3-compatible servers ignore If-Match: the reply's ETag is the second check.
             if reply.get("ETag", etag) != etag:
                 raise StaleObject(f"{key}: changed in the store (ETag {reply['ETag']})")
+            # A server that ignores Range answers the whole object: its first bytes are not the
+            # range's, so nothing of such a reply is handed out.
+            answered = reply.get("ContentLength", end - start)
+            if answered != end - start:
+                raise Unavailable(
+                    f"{key}: the store answered {answered} bytes for a range of {end - start}"
+                )
             for offset in range(start, end, piece):
                 yield self._read_exactly(body, min(piece, end - offset), key, end - start)
         finally:
