@@ -100,7 +100,9 @@ class ReadStats:
 
 
 def _held(start: int, end: int) -> int:
-    """Memory a GET of ``[start, end)`` holds at its peak: the reply and its copy as blocks."""
+    """Memory a GET of ``[start, end)`` may hold at its peak, counted with room: its blocks,
+    which its entries keep until it ends, and as much again for the connection's buffers and
+    the joins of readers whose requests span several of its blocks."""
     return 2 * (end - start)
 
 
