@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 from helpers_unit import (
     BS,
     InstrumentedStore,
@@ -175,7 +176,7 @@ def test_reads_spanning_blocks_share_in_flight_fetches(tmp_path: Path) -> None:
 
 class TrickleStore(InstrumentedStore):
     """Hands out the first block of every GET at once, then holds the rest until ``flow`` is
-    set, or fails it with ``broken``."""
+    set, and then fails it if ``broken``."""
 
     def __init__(self, inner: ObjectStore) -> None:
         super().__init__(inner)
@@ -187,9 +188,9 @@ class TrickleStore(InstrumentedStore):
     ) -> Generator[bytes, None, None]:
         for index, data in enumerate(super().stream_range(key, start, end, etag, piece)):
             if index:
+                self.flow.wait(30)
                 if self.broken:
                     raise Unavailable(f"{key}: connection reset")
-                self.flow.wait(30)
             yield data
 
 
@@ -209,9 +210,17 @@ def test_blocks_of_a_long_get_are_served_as_they_arrive(tmp_path: Path, broken: 
             assert bytes(await fs.read(handle, 0, 100)) == data[:100]
         assert not store.flow.is_set()
         if broken:
-            with pytest.raises(CloudfsError) as failure:
-                await fs.read(handle, 2 * BS, 100)
-            assert failure.value.errno == errno.EIO
+
+            async def read_the_failing_block() -> None:
+                with pytest.raises(CloudfsError) as failure:
+                    await fs.read(handle, 2 * BS, 100)
+                assert failure.value.errno == errno.EIO
+
+            with trio.fail_after(10):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(read_the_failing_block)
+                    await trio.testing.wait_all_tasks_blocked()
+                    store.flow.set()
             assert bytes(await fs.read(handle, 10, 100)) == data[10:110]
         else:
             store.flow.set()
