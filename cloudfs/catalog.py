@@ -40,7 +40,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -58,6 +58,8 @@ NAME_MAX = 255
 NOT_MOUNTED_MARKER = "NO_MOUNT"
 """dcm4chee-arc refuses a storage whose root shows this name: it must never appear on a mount."""
 _BATCH = 1000
+_LISTING_CHECKPOINT = "listing_checkpoint"
+"""Meta entry: the last key cataloged by a first listing that has not finished yet."""
 _MAX_STALE = 100_000
 _PLAINTEXT_HEADER = b"SQLite format 3\0"
 """How every plaintext SQLite file starts; an encrypted one starts with its random salt."""
@@ -338,6 +340,10 @@ class Catalog:
     def set_meta(self, name: str, value: str) -> None:
         self.connection().execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (name, value))
 
+    def listing_checkpoint(self) -> str:
+        """The last key an unfinished first listing cataloged ("" if none is unfinished)."""
+        return self.get_meta(_LISTING_CHECKPOINT) or ""
+
     # -- reads -----------------------------------------------------------------------------
 
     def find(self, where: str, *args: object) -> Node | None:
@@ -407,24 +413,36 @@ class Catalog:
 
     # -- sync ------------------------------------------------------------------------------
 
-    def _cataloged(self) -> Iterator[tuple[str, tuple[object, ...]]]:
-        """The catalog's keys in order with what a listing can contradict, from a separate
-        connection: one SELECT is one snapshot, so the rows the sync writes meanwhile never show
-        up in this walk.  A node changed through the mount keeps its own mtime, so only the
-        object's version, size and class are compared for it."""
+    def _cataloged(self, after: str) -> Iterator[tuple[str, tuple[object, ...]]]:
+        """The catalog's keys after ``after`` in order with what a listing can contradict, from
+        a separate connection: one SELECT is one snapshot, so the rows the sync writes meanwhile
+        never show up in this walk.  A node changed through the mount keeps its own mtime, so
+        only the object's version, size and class are compared for it."""
         reader = self._connect()
         try:
             for key, etag, size, mtime_ns, storage_class, local_at in reader.execute(
                 "SELECT key, etag, size, mtime_ns, storage_class, local_at FROM nodes "
-                "WHERE key IS NOT NULL ORDER BY key"
+                "WHERE key IS NOT NULL AND key > ? ORDER BY key",
+                (after,),
             ):
                 yield key, (etag, size, None if local_at else mtime_ns, storage_class)
         finally:
             reader.close()
 
-    def sync(self, listing: Iterable[ObjectInfo]) -> SyncReport:
+    def sync(
+        self,
+        listing: Iterable[ObjectInfo],
+        resume: str | None = None,
+        progress: Callable[[SyncReport], None] | None = None,
+    ) -> SyncReport:
         """Make the catalog match a complete listing; raises (leaving the catalog consistent,
         with the batches written so far) if the listing fails part way.
+
+        With ``resume`` (a key, or "" from the start), the listing is the part after that key
+        of a first listing, the keys up to it being cataloged already: every batch records how
+        far it got (``listing_checkpoint``), so a first listing of millions of objects that is
+        interrupted goes on from there instead of starting over.  ``progress`` is told the
+        running totals after each batch.
 
         Local changes win over the listing: a node with work pending for the cloud, or changed
         through the mount after this sync started, is left alone, and keys deleted through the
@@ -434,7 +452,8 @@ class Catalog:
         writer = _Writer(self.connection(), report, self._reported, self.write_lock)
         since = time.time()
         writer.tombstones = self._tombstones(since)
-        old = self._cataloged()
+        after = resume or ""
+        old = self._cataloged(after)
         current = next(old, None)
         first = True
         # Each page of the listing is fetched outside any transaction (it may take a WAN round
@@ -442,8 +461,10 @@ class Catalog:
         for page in _pages(listing, _BATCH):
             with writer.batch():
                 if first:
-                    writer.db.execute("DELETE FROM rejected")
+                    writer.db.execute("DELETE FROM rejected WHERE key > ?", (after,))
                     first = False
+                if resume is not None:
+                    self.set_meta(_LISTING_CHECKPOINT, page[-1].key)  # in the batch's transaction
                 for info in page:
                     while current is not None and current[0] < info.key:
                         writer.remove(current[0])
@@ -455,10 +476,12 @@ class Catalog:
                         current = next(old, None)
                     else:
                         writer.add(info)
+            if progress is not None:
+                progress(report)
         while True:
             with writer.batch():
                 if first:
-                    writer.db.execute("DELETE FROM rejected")
+                    writer.db.execute("DELETE FROM rejected WHERE key > ?", (after,))
                     first = False
                 for _ in range(_BATCH):
                     if current is None:
@@ -468,6 +491,7 @@ class Catalog:
                 if current is None:
                     writer.retry_shadowed()
                     writer.db.execute("DELETE FROM deletes WHERE done_at < ?", (since,))
+                    writer.db.execute("DELETE FROM meta WHERE name=?", (_LISTING_CHECKPOINT,))
                     break
         self.set_meta("synced_at", str(time.time()))
         report.seconds = time.monotonic() - started

@@ -22,7 +22,7 @@ import trio
 from . import control, fuse_ops
 from .audit import AuditLog
 from .cache import BlockCache
-from .catalog import Catalog
+from .catalog import Catalog, SyncReport
 from .config import Config
 from .crypto import BlockCipher, load_key
 from .errors import CloudfsError, ConfigError, StoreUnreachable
@@ -33,6 +33,11 @@ from .store import ObjectStore, open_store
 log = logging.getLogger(__name__)
 
 FS_TYPE = "cloudfs"
+LISTING_PROGRESS_PERIOD = 10.0
+"""Seconds between progress reports of a first listing (log line, systemd status)."""
+LISTING_STALL_LIMIT = 300.0
+"""Seconds systemd waits for the next progress report of a first listing once the unit's start
+timeout has passed: a listing that stops moving for that long is restarted, and goes on."""
 
 
 def is_mounted(path: Path) -> bool:
@@ -130,6 +135,45 @@ def raise_kernel_read_ahead(mountpoint: Path, kilobytes: int) -> None:
         log.debug("kernel read-ahead left at its default (%s)", exc.strerror)
 
 
+def first_listing(store: ObjectStore, catalog: Catalog) -> None:
+    """List the store into an empty catalog before the first mount, going on after the last
+    key an interrupted attempt cataloged.  A bucket of tens of millions of objects takes a
+    while: progress goes to the log and to systemd, which is asked each time for more start-up
+    time, so the unit's start timeout bounds a stalled listing, not a long one."""
+    after = catalog.listing_checkpoint()
+    if after:
+        log.info("first listing of %s goes on after %r", store.describe(), after)
+    else:
+        log.info("first mount of %s: listing the store into the catalog", store.describe())
+    reported = time.monotonic()
+
+    def progress(report: SyncReport) -> None:
+        nonlocal reported
+        if time.monotonic() - reported < LISTING_PROGRESS_PERIOD:
+            return
+        reported = time.monotonic()
+        done = f"{report.added} objects added to the catalog so far"
+        log.info("listing %s: %s", store.describe(), done)
+        notify_systemd(
+            f"STATUS=listing the store: {done}\n"
+            f"EXTEND_TIMEOUT_USEC={int(LISTING_STALL_LIMIT * 1e6)}"
+        )
+
+    try:
+        report = catalog.sync(store.list(after), resume=after, progress=progress)
+    except CloudfsError as exc:
+        raise ConfigError(
+            f"listing {store.describe()} failed: {exc} (the next mount goes on from where "
+            f"this one stopped)"
+        ) from exc
+    log.info(
+        "catalog ready: %d objects in %.1fs, %d keys not mappable",
+        report.added,
+        report.seconds,
+        report.rejected,
+    )
+
+
 def prepare(config: Config) -> tuple[ObjectStore, Catalog, BlockCache, bytes | None, float]:
     """Everything up to the kernel mount; returns the cache key (None: nothing is sealed) and
     the delay before the first catalog refresh."""
@@ -148,17 +192,7 @@ def prepare(config: Config) -> tuple[ObjectStore, Catalog, BlockCache, bytes | N
         # An outage must not stop reading: serve the catalog and the cached blocks.
         log.warning("%s; serving the catalog and the cache until it answers", exc)
     if not synced_at:
-        log.info("first mount of %s: listing the store into the catalog", store.describe())
-        try:
-            report = catalog.sync(store.list())
-        except CloudfsError as exc:
-            raise ConfigError(f"listing {store.describe()} failed: {exc}") from exc
-        log.info(
-            "catalog ready: %d objects in %.1fs, %d keys not mappable",
-            report.added,
-            report.seconds,
-            report.rejected,
-        )
+        first_listing(store, catalog)
         synced_at = time.time()
     cache = BlockCache(
         config.cache.directory / "blocks",

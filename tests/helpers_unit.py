@@ -78,8 +78,8 @@ class InstrumentedStore:
     def check(self) -> None:
         self.inner.check()
 
-    def list(self) -> Iterator[ObjectInfo]:
-        return self.inner.list()
+    def list(self, after: str = "") -> Iterator[ObjectInfo]:
+        return self.inner.list(after)
 
     def head(self, key: str) -> ObjectInfo:
         if self.head_override is not None:

@@ -6,10 +6,12 @@ are put into the bucket with boto3 over HTTP and the bytes read back are compare
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
 import signal
+import sqlite3
 import subprocess
 import threading
 import time
@@ -625,6 +627,61 @@ def test_cloudfs_unmount_stops_a_background_daemon(bucket: Bucket, mount: Mounte
     assert not is_mounted(mounted.path)
     assert wait_until(lambda: not process_alive(mounted.pid), 10)
     assert os.listdir(mounted.path) == []
+
+
+def listing_checkpoint(catalog: Path) -> str | None:
+    """The key an unfinished first listing has cataloged up to, read from the daemon's catalog
+    (plaintext SQLite when no key is set) as it writes it."""
+    if not catalog.exists():
+        return None
+    with contextlib.closing(sqlite3.connect(f"file:{catalog}?mode=ro", uri=True)) as db:
+        try:
+            row = db.execute("SELECT value FROM meta WHERE name='listing_checkpoint'").fetchone()
+        except sqlite3.OperationalError:  # the schema is not there yet
+            return None
+    return None if row is None else str(row[0])
+
+
+@pytest.mark.timeout(180)
+def test_a_first_listing_killed_part_way_goes_on_where_it_stopped(
+    bucket: Bucket, mount: Mounter, tmp_path: Path
+) -> None:
+    """``kill -9`` of the daemon while it lists a bucket for the first time: the next mount
+    lists only the keys after the last batch the first one cataloged (a first listing of tens of
+    millions of objects is never started over), and every object is there."""
+    keys = [f"series{i % 3}/img{i:05d}.dcm" for i in range(1500)]  # two listing pages
+    client = bucket.server.client()
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda key: client.put_object(Bucket=bucket.name, Key=key, Body=b"x"), keys))
+    mountpoint = mount.new_dir("mnt")
+    cache_dir = tmp_path / "interrupted-cache"
+    args = mount.command(bucket, mountpoint, cache_dir, ["--foreground"], None, "1G")
+    daemon = subprocess.Popen(
+        [PYTHON, "-m", "cloudfs", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd="/",
+    )
+    try:
+        # moto takes some 0.2 s per page: the second page is still coming when this sees the first.
+        wait_until(lambda: listing_checkpoint(cache_dir / "catalog.sqlite"), 60, interval=0.002)
+    finally:
+        daemon.kill()
+        daemon.wait(30)
+    checkpoint = listing_checkpoint(cache_dir / "catalog.sqlite")
+    assert checkpoint == sorted(keys)[999], "the first page of the listing was not cataloged"
+    assert not is_mounted(mountpoint)
+
+    mounted = mount(bucket, mountpoint, cache_dir)
+    log = mounted.log_text()
+    assert f"goes on after {checkpoint!r}" in log, mounted.log_tail()
+    assert "catalog ready: 500 objects" in log, mounted.log_tail()
+    found = sorted(
+        str(path.relative_to(mountpoint)) for path in mountpoint.rglob("*") if path.is_file()
+    )
+    assert found == sorted(keys)
+    assert listing_checkpoint(cache_dir / "catalog.sqlite") is None
 
 
 # -- 11. many files at once ------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -32,6 +33,9 @@ from conftest import (
 from dicom_samples import synthetic_study
 
 from cloudfs import configfile
+from cloudfs.catalog import Catalog
+from cloudfs.mount import LISTING_STALL_LIMIT, first_listing
+from cloudfs.store.local import LocalStore
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "cloudfs@.service"
@@ -137,6 +141,35 @@ def test_notify_ready_only_once_the_mount_answers_and_stopping_on_sigterm(
             if process.poll() is None:
                 process.kill()
                 process.wait(10)
+
+
+def test_a_long_first_listing_reports_progress_and_asks_systemd_for_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While the first listing runs, each progress report goes to the log and to systemd as a
+    STATUS line with EXTEND_TIMEOUT_USEC, so a bucket of millions of objects is not killed by
+    the unit's start timeout as long as the listing moves."""
+    root = tmp_path / "root"
+    for i in range(2500):
+        (root / f"d{i % 5}").mkdir(parents=True, exist_ok=True)
+        (root / f"d{i % 5}" / f"f{i:05d}").write_bytes(b"x")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    address = str(tmp_path / "notify.sock")
+    listener.bind(address)
+    listener.settimeout(5)
+    monkeypatch.setenv("NOTIFY_SOCKET", address)
+    monkeypatch.setattr("cloudfs.mount.LISTING_PROGRESS_PERIOD", 0.0)
+    catalog = Catalog(tmp_path / "catalog.sqlite")
+    with listener, caplog.at_level(logging.INFO, logger="cloudfs.mount"):
+        first_listing(LocalStore(root), catalog)
+        messages = [listener.recv(4096).decode() for _ in range(3)]
+    assert messages == [
+        f"STATUS=listing the store: {count} objects added to the catalog so far\n"
+        f"EXTEND_TIMEOUT_USEC={int(LISTING_STALL_LIMIT * 1e6)}"
+        for count in (1000, 2000, 2500)
+    ]
+    assert "2000 objects added to the catalog so far" in caplog.text
+    assert "catalog ready: 2500 objects" in caplog.text
 
 
 def test_mount_t_fuse_cloudfs_through_mount_fuse3(

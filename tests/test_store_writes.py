@@ -419,6 +419,19 @@ def test_delete(site: Site, files: Any) -> None:
     assert list(site.store.list()) == []
 
 
+def test_list_after_a_key_skips_what_sorts_before_it(site: Site, files: Any) -> None:
+    """``list(after)`` (StartAfter on S3, under the store's prefix) gives only the keys after
+    ``after``: what a first listing that was interrupted asks for when it goes on."""
+    names = ["a/1", "a/2", "b", "c/d/e", "é"]
+    for name in names:
+        site.store.put_file(name, files(name.encode()), {}, None)
+    assert [info.key for info in site.store.list()] == names
+    assert [info.key for info in site.store.list("a/2")] == ["b", "c/d/e", "é"]
+    assert [info.key for info in site.store.list("a/")] == names
+    assert [info.key for info in site.store.list("c/d/e")] == ["é"]
+    assert list(site.store.list("é")) == []
+
+
 def test_local_delete_prunes_empty_parents(local: Site, files: Any) -> None:
     """Directories a delete leaves empty go too, so no "dir/" marker appears; the root stays."""
     assert local.root is not None

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from helpers_unit import listing, node_at, obj
 
 from cloudfs.catalog import NAME_MAX, ROOT, Catalog, Node, key_problem
+from cloudfs.errors import Unavailable
 from cloudfs.store import ObjectInfo
 
 
@@ -410,3 +412,52 @@ def test_children_pages_over_100k_entry_directory(catalog: Catalog) -> None:
     seen = [node.name for node in all_children(catalog, big.ino, 1000)]
     assert len(seen) == 100_000
     assert set(seen) == set(expected)
+
+
+def cataloged_keys(catalog: Catalog) -> set[str]:
+    return {node.key for node in catalog.select("key IS NOT NULL") if node.key is not None}
+
+
+def test_interrupted_first_listing_goes_on_after_its_last_batch(
+    catalog: Catalog, tmp_path: Path
+) -> None:
+    """A first listing that fails part way keeps the batches it finished and where they end;
+    the next attempt lists only what comes after, and the catalog ends as one whole listing
+    would have made it, keys refused before the interruption included."""
+    objects = listing([obj("../escape"), *(obj(f"d{i % 7}/f{i:05d}", size=i) for i in range(3000))])
+
+    def failing() -> Iterator[ObjectInfo]:
+        yield from objects[:2500]
+        raise Unavailable("connection reset")
+
+    with pytest.raises(Unavailable):
+        catalog.sync(failing(), resume="")
+    checkpoint = catalog.listing_checkpoint()
+    assert checkpoint == objects[1999].key  # two whole batches of 1,000 were written
+    assert catalog.get_meta("synced_at") is None
+    rest = [info for info in objects if info.key > checkpoint]
+    assert len(rest) == 1001
+
+    totals: list[int] = []
+    report = catalog.sync(iter(rest), resume=checkpoint, progress=lambda r: totals.append(r.added))
+    assert (report.added, report.removed) == (1001, 0)
+    assert totals == [1000, 1001]  # after each batch
+    assert catalog.listing_checkpoint() == ""
+    assert catalog.get_meta("synced_at") is not None
+
+    whole = Catalog(tmp_path / "whole.db")
+    whole.sync(objects)
+    assert cataloged_keys(catalog) == cataloged_keys(whole) == {o.key for o in objects[1:]}
+    assert [key for key, _ in catalog.rejected()] == ["../escape"]
+
+
+def test_a_refresh_leaves_no_checkpoint(catalog: Catalog) -> None:
+    """Only a first listing records how far it got: a refresh that fails starts over."""
+
+    def failing() -> Iterator[ObjectInfo]:
+        yield from listing(obj(f"f{i:05d}") for i in range(1500))
+        raise Unavailable("connection reset")
+
+    with pytest.raises(Unavailable):
+        catalog.sync(failing())
+    assert catalog.listing_checkpoint() == ""

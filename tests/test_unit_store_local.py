@@ -62,6 +62,20 @@ def test_empty_directory_markers_take_their_place_in_key_order(
     assert keys(store) == ["d/", "e-f", "e.x", "e/empty/", "e/sub/g", "e0"]
 
 
+def test_list_after_a_key_is_the_rest_of_the_listing(root: Path, store: LocalStore) -> None:
+    """``list(after)`` gives exactly the keys sorting after ``after``, in order, whether it is
+    a key, a directory's prefix, an empty directory's marker, or no key at all, as StartAfter
+    does: an interrupted first listing goes on from there."""
+    for name in ["a-b", "a/b", "a0", "a/c/d", "a/c/e", "Z", "é.dcm", "中文/文件", "e/sub/g"]:
+        write(root, name, b"x")
+    (root / "e" / "empty").mkdir()
+    everything = keys(store)
+    assert "e/empty/" in everything
+    cuts = [*everything, "", "a", "a/", "a/c", "a/c/", "a/c/d0", "e/", "e/empty", "zz", "\uffff"]
+    for cut in cuts:
+        assert [info.key for info in store.list(cut)] == [k for k in everything if k > cut], cut
+
+
 def test_list_streams_one_directory_at_a_time(
     root: Path, store: LocalStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -81,8 +81,9 @@ class ObjectStore(Protocol):
         """Prove the store is reachable and readable; raise ConfigError with one clear line."""
         ...
 
-    def list(self) -> Iterator[ObjectInfo]:
-        """Every object, in ascending UTF-8 byte order of key (as ListObjectsV2 returns them)."""
+    def list(self, after: str = "") -> Iterator[ObjectInfo]:
+        """Every object whose key sorts after ``after`` (all of them by default), in ascending
+        UTF-8 byte order of key (as ListObjectsV2 returns them, and as its StartAfter skips)."""
         ...
 
     def head(self, key: str) -> ObjectInfo: ...

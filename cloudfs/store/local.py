@@ -180,14 +180,14 @@ class LocalStore:
                 continue
             yield key, entry
 
-    def list(self) -> Iterator[ObjectInfo]:
-        """Every object, in UTF-8 byte order as ListObjectsV2 returns them, streamed: memory
-        holds one directory per level, not the listing (a million-file tree listed whole took
-        300 MiB).  Empty directories become "dir/" markers, as S3 consoles create them, so they
-        stay visible."""
-        return self._list_directory(str(self.root), "")
+    def list(self, after: str = "") -> Iterator[ObjectInfo]:
+        """Every object after ``after``, in UTF-8 byte order as ListObjectsV2 returns them,
+        streamed: memory holds one directory per level, not the listing (a million-file tree
+        listed whole took 300 MiB).  Empty directories become "dir/" markers, as S3 consoles
+        create them, so they stay visible."""
+        return self._list_directory(str(self.root), "", after)
 
-    def _list_directory(self, directory: str, prefix: str) -> Iterator[ObjectInfo]:
+    def _list_directory(self, directory: str, prefix: str, after: str) -> Iterator[ObjectInfo]:
         # A directory's keys all start with "name/", so sorting it among its siblings as
         # "name/" puts "a-b" before "a/x" before "a0": a walk in that order is in key order.
         entries: list[tuple[str, os.DirEntry[str], os.stat_result]] = []
@@ -200,13 +200,18 @@ class LocalStore:
                 entries.append((key + "/", entry, st))
             elif stat.S_ISREG(st.st_mode):
                 entries.append((key, entry, st))
-        if not entries and prefix:
+        if not entries and prefix > after:
             yield ObjectInfo(prefix, 0, os.stat(directory).st_mtime_ns, '"dir"')
         entries.sort(key=lambda item: item[0])
         for key, entry, st in entries:
             if key.endswith("/"):
-                yield from self._list_directory(entry.path, key)
-            else:
+                # Every key below starts with "key/": all of them sort after ``after`` when
+                # "key/" does, none does when "key/" sorts before it without leading to it.
+                if after.startswith(key):
+                    yield from self._list_directory(entry.path, key, after)
+                elif key > after:
+                    yield from self._list_directory(entry.path, key, "")
+            elif key > after:
                 yield ObjectInfo(key, st.st_size, st.st_mtime_ns, _etag(st))
 
     def head(self, key: str) -> ObjectInfo:

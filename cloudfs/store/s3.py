@@ -219,11 +219,12 @@ class S3Store:
         except bex.BotoCoreError as exc:
             raise ConfigError(f"{where}: {exc}") from exc
 
-    def list(self) -> Iterator[ObjectInfo]:
+    def list(self, after: str = "") -> Iterator[ObjectInfo]:
         paginator = self.client.get_paginator("list_objects_v2")
         strip = len(self.prefix)
+        params = {"StartAfter": self.prefix + after} if after else {}
         try:
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix, **params):
                 for item in page.get("Contents", ()):
                     key = item["Key"][strip:]
                     if key:
