@@ -44,6 +44,12 @@ RECENCY_PERIOD = 2.0
 """Seconds between recency updates of the disk cache: late enough to batch thousands of reads
 into one transaction, early enough that eviction never sees a stale order for long."""
 
+HEDGE_BEHIND = 3
+"""Blocks still to arrive before a read's block in a read-ahead GET beyond which the read sends a
+GET of its own for that block.  Over a WAN link capped per connection (50 MB/s), the tail of an
+8 MiB read-ahead GET comes 140 ms after its head, where a GET of one block costs a round trip and
+one block (40 ms): a reader jumping into that tail should not wait for all that comes before."""
+
 _LANDED_MEMORY = 4096
 """Recently fetched blocks remembered by identity only, so read-ahead never fetches twice a block
 that a foreground read fetched while read-ahead waited for its budget."""
@@ -126,12 +132,31 @@ class ByteBudget:
 
 
 @dataclass
+class _Get:
+    """One ranged GET in flight: its blocks arrive in order."""
+
+    ahead: bool
+    arrived: int = 0
+
+
+@dataclass
 class _Pending:
     done: trio.Event = field(default_factory=trio.Event)
     data: bytes | memoryview | None = None
     error: CloudfsError | None = None
     from_disk: bool = False
     """A warm-up load: it may find nothing, so read-ahead still fetches the block."""
+    get: _Get | None = None
+    """The GET bringing the block, with ``position`` its place in it (None: a warm-up load)."""
+    position: int = 0
+
+    def behind(self) -> int:
+        """Blocks of its GET still to arrive before this one."""
+        return 0 if self.get is None else self.position - self.get.arrived
+
+    @property
+    def succeeded(self) -> bool:
+        return self.done.is_set() and self.data is not None
 
 
 class _Batch:
@@ -318,7 +343,14 @@ class BlockReader:
             for index, pending in waiting.items():
                 if index in found or not first <= index <= last:
                     continue  # the rest of a small object arrives without this read waiting
-                await pending.done.wait()
+                if (
+                    pending.get is not None
+                    and pending.get.ahead
+                    and pending.behind() >= HEDGE_BEHIND
+                ):
+                    pending = await self._first_arrival(pending, self._start_fetches(obj, [index]))
+                else:
+                    await pending.done.wait()
                 if pending.error is not None:
                     raise pending.error
                 if pending.data is None:
@@ -329,6 +361,23 @@ class BlockReader:
         if deadline.cancelled_caught:
             raise Unavailable(f"{obj.key}: no answer from the store in {self.options.io_timeout}s")
         return [found[i] for i in range(first, last + 1)]
+
+    async def _first_arrival(self, slow: _Pending, own: dict[int, _Pending]) -> _Pending:
+        """Whichever of a block far back in a read-ahead GET and the read's own GET of it
+        brings the block first; the other's failure counts only if both fail."""
+        candidates = [slow, *own.values()]
+        ended: list[_Pending] = []
+        async with trio.open_nursery() as nursery:
+
+            async def watch(pending: _Pending) -> None:
+                await pending.done.wait()
+                ended.append(pending)
+                if pending.succeeded or len(ended) == len(candidates):
+                    nursery.cancel_scope.cancel()
+
+            for pending in candidates:
+                nursery.start_soon(watch, pending)
+        return next((pending for pending in ended if pending.succeeded), ended[-1])
 
     # -- fetching --------------------------------------------------------------------------
 
@@ -361,7 +410,8 @@ class BlockReader:
         assert self._nursery is not None, "BlockReader.run() is not running"
         started: dict[int, _Pending] = {}
         for run in self._runs(indices):
-            pendings = {index: _Pending() for index in run}
+            get = _Get(ahead)
+            pendings = {index: _Pending(get=get, position=n) for n, index in enumerate(run)}
             for index, pending in pendings.items():
                 self._inflight[obj.block(index)] = pending
             started.update(pendings)
@@ -439,6 +489,8 @@ class BlockReader:
     ) -> None:
         """A block of a GET in progress has arrived (and is in the disk cache): serve it."""
         block = obj.block(index)
+        if pending.get is not None:
+            pending.get.arrived += 1
         # Counted as they arrive: a read served from this GET before it ends is a cloud read.
         if ahead:
             self.stats.prefetched_blocks += 1

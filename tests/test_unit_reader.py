@@ -37,7 +37,7 @@ from cloudfs.cache import PIECE, BlockId, stored_length
 from cloudfs.errors import CloudfsError, Unavailable
 from cloudfs.fs import ArchiveFS
 from cloudfs.prefetch import SCATTERED_READS
-from cloudfs.reader import WARM_BATCH, ObjectVersion
+from cloudfs.reader import HEDGE_BEHIND, WARM_BATCH, ObjectVersion
 from cloudfs.store import ObjectStore
 
 pytestmark = pytest.mark.timeout(60)
@@ -229,6 +229,46 @@ def test_blocks_of_a_long_get_are_served_as_they_arrive(tmp_path: Path, broken: 
 
     run_fs(rig, body)
     assert rig.cache.get(BlockId("a.bin", rig.catalog.by_key("a.bin").etag, 0)) is not None
+    rig.close()
+
+
+def test_a_read_far_back_in_a_read_ahead_get_sends_its_own(tmp_path: Path) -> None:
+    """A read whose block has HEDGE_BEHIND blocks or more still to come before it in a
+    read-ahead GET fetches that block with a GET of its own instead of waiting for them (a
+    reader jumping into a whole-object fetch over a slow link); nearer the head it waits, and
+    the bytes are right either way."""
+    data = random_bytes(32 * BS, 32)
+    rig = make_rig(tmp_path, {"frames.bin": data}, fetch_chunk=8 * BS)
+    store = rig.store = TrickleStore(rig.store.inner)
+    picks = [20, 5, 28, 11]  # SCATTERED_READS random reads: the rest comes as read-ahead
+
+    async def read(fs: ArchiveFS, handle: int, index: int) -> None:
+        offset = index * BS + 10
+        assert bytes(await fs.read(handle, offset, 100)) == data[offset : offset + 100]
+
+    async def body(fs: ArchiveFS) -> None:
+        handle = await open_path(fs, "frames.bin")
+        with trio.fail_after(10):
+            for index in picks[:SCATTERED_READS]:
+                await read(fs, handle, index)
+            # The whole-object fetch starts with blocks 0-4 (5 is cached): block 0 comes at
+            # once, the rest of that GET is held.
+            assert await wait_until(lambda: ("frames.bin", 0, 5 * BS) in store.calls)
+            assert HEDGE_BEHIND == 3
+            await read(fs, handle, 4)  # three blocks still to come before it: its own GET
+            assert ("frames.bin", 4 * BS, 5 * BS) in store.calls
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read, fs, handle, 2)  # one block before it: it waits
+                await trio.testing.wait_all_tasks_blocked()
+                assert ("frames.bin", 2 * BS, 3 * BS) not in store.calls
+                store.flow.set()
+            for index in range(32):
+                await read(fs, handle, index)
+
+    try:
+        run_fs(rig, body)
+    finally:
+        store.flow.set()
     rig.close()
 
 
