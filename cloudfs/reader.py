@@ -150,13 +150,11 @@ class _Pending:
     """The GET bringing the block, with ``position`` its place in it (None: a warm-up load)."""
     position: int = 0
 
-    def behind(self) -> int:
-        """Blocks of its GET still to arrive before this one."""
-        return 0 if self.get is None else self.position - self.get.arrived
-
-    @property
-    def succeeded(self) -> bool:
-        return self.done.is_set() and self.data is not None
+    def far_back(self) -> bool:
+        """Whether the block comes from a read-ahead GET with HEDGE_BEHIND blocks or more still
+        to arrive before it."""
+        get = self.get
+        return get is not None and get.ahead and self.position - get.arrived >= HEDGE_BEHIND
 
 
 class _Batch:
@@ -343,11 +341,7 @@ class BlockReader:
             for index, pending in waiting.items():
                 if index in found or not first <= index <= last:
                     continue  # the rest of a small object arrives without this read waiting
-                if (
-                    pending.get is not None
-                    and pending.get.ahead
-                    and pending.behind() >= HEDGE_BEHIND
-                ):
+                if pending.far_back():
                     pending = await self._first_arrival(pending, self._start_fetches(obj, [index]))
                 else:
                     await pending.done.wait()
@@ -372,12 +366,12 @@ class BlockReader:
             async def watch(pending: _Pending) -> None:
                 await pending.done.wait()
                 ended.append(pending)
-                if pending.succeeded or len(ended) == len(candidates):
+                if pending.data is not None or len(ended) == len(candidates):
                     nursery.cancel_scope.cancel()
 
             for pending in candidates:
                 nursery.start_soon(watch, pending)
-        return next((pending for pending in ended if pending.succeeded), ended[-1])
+        return next((pending for pending in ended if pending.data is not None), ended[-1])
 
     # -- fetching --------------------------------------------------------------------------
 
