@@ -428,7 +428,8 @@ class SuiteBench(TrackedBench):
         payload = self.ingest_payload
         prefix = f"ingest-{system}-{rep}"
         job = Ingest(prefix, sizes.ingest_files, sizes.ingest_size, payload, seed=rep)
-        options = ("--upload-delay", "0", "--drain-timeout", "5")
+        # cloudfs's own upload delay, as every peer runs with its own defaults.
+        options = ("--drain-timeout", "5")
         mount = self.open_mount(system, INGEST_BUCKET, "ingest", rep, cloudfs_options=options)
         assert self.endpoint is not None
         client = self.endpoint.client(direct=True)

@@ -46,13 +46,24 @@ def metrics(threads: tuple[int, ...], put_threads: tuple[int, ...]) -> tuple[Met
                 "files/s",
             ),
         ]
-    found.append(
+    found += [
         Metric(
-            "cloudfs_ingest_held",
-            "cloudfs: PACS ingest, 1 thread, acknowledged, uploads held back (--upload-delay 3600)",
+            "cloudfs_ingest_at_once",
+            "cloudfs: PACS ingest, 1 thread, acknowledged, uploads beside the writes "
+            "(--upload-delay 0)",
             "files/s",
-        )
-    )
+        ),
+        Metric(
+            "cloudfs_ingest_at_once_in_bucket",
+            "cloudfs: the same: start to all in the bucket",
+            "s",
+        ),
+        Metric(
+            "cloudfs_ingest_at_once_bucket_rate",
+            "cloudfs: the same: files / time to all in the bucket",
+            "files/s",
+        ),
+    ]
     for count in put_threads:
         found.append(
             Metric(

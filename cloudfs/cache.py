@@ -60,6 +60,7 @@ write-ahead log past its reserve.  Knows nothing of FUSE or of the store.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -176,6 +177,25 @@ class _Chunks:
         return part[:size]
 
 
+class _BlockFiles(diskcache.Disk):
+    """diskcache's file storage, with block files spread over one level of at most 256
+    directories that stay once made.
+
+    diskcache itself spreads files over 65,536 directories two levels deep and removes a
+    directory with its last file: with one file per block, nearly every insert made a directory
+    and every eviction removed one, twice the inodes allocated and freed per block.  Entries
+    stored under the deeper layout are still found (the index holds each file's path)."""
+
+    def filename(self, key: object = None, value: object = None) -> tuple[str, str]:
+        name = os.urandom(16).hex()
+        filename = os.path.join(name[:2], name[2:] + ".val")
+        return filename, os.path.join(self._directory, filename)
+
+    def remove(self, file_path: str) -> None:
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(self._directory, file_path))
+
+
 class BlockCache:
     def __init__(
         self,
@@ -190,7 +210,7 @@ class BlockCache:
         self.size_limit = size_limit
         # The cap covers everything under the directory: diskcache's own limit leaves room for
         # one block more, the SQLite write-ahead log (checkpointed at half its reserve) and the
-        # directories diskcache spreads its files over (up to two 4 KiB entries per block).
+        # directories the block files are spread over (a generous two 4 KiB pages per block).
         wal_reserve = min(_WAL_RESERVE, size_limit // 16)
         overhead = wal_reserve + (size_limit // block_size) * 2 * 4096
         self._store = diskcache.Cache(
@@ -202,6 +222,7 @@ class BlockCache:
             eviction_policy="least-recently-stored",
             cull_limit=_CULL_PER_INSERT,
             statistics=False,
+            disk=_BlockFiles,
         )
         self._database = directory / diskcache.core.DBNAME
         self._checkpoint_pages = max(wal_reserve // 2 // _PAGE_SIZE, 16)

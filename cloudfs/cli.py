@@ -277,8 +277,15 @@ def main() -> None:
     type=click.FloatRange(min=0),
     default=1.0,
     show_default=True,
-    help="Seconds after the last close before a file is uploaded (lets temp-file renames land "
-    "first).",
+    help="Seconds without a file being closed or fsync'd before uploads start: a study "
+    "arriving goes up in the pause after it, and temp-file renames land first.",
+)
+@click.option(
+    "--upload-max-delay",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    help="Longest uploads wait for that pause while files keep arriving.",
 )
 @click.option(
     "--upload-threads",
@@ -536,6 +543,7 @@ def _mount(
     upload_mode: str,
     sync_on_close: bool,
     upload_delay: float,
+    upload_max_delay: float,
     upload_threads: int,
     part_size: int,
     drain_timeout: float,
@@ -616,6 +624,7 @@ def _mount(
             upload_mode=upload_mode,
             sync_on_close=sync_on_close,
             upload_delay=upload_delay,
+            upload_max_delay=upload_max_delay,
             upload_threads=upload_threads,
             drain_timeout=drain_timeout,
         ),

@@ -192,9 +192,14 @@ class WriteOptions:
     sync_on_close: bool = False
     """Make close() as durable as fsync(), for writers that never call fsync."""
     upload_delay: float = 1.0
-    """Seconds after the last close before an upload starts: a writer that renames its temp file
-    into place (editors, rsync) does so within this time, and the upload goes to the final key
-    once instead of to the temp name and then a copy."""
+    """Seconds without a file being completed (closed or fsync'd) before uploads start: a PACS
+    storing a study writes it at local-disk speed and the study goes up in the pause after it,
+    and a writer that renames its temp file into place (editors, rsync) does so within this
+    time, so the upload goes to the final key once instead of to the temp name and then a
+    copy."""
+    upload_max_delay: float = 30.0
+    """Longest uploads wait for that pause while files keep arriving; after it they go on beside
+    the writes (as they do once half the staging area is taken)."""
     upload_threads: int = 8
     """Files uploaded at once; each large file also sends its parts in parallel.  A small file's
     PUT over a 20 ms WAN spends most of its time waiting: measured here, 4 at once uploaded about

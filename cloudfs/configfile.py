@@ -47,6 +47,7 @@ KEYS: dict[str, dict[str, str]] = {
         "upload_mode": "upload_mode",
         "sync_on_close": "sync_on_close",
         "upload_delay": "upload_delay",
+        "upload_max_delay": "upload_max_delay",
         "upload_threads": "upload_threads",
         "part_size": "part_size",
         "drain_timeout": "drain_timeout",

@@ -26,7 +26,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import count
 from typing import Any
@@ -58,7 +58,8 @@ _TIERING_PERIOD = 3600.0
 _QUIET_STEP = 0.05
 """Seconds the indexer waits at a time while the mount is busy with requests."""
 _MAX_YIELD = 2.0
-"""Longest a header read waits for a quiet moment: under constant load indexing still moves."""
+"""Longest a batch of header reads waits for quiet moments: under constant load indexing still
+moves."""
 
 
 def _blocks(obj: ObjectRef, block_size: int) -> list[BlockId]:
@@ -187,9 +188,13 @@ class Studies:
                 self._wanted = trio.Event()
                 continue
             results: list[tuple[Pending, Any, bool]] = []
+            queue = iter(batch)
+            # One deadline for the whole batch: under constant load it still moves every
+            # _MAX_YIELD seconds, and only index_threads tasks look at the clock meanwhile.
+            yield_until = trio.current_time() + _MAX_YIELD
             async with trio.open_nursery() as nursery:
-                for item in batch:
-                    nursery.start_soon(self._read_one, item, results)
+                for _ in range(self.options.index_threads):
+                    nursery.start_soon(self._read_some, queue, yield_until, results)
             if not results:
                 await trio.sleep(_FAILURE_PAUSE)
                 continue
@@ -202,11 +207,20 @@ class Studies:
             if new and (self._pinned or self.options.keep_recent_days):
                 await self.apply_pins()
 
+    async def _read_some(
+        self,
+        queue: Iterator[Pending],
+        yield_until: float,
+        results: list[tuple[Pending, Any, bool]],
+    ) -> None:
+        """Read headers from ``queue`` until it is empty, each after a quiet moment (or once
+        ``yield_until`` has passed)."""
+        for item in queue:
+            while self._busy() and trio.current_time() < yield_until:
+                await trio.sleep(_QUIET_STEP)
+            await self._read_one(item, results)
+
     async def _read_one(self, item: Pending, results: list[tuple[Pending, Any, bool]]) -> None:
-        waited = 0.0
-        while self._busy() and waited < _MAX_YIELD:
-            await trio.sleep(_QUIET_STEP)
-            waited += _QUIET_STEP
         try:
             outcome, read = await trio.to_thread.run_sync(
                 self._header, item, limiter=self._header_threads, abandon_on_cancel=True
@@ -223,10 +237,16 @@ class Studies:
 
     def _header(self, item: Pending) -> tuple[Header | str, int]:
         """Worker thread: the Header of ``item`` or why it is not DICOM, and the bytes GET."""
-        cached = self.cache.get(BlockId(item.key, item.etag, 0))
-        data = bytes(cached) if cached is not None else b""
+        first_block = min(item.size, self.cache.block_size)
         wanted, read = min(item.size, HEADER_PROBE), 0
+        data = b""
         while True:
+            if len(data) < wanted and wanted <= first_block:
+                # Only the pieces the header lies in: a file just written is in the cache.
+                cached = self.cache.get_range(
+                    BlockId(item.key, item.etag, 0), 0, wanted, first_block
+                )
+                data = bytes(cached) if cached is not None else data
             if len(data) < wanted:
                 data = self.store.get_range(item.key, 0, wanted, item.etag)
                 read += len(data)

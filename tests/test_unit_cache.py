@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from helpers_unit import value_files
 
 from cloudfs import cache as cache_module
 from cloudfs.cache import BlockCache, BlockId
@@ -28,11 +29,6 @@ def cache(tmp_path: Path) -> Iterator[BlockCache]:
     opened = BlockCache(tmp_path / "blocks", 16 * 1024 * 1024, BLOCK)
     yield opened
     opened.close()
-
-
-def value_files(directory: Path) -> list[Path]:
-    """The files diskcache keeps large values in."""
-    return sorted(directory.rglob("*.val"))
 
 
 def test_put_get_roundtrip(cache: BlockCache) -> None:
@@ -251,6 +247,22 @@ def test_volume_never_exceeds_cap(tmp_path: Path) -> None:
     got = cache.get(BlockId("big", '"e"', 399))
     assert got is not None and bytes(got) == payload(399)
     cache.close()
+
+
+def test_block_files_churn_no_directories(tmp_path: Path) -> None:
+    """Block files sit one directory level deep, in at most 256 directories that eviction
+    leaves in place: a stream of inserts past the cap makes no directory per block."""
+    directory = tmp_path / "blocks"
+    cache = BlockCache(directory, 2 * 1024 * 1024, BLOCK)
+    made: set[Path] = set()
+    for index in range(600):
+        assert cache.put(BlockId("big", '"e"', index), payload(index))
+        made.update(path.parent for path in value_files(directory))
+    shown = {path for path in directory.iterdir() if path.is_dir()}
+    cache.close()
+    assert all(folder.parent == directory for folder in made)
+    assert made <= shown, "a directory went away when its last block was evicted"
+    assert len(shown) <= 256
 
 
 def test_cap_holds_for_short_and_mixed_blocks(tmp_path: Path) -> None:

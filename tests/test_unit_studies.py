@@ -237,7 +237,7 @@ def test_indexing_waits_for_a_quiet_moment_but_never_stops(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """While the mount answers requests, header reads wait (a listing of a new bucket is not
-    slowed by indexing it); under constant load each read waits at most _MAX_YIELD."""
+    slowed by indexing it); under constant load a batch waits at most _MAX_YIELD."""
     monkeypatch.setattr(studies_module, "_MAX_YIELD", 1.0)
     rig = dicom_rig(tmp_path, study("PAT-1", 1, [("CT", 3)], "20240105"))
 

@@ -120,6 +120,49 @@ def test_staging_limit_gives_enospc_and_keeps_what_fitted(tmp_path: Path) -> Non
     run_fs(rig, body)
 
 
+async def store_files(fs: ArchiveFS, names: list[str], data: bytes, every: float) -> None:
+    """Files arriving as a PACS stores them: create, write, fsync, close; one per ``every``."""
+    for name in names:
+        handle = await create(fs, name, data)
+        await fs.fsync(handle)
+        await fs.release(handle)
+        await trio.sleep(every)
+
+
+@pytest.mark.parametrize(
+    ("max_delay", "staging_limit", "held"),
+    [(60.0, 10_000_000, True), (0.6, 10_000_000, False), (60.0, 100_000, False)],
+    ids=["until-the-pause", "max-delay-passed", "staging-half-full"],
+)
+def test_uploads_wait_for_a_pause_in_arriving_files(
+    tmp_path: Path, max_delay: float, staging_limit: int, held: bool
+) -> None:
+    """While files keep arriving (one every 0.1 s for 2 s, each closed long before the 0.5 s
+    delay), none goes up; all go up in the pause after them.  Files that never pause for
+    ``upload_max_delay``, or that fill half the staging area, go up while the writes go on."""
+    rig = with_writes(
+        make_rig(tmp_path, {}),
+        upload_delay=0.5,
+        upload_max_delay=max_delay,
+        staging_limit=staging_limit,
+    )
+    names = [f"{index}.dcm" for index in range(20)]
+    data = os.urandom(4_000)
+
+    def in_store() -> int:
+        return sum((rig.source / name).exists() for name in names)
+
+    async def body(fs: ArchiveFS) -> tuple[int, bool]:
+        await store_files(fs, names, data, 0.1)
+        during = in_store()
+        return during, await wait_until(lambda: in_store() == len(names), 10)
+
+    during, all_up = run_fs(rig, body)
+    assert all_up
+    assert (during == 0) if held else (during > 0), during
+    assert all((rig.source / name).read_bytes() == data for name in names)
+
+
 def test_sync_mode_write_after_fsync_is_not_lost(tmp_path: Path) -> None:
     """--upload-mode=sync: fsync uploads while the writer keeps the file open; bytes written
     after it still go up at close, and the staging area empties afterwards."""
