@@ -76,8 +76,9 @@ MOUNT_OPTIONS = (
 )
 """Every mount, plain or encrypted; the encrypted ones add ``--cache-key-file``.  No DICOM index
 and no study prefetch: nothing here is DICOM, and neither must read in the background while a
-figure is taken.  ``--upload-delay 0`` and ``--drain-timeout 5`` as in the write benchmark (the
-uploads start at once; an unmount after failed uploads does not wait long)."""
+figure is taken.  ``--upload-delay 0``: uploads start as each file closes, so the ingest pays
+for reading its sealed staging files back while it writes; ``--drain-timeout 5``: an unmount
+after failed uploads does not wait long."""
 WARM_LISTINGS = 3
 """Warm listings per repetition, each after dropping the kernel's caches."""
 SEAL_MAGIC = b"CFSSEAL1"
