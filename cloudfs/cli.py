@@ -847,6 +847,7 @@ def _upload_line(uploads: dict[str, Any]) -> str:
         f"{uploads['pending_files']} files ({format_size(uploads['pending_bytes'])}), "
         f"{uploads['pending_renames']} renames, {uploads['pending_deletes']} deletes pending"
         + (f", oldest {age:.0f}s" if age is not None else "")
+        + (" (waiting for a pause in the files arriving)" if uploads["waiting_for_pause"] else "")
     )
     return (
         f"uploads:           {pending}; {uploads['uploaded_files']} files "

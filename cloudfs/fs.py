@@ -1272,6 +1272,7 @@ class ArchiveFS:
             "last_error": stats.last_error,
             "last_error_at": stats.last_error_at or None,
             "mode": self.config.write.upload_mode,
+            "waiting_for_pause": self.uploader.waiting_for_pause,
         }
 
     def statfs(self) -> dict[str, int]:

@@ -148,6 +148,11 @@ class Uploader:
         self._last_written = time.monotonic()
         self.notify()
 
+    @property
+    def waiting_for_pause(self) -> bool:
+        """Uploads are held back because files are still arriving (see ``_held_for``)."""
+        return time.monotonic() < self._hold_end()
+
     def is_uploading(self, staged: str) -> bool:
         """A writer must not change this staging file: it is being read for an upload."""
         return staged in self._uploading
@@ -224,16 +229,25 @@ class Uploader:
         seconds of files that never pause (until they do), once half the staging area is
         taken, for an fsync waiting for the cloud, and while draining."""
         now = time.monotonic()
-        pause_at = self._last_written + self.options.upload_delay
-        if now >= pause_at:
+        if now >= self._last_written + self.options.upload_delay:
             self._holding_since = None
-            return 0.0
-        if self._holding_since is None:
+        elif self._holding_since is None:
             self._holding_since = now
-        if self._draining or self._urgent or self.staging.used * 2 > self.staging.limit:
-            return 0.0
-        give_up_at = self._holding_since + self.options.upload_max_delay
-        return max(0.0, min(pause_at, give_up_at) - now)
+        return max(0.0, self._hold_end() - now)
+
+    def _hold_end(self) -> float:
+        """When the hold of ``_held_for`` ends if files keep arriving as they do (-inf: none)."""
+        if (
+            self._holding_since is None
+            or self._draining
+            or self._urgent
+            or self.staging.used * 2 > self.staging.limit
+        ):
+            return -math.inf
+        return min(
+            self._last_written + self.options.upload_delay,
+            self._holding_since + self.options.upload_max_delay,
+        )
 
     def _dispatch(self, work: Work, nursery: trio.Nursery, current: int) -> float:
         """Start every item that may start now; returns when the next one waiting becomes due."""

@@ -138,8 +138,9 @@ def test_uploads_wait_for_a_pause_in_arriving_files(
     tmp_path: Path, max_delay: float, staging_limit: int, held: bool
 ) -> None:
     """While files keep arriving (one every 0.1 s for 2 s, each closed long before the 0.5 s
-    delay), none goes up; all go up in the pause after them.  Files that never pause for
-    ``upload_max_delay``, or that fill half the staging area, go up while the writes go on."""
+    delay), none goes up and the status says why; all go up in the pause after them.  Files
+    that never pause for ``upload_max_delay``, or that fill half the staging area, go up while
+    the writes go on."""
     rig = with_writes(
         make_rig(tmp_path, {}),
         upload_delay=0.5,
@@ -152,14 +153,19 @@ def test_uploads_wait_for_a_pause_in_arriving_files(
     def in_store() -> int:
         return sum((rig.source / name).exists() for name in names)
 
-    async def body(fs: ArchiveFS) -> tuple[int, bool]:
+    async def body(fs: ArchiveFS) -> tuple[int, bool, bool, bool]:
         await store_files(fs, names, data, 0.1)
-        during = in_store()
-        return during, await wait_until(lambda: in_store() == len(names), 10)
+        during, waiting = in_store(), fs.uploader.waiting_for_pause
+        all_up = await wait_until(lambda: in_store() == len(names), 10)
+        return during, waiting, all_up, fs.uploader.waiting_for_pause
 
-    during, all_up = run_fs(rig, body)
-    assert all_up
+    during, waiting, all_up, still_waiting = run_fs(rig, body)
+    assert all_up and not still_waiting
     assert (during == 0) if held else (during > 0), during
+    if staging_limit > len(names) * len(data) * 2:
+        # What `cloudfs status` says (with half the staging area taken, holding comes and goes
+        # as uploads free it).
+        assert waiting == held
     assert all((rig.source / name).read_bytes() == data for name in names)
 
 
