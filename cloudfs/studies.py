@@ -58,8 +58,8 @@ _TIERING_PERIOD = 3600.0
 _QUIET_STEP = 0.05
 """Seconds the indexer waits at a time while the mount is busy with requests."""
 _MAX_YIELD = 2.0
-"""Longest a batch of header reads waits for quiet moments: under constant load indexing still
-moves."""
+"""Longest one header read waits for a quiet moment: under constant load indexing still moves,
+``index_threads`` headers every this many seconds."""
 
 
 def _blocks(obj: ObjectRef, block_size: int) -> list[BlockId]:
@@ -189,12 +189,10 @@ class Studies:
                 continue
             results: list[tuple[Pending, Any, bool]] = []
             queue = iter(batch)
-            # One deadline for the whole batch: under constant load it still moves every
-            # _MAX_YIELD seconds, and only index_threads tasks look at the clock meanwhile.
-            yield_until = trio.current_time() + _MAX_YIELD
+            # index_threads tasks share the batch, so only they look at the clock while waiting.
             async with trio.open_nursery() as nursery:
                 for _ in range(self.options.index_threads):
-                    nursery.start_soon(self._read_some, queue, yield_until, results)
+                    nursery.start_soon(self._read_some, queue, results)
             if not results:
                 await trio.sleep(_FAILURE_PAUSE)
                 continue
@@ -208,14 +206,14 @@ class Studies:
                 await self.apply_pins()
 
     async def _read_some(
-        self,
-        queue: Iterator[Pending],
-        yield_until: float,
-        results: list[tuple[Pending, Any, bool]],
+        self, queue: Iterator[Pending], results: list[tuple[Pending, Any, bool]]
     ) -> None:
-        """Read headers from ``queue`` until it is empty, each after a quiet moment (or once
-        ``yield_until`` has passed)."""
+        """Read headers from ``queue`` until it is empty, each after a quiet moment or, under
+        constant load, ``_MAX_YIELD`` after the last: then this task reads one header every
+        ``_MAX_YIELD`` seconds, which never competes with the requests for long (a deadline per
+        batch let the rest of the batch run at full speed through a listing)."""
         for item in queue:
+            yield_until = trio.current_time() + _MAX_YIELD
             while self._busy() and trio.current_time() < yield_until:
                 await trio.sleep(_QUIET_STEP)
             await self._read_one(item, results)

@@ -237,22 +237,28 @@ def test_indexing_waits_for_a_quiet_moment_but_never_stops(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """While the mount answers requests, header reads wait (a listing of a new bucket is not
-    slowed by indexing it); under constant load a batch waits at most _MAX_YIELD."""
-    monkeypatch.setattr(studies_module, "_MAX_YIELD", 1.0)
-    rig = dicom_rig(tmp_path, study("PAT-1", 1, [("CT", 3)], "20240105"))
+    slowed by indexing it); under constant load each reading task reads one header every
+    _MAX_YIELD seconds, never a whole batch at once."""
+    monkeypatch.setattr(studies_module, "_MAX_YIELD", 0.5)
+    rig = dicom_rig(tmp_path, study("PAT-1", 1, [("CT", 12)], "20240105"))
+    tasks = rig.config.dicom.index_threads
+    assert tasks < 12
 
-    async def body(fs: ArchiveFS) -> tuple[int, float]:
+    async def body(fs: ArchiveFS) -> tuple[int, int, float]:
         fs.active_at = time.monotonic() + 3600  # a request "now", for the whole test
         started = time.monotonic()
+        await trio.sleep(0.25)
+        before = studies_of(fs).headers_read
         await trio.sleep(0.5)
-        during = studies_of(fs).headers_read
+        first_round = studies_of(fs).headers_read
         status = await indexed(fs)
-        return during, time.monotonic() - started if status["pending"] == 0 else -1.0
+        return before, first_round, time.monotonic() - started if status["pending"] == 0 else -1
 
-    during, seconds = run_fs(rig, body)
+    before, first_round, seconds = run_fs(rig, body)
     rig.close()
-    assert during == 0
-    assert 1.0 <= seconds < 10
+    assert before == 0
+    assert first_round <= tasks
+    assert 0.5 * -(-12 // tasks) <= seconds < 15
 
 
 def test_opening_an_instance_makes_its_study_local(tmp_path: Path) -> None:
