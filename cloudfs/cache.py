@@ -71,7 +71,7 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from pathlib import Path
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 import diskcache
 import xxhash
@@ -112,6 +112,9 @@ _MAX_ROWS_PER_TRANSACTION = 1000
 """Rows per update transaction at most: keeps the write lock held for milliseconds even on a large
 cache whose log reserve would allow more."""
 _PAGE_SIZE = 4096
+_REMEMBERED_PATHS = 8192
+"""Block files whose paths are kept in memory (some 2 MiB): the blocks of the last 8 GiB stored
+or read, at the default block size."""
 
 _TRIGGERS = {
     "cloudfs_pin_on_insert": f"""
@@ -179,17 +182,44 @@ class _Chunks:
 
 class _BlockFiles(diskcache.Disk):
     """diskcache's file storage, with block files spread over one level of at most 256
-    directories that stay once made.
+    directories that stay once made, and the files of recent blocks remembered in memory.
 
     diskcache itself spreads files over 65,536 directories two levels deep and removes a
     directory with its last file: with one file per block, nearly every insert made a directory
     and every eviction removed one, twice the inodes allocated and freed per block.  Entries
-    stored under the deeper layout are still found (the index holds each file's path)."""
+    stored under the deeper layout are still found (the index holds each file's path).
+
+    ``paths`` maps the names of the blocks stored or read lately to their files, so a read of
+    them opens the file without asking SQLite first (a query that, once the page cache is
+    dropped, costs a disk read of its own).  A block file is written once under a fresh random
+    name and never rewritten, so a remembered path holds that block or nothing: an evicted
+    block's file is gone, and the read asks SQLite."""
+
+    def __init__(self, directory: str, **settings: object) -> None:
+        super().__init__(directory, **settings)
+        self.paths: dict[str, str] = {}
+        self._paths_lock = threading.Lock()
+
+    def remember(self, name: str, path: str) -> None:
+        with self._paths_lock:
+            self.paths[name] = path
+            if len(self.paths) > _REMEMBERED_PATHS:
+                del self.paths[next(iter(self.paths))]
+
+    def forget(self, name: str) -> None:
+        with self._paths_lock:
+            self.paths.pop(name, None)
 
     def filename(self, key: object = None, value: object = None) -> tuple[str, str]:
         name = os.urandom(16).hex()
         filename = os.path.join(name[:2], name[2:] + ".val")
         return filename, os.path.join(self._directory, filename)
+
+    def store(self, value: object, read: bool, key: object = diskcache.core.UNKNOWN) -> tuple:
+        stored = super().store(value, read, key=key)
+        if isinstance(key, str) and stored[2] is not None:
+            self.remember(key, os.path.join(self._directory, stored[2]))
+        return stored
 
     def remove(self, file_path: str) -> None:
         with contextlib.suppress(OSError):
@@ -224,6 +254,7 @@ class BlockCache:
             statistics=False,
             disk=_BlockFiles,
         )
+        self._files: _BlockFiles = self._store.disk
         self._database = directory / diskcache.core.DBNAME
         self._checkpoint_pages = max(wal_reserve // 2 // _PAGE_SIZE, 16)
         self._rows_per_transaction = min(
@@ -327,7 +358,7 @@ class BlockCache:
     ) -> memoryview | None:
         name, digest = self._identity(block)
         try:
-            handle = self._store.get(name, default=None, read=True)
+            handle = self._open(name)
             if handle is None:
                 return None
             with handle:
@@ -343,11 +374,25 @@ class BlockCache:
             log.warning(
                 "corrupt block %d of %s dropped; fetching it again", block.number, block.key
             )
+            self._files.forget(name)
             self._store.delete(name)
             return None
         if not backup:
             self._recently_read.append(name)
         return data
+
+    def _open(self, name: str) -> BinaryIO | None:
+        """The block file of ``name``, from its remembered path or else from the index."""
+        path = self._files.paths.get(name)
+        if path is not None:
+            try:
+                return open(path, "rb")  # noqa: SIM115  # the caller closes it
+            except FileNotFoundError:
+                self._files.forget(name)  # evicted: the index says whether it was stored again
+        handle: BinaryIO | None = self._store.get(name, default=None, read=True)
+        if handle is not None:
+            self._files.remember(name, handle.name)
+        return handle
 
     def _body_length(self, payload_length: int) -> int:
         """Bytes one stored piece of ``payload_length`` takes after the checks table."""

@@ -380,8 +380,64 @@ def test_failed_read_is_a_miss(cache: BlockCache, monkeypatch: pytest.MonkeyPatc
         raise OSError(errno.EIO, "I/O error")
 
     monkeypatch.setattr(cache._store, "get", broken)
+    cache._files.paths.clear()  # the read asks the index
     assert cache.get(block) is None
     assert cache.corrupt_blocks == 0
+    cache.put(block, payload(1))  # remembered now: the read opens the file itself
+    monkeypatch.setattr(cache_module, "open", broken, raising=False)
+    assert cache.get(block) is None
+    assert cache.corrupt_blocks == 0
+
+
+def count_index_reads(cache: BlockCache, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names the cache looks up in its index from now on."""
+    names: list[str] = []
+    real_get = cache._store.get
+
+    def counted(name: str, *args: object, **kwargs: object) -> object:
+        names.append(name)
+        return real_get(name, *args, **kwargs)
+
+    monkeypatch.setattr(cache._store, "get", counted)
+    return names
+
+
+def test_block_files_are_opened_without_the_index_while_remembered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Blocks stored or read lately are opened from their remembered paths, without a query of
+    the index; an evicted block's path finds nothing and the read asks the index, which has
+    nothing either (never old bytes); after a reopen, the index is asked once per block."""
+    limit = 2 * 1024 * 1024
+    directory = tmp_path / "blocks"
+    cache = BlockCache(directory, limit, BLOCK)
+    index_reads = count_index_reads(cache, monkeypatch)
+    first = BlockId("a", '"e"', 0)
+    assert cache.put(first, payload(1))
+    for _ in range(2):
+        got = cache.get(first)
+        assert got is not None and bytes(got) == payload(1)
+    assert cache.get_range(first, 10, 20, BLOCK) is not None
+    assert index_reads == []
+    for index in range(1, 100):  # past the cap: the first block is evicted
+        assert cache.put(BlockId("a", '"e"', index), payload(index + 1))
+    assert not cache.contains(first)
+    assert cache.get(first) is None
+    assert len(index_reads) == 1
+    # Stored again, under a new file: the new one is read.
+    assert cache.put(first, payload(2))
+    got = cache.get(first)
+    assert got is not None and bytes(got) == payload(2)
+    assert len(index_reads) == 1
+    cache.close()
+
+    reopened = BlockCache(directory, limit, BLOCK)
+    index_reads = count_index_reads(reopened, monkeypatch)
+    for _ in range(3):
+        got = reopened.get(first)
+        assert got is not None and bytes(got) == payload(2)
+    assert len(index_reads) == 1
+    reopened.close()
 
 
 # Pinning: pinned blocks outlive unpinned ones, across re-puts, recency updates and reopening.
