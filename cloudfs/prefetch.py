@@ -118,6 +118,10 @@ class PrefetchLedger:
             self.awaited_bytes += size
         self._expire()
 
+    def is_unread(self, block: object) -> bool:
+        """Whether ``block`` was fetched ahead and no read has asked for it yet."""
+        return block in self._unread
+
     def read(self, block: object) -> None:
         """A read asked for ``block``."""
         entry = self._unread.pop(block, None) if self._unread else None

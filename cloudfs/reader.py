@@ -221,15 +221,27 @@ class BlockReader:
 
     # -- memory tier -----------------------------------------------------------------------
 
-    def _remember(self, block: BlockId, data: bytes | memoryview) -> None:
+    def _remember(self, block: BlockId, data: bytes | memoryview, ahead: bool = False) -> None:
+        """Keep ``block`` in memory, evicting blocks already read first (least recently used
+        first), then blocks fetched ahead that no read has reached yet.  A block fetched ahead
+        never evicts those: it stays on disk only, and is loaded when its reader comes near.
+        Otherwise a reader slower than its read-ahead (a fast link) found most blocks pushed out
+        by the ones landing behind them, and read nearly every block back from disk."""
         if block in self._memory:
             self._memory.move_to_end(block)
             return
+        excess = self._memory_bytes + len(data) - self.options.memory_blocks
+        if excess > 0:
+            read = [b for b in self._memory if not self.ledger.is_unread(b)]
+            if ahead and sum(len(self._memory[b]) for b in read) < excess:
+                return
+            victims = iter([*read, *self._memory])
+            while self._memory_bytes + len(data) > self.options.memory_blocks and self._memory:
+                victim = next(victims)
+                if victim in self._memory:
+                    self._memory_bytes -= len(self._memory.pop(victim))
         self._memory[block] = data
         self._memory_bytes += len(data)
-        while self._memory_bytes > self.options.memory_blocks and self._memory:
-            _, evicted = self._memory.popitem(last=False)
-            self._memory_bytes -= len(evicted)
 
     def _recall(self, block: BlockId) -> bytes | memoryview | None:
         data = self._memory.get(block)
@@ -490,7 +502,7 @@ class BlockReader:
             self.stats.prefetched_blocks += 1
         else:
             self.stats.fetched_blocks += 1
-        self._remember(block, data)
+        self._remember(block, data, ahead)
         self._landed[block] = None
         while len(self._landed) > _LANDED_MEMORY:
             self._landed.popitem(last=False)
