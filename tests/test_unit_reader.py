@@ -461,8 +461,10 @@ def test_scattered_reader_gets_the_whole_object_in_the_background(
         # flight, so wait for every block (or, for a backup, for the reads' own blocks).
         wanted = SCATTERED_READS if backup else len(data) // BS
         assert await wait_until(
-            lambda: stats.fetched_blocks + stats.prefetched_blocks == wanted
-            and stats.requests_in_flight == 0
+            lambda: (
+                stats.fetched_blocks + stats.prefetched_blocks == wanted
+                and stats.requests_in_flight == 0
+            )
         )
         fetched = len(rig.store.calls)
         for index in picks[SCATTERED_READS:]:
