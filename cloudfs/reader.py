@@ -1,7 +1,8 @@
 """The read path: serves byte ranges of object versions from memory, the disk cache or the store.
 
-Order of lookup for each block: a small in-memory LRU of recent blocks (the kernel sends several
-requests per block), then the disk cache (in a worker thread), then a ranged GET.  Missing
+Order of lookup for each block: a small in-memory tier of recent blocks (the kernel sends several
+requests per block; see ``_remember`` for what it evicts first), then the disk cache (in a worker
+thread), then a ranged GET.  Missing
 neighbouring blocks are fetched with one GET; small objects are fetched whole.
 
 Invariants (see docs/design.md):
