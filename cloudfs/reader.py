@@ -2,8 +2,8 @@
 
 Order of lookup for each block: a small in-memory tier of recent blocks (the kernel sends several
 requests per block; see ``_remember`` for what it evicts first), then the disk cache (in a worker
-thread), then a ranged GET.  Missing
-neighbouring blocks are fetched with one GET; small objects are fetched whole.
+thread), then a ranged GET.  Missing neighbouring blocks are fetched with one GET; small objects
+are fetched whole.
 
 Invariants (see docs/design.md):
 
