@@ -231,16 +231,15 @@ class BlockReader:
         if block in self._memory:
             self._memory.move_to_end(block)
             return
-        excess = self._memory_bytes + len(data) - self.options.memory_blocks
-        if excess > 0:
-            read = [b for b in self._memory if not self.ledger.is_unread(b)]
-            if ahead and sum(len(self._memory[b]) for b in read) < excess:
-                return
-            victims = iter([*read, *self._memory])
-            while self._memory_bytes + len(data) > self.options.memory_blocks and self._memory:
-                victim = next(victims)
-                if victim in self._memory:
-                    self._memory_bytes -= len(self._memory.pop(victim))
+        unread = self.ledger.is_unread
+        while self._memory_bytes + len(data) > self.options.memory_blocks and self._memory:
+            victim = next(iter(self._memory))
+            if unread(victim):
+                # Only then look past the least recently used block for one already read.
+                victim = next((b for b in self._memory if not unread(b)), victim)
+                if ahead and unread(victim):
+                    return
+            self._memory_bytes -= len(self._memory.pop(victim))
         self._memory[block] = data
         self._memory_bytes += len(data)
 
