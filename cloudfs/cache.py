@@ -113,8 +113,8 @@ _MAX_ROWS_PER_TRANSACTION = 1000
 cache whose log reserve would allow more."""
 _PAGE_SIZE = 4096
 _REMEMBERED_PATHS = 8192
-"""Block files whose paths are kept in memory (some 2 MiB): the blocks of the last 8 GiB stored
-or read, at the default block size."""
+"""Block files whose paths are kept in memory (some 2 MiB), oldest dropped first: the last 8 GiB
+of blocks stored or looked up in the index, at the default block size."""
 
 _TRIGGERS = {
     "cloudfs_pin_on_insert": f"""
@@ -189,8 +189,8 @@ class _BlockFiles(diskcache.Disk):
     and every eviction removed one, twice the inodes allocated and freed per block.  Entries
     stored under the deeper layout are still found (the index holds each file's path).
 
-    ``paths`` maps the names of the blocks stored or read lately to their files, so a read of
-    them opens the file without asking SQLite first (a query that, once the page cache is
+    ``paths`` maps the names of the blocks stored or looked up lately to their files, so a read
+    of them opens the file without asking SQLite first (a query that, once the page cache is
     dropped, costs a disk read of its own).  A block file is written once under a fresh random
     name and never rewritten, so a remembered path holds that block or nothing: an evicted
     block's file is gone, and the read asks SQLite."""
