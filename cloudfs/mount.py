@@ -19,7 +19,7 @@ from pathlib import Path
 
 import trio
 
-from . import control, fuse_ops
+from . import allocator, control, fuse_ops
 from .audit import AuditLog
 from .cache import BlockCache
 from .catalog import Catalog, SyncReport
@@ -206,6 +206,7 @@ def prepare(config: Config) -> tuple[ObjectStore, Catalog, BlockCache, bytes | N
 
 def serve(config: Config, on_ready: Callable[[], None]) -> None:
     """Mount and serve until unmounted or signalled; ``on_ready`` runs once the mount answers."""
+    allocator.tune_for_blocks(config.cache.block_size)
     store, catalog, cache, key, first_refresh = prepare(config)
     fs = ArchiveFS(config, store, catalog, cache, key)
     fs.recover()

@@ -1,0 +1,52 @@
+"""Settings of the C allocator for a daemon that allocates and frees a block-sized buffer per
+block it reads.
+
+glibc serves an allocation at or above its mmap threshold (128 KiB until a large chunk is freed,
+and the adaptive threshold does not settle for buffers of one fixed size) with a fresh mapping,
+and gives the pages back when it is freed.  Every 1 MiB block loaded from the disk cache then
+cost 256 page faults, each zeroing a page only for the read to overwrite it: measured on a cached
+1 GiB read, 90,000-120,000 faults and a fifth of the daemon's CPU.  With the threshold above the
+block buffers, and free memory kept at the top of the heap up to ``_KEPT_FREE``, freed blocks are
+reused instead.  Two arenas rather than glibc's eight per core: each thread's freed buffers go
+back to the arena that gave them, so with one arena per worker thread every thread kept its own
+reserve, some 50 MiB more resident memory for the same reads; two keep the peak where it was.
+
+Only glibc has ``mallopt``; elsewhere nothing is changed.  Called once, before the daemon starts
+its threads, because an arena made before the call stays.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+
+log = logging.getLogger(__name__)
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
+_MAX_MMAP_THRESHOLD = 32 * 2**20
+"""glibc refuses a larger threshold on 64-bit systems (half its largest heap)."""
+_KEPT_FREE = 32 * 2**20
+_ARENAS = 2
+
+
+def tune_for_blocks(block_size: int) -> bool:
+    """Make buffers of up to a few blocks come from reused heap memory; False where the C
+    library has no ``mallopt`` or refused a setting."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    # Room for a block with its checks, the header and Python's object header, twice over.
+    threshold = min(max(4 * block_size, 4 * 2**20), _MAX_MMAP_THRESHOLD)
+    settings = (
+        (_M_MMAP_THRESHOLD, threshold),
+        (_M_TRIM_THRESHOLD, max(_KEPT_FREE, 2 * threshold)),
+        (_M_ARENA_MAX, _ARENAS),
+    )
+    applied = all(mallopt(option, value) == 1 for option, value in settings)
+    if not applied:
+        log.warning("the C library refused an allocator setting; block buffers are not reused")
+    return applied
