@@ -384,8 +384,9 @@ def test_failed_read_is_a_miss(cache: BlockCache, monkeypatch: pytest.MonkeyPatc
     assert cache.get(block) is None
     assert cache.corrupt_blocks == 0
     cache.put(block, payload(1))  # remembered now: the read opens the file itself
-    monkeypatch.setattr(cache_module, "open", broken, raising=False)
-    assert cache.get(block) is None
+    with monkeypatch.context() as patch:
+        patch.setattr(cache_module.os, "open", broken)
+        assert cache.get(block) is None
     assert cache.corrupt_blocks == 0
 
 
