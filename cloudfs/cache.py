@@ -210,20 +210,24 @@ class _BlockFiles(diskcache.Disk):
         with self._paths_lock:
             self.paths.pop(name, None)
 
+    def path(self, filename: str) -> str:
+        """The full path of a block file the index names."""
+        return os.path.join(self._directory, filename)
+
     def filename(self, key: object = None, value: object = None) -> tuple[str, str]:
         name = os.urandom(16).hex()
         filename = os.path.join(name[:2], name[2:] + ".val")
-        return filename, os.path.join(self._directory, filename)
+        return filename, self.path(filename)
 
     def store(self, value: object, read: bool, key: object = diskcache.core.UNKNOWN) -> tuple:
         stored = super().store(value, read, key=key)
         if isinstance(key, str) and stored[2] is not None:
-            self.remember(key, os.path.join(self._directory, stored[2]))
+            self.remember(key, self.path(stored[2]))
         return stored
 
     def remove(self, file_path: str) -> None:
         with contextlib.suppress(OSError):
-            os.remove(os.path.join(self._directory, file_path))
+            os.remove(self.path(file_path))
 
 
 class BlockCache:
@@ -540,7 +544,18 @@ class BlockCache:
         return row is not None and row[0] >= _PINNED_EPOCH
 
     def contains(self, block: BlockId) -> bool:
-        return self._name(block) in self._store
+        """Whether ``block`` is stored; the index is asked for its file, which is then
+        remembered, so the read that usually follows opens it without asking again."""
+        name = self._name(block)
+        row = (
+            self._db()
+            .execute("SELECT filename FROM Cache WHERE key=? AND raw=1", (name,))
+            .fetchone()
+        )
+        if row is None or row[0] is None:
+            return False
+        self._files.remember(name, self._files.path(row[0]))
+        return True
 
     def put(self, block: BlockId, payload: bytes | memoryview, backup: bool = False) -> bool:
         """Store a block; False (logged, rate-limited) if the disk refused it.  ``backup``: a

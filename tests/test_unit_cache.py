@@ -408,7 +408,8 @@ def test_block_files_are_opened_without_the_index_while_remembered(
 ) -> None:
     """Blocks stored or read lately are opened from their remembered paths, without a query of
     the index; an evicted block's path finds nothing and the read asks the index, which has
-    nothing either (never old bytes); after a reopen, the index is asked once per block."""
+    nothing either (never old bytes); after a reopen, the index is asked once per block, by the
+    read or by ``contains`` before it."""
     limit = 2 * 1024 * 1024
     directory = tmp_path / "blocks"
     cache = BlockCache(directory, limit, BLOCK)
@@ -434,9 +435,17 @@ def test_block_files_are_opened_without_the_index_while_remembered(
 
     reopened = BlockCache(directory, limit, BLOCK)
     index_reads = count_index_reads(reopened, monkeypatch)
+    last = BlockId("a", '"e"', 99)
     for _ in range(3):
-        got = reopened.get(first)
-        assert got is not None and bytes(got) == payload(2)
+        got = reopened.get(last)
+        assert got is not None and bytes(got) == payload(100)
+    assert len(index_reads) == 1
+    # Read-ahead's question, whether a block is stored, finds its file too: the read that
+    # follows it does not ask the index again.
+    assert reopened.contains(first)
+    got = reopened.get(first)
+    assert got is not None and bytes(got) == payload(2)
+    assert not reopened.contains(BlockId("a", '"e"', 1))  # evicted long ago
     assert len(index_reads) == 1
     reopened.close()
 
