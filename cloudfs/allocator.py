@@ -1,10 +1,11 @@
 """Settings of the C allocator for a daemon that allocates and frees a block-sized buffer per
 block it reads.
 
-glibc serves an allocation at or above its mmap threshold (128 KiB until a large chunk is freed,
-and the adaptive threshold does not settle for buffers of one fixed size) with a fresh mapping,
-and gives the pages back when it is freed.  Most 1 MiB blocks loaded from the disk cache then
-cost 256 page faults, each zeroing a page only for the read to overwrite it: 90,000-120,000
+glibc serves an allocation at or above its mmap threshold (128 KiB at start) with a fresh
+mapping, and gives free memory at the top of a heap back to the system past its trim threshold.
+Both thresholds adapt to the largest chunk freed, which did not keep buffers made in worker
+threads and freed on the trio thread: most 1 MiB blocks loaded from the disk cache still cost
+256 page faults, each zeroing a page only for the read to overwrite it.  That was 90,000-120,000
 faults per cached 1 GiB read, against 30,000-50,000 with the settings here, which cut the
 daemon's CPU for that read by some 18% and raised its speed by as much.  With the threshold
 above the block buffers, and free memory kept at the top of the heap up to ``_KEPT_FREE``, freed
