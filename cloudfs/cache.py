@@ -71,7 +71,7 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
+from typing import NamedTuple
 
 import diskcache
 import xxhash
@@ -397,12 +397,28 @@ class BlockCache:
                 return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
                 self._files.forget(name)  # evicted: the index says whether it was stored again
-        handle: BinaryIO | None = self._store.get(name, default=None, read=True)
-        if handle is None:
+        path = self._indexed_path(name)
+        if path is None:
             return None
-        with handle:
-            self._files.remember(name, handle.name)
-            return os.dup(handle.fileno())
+        try:
+            return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:  # evicted between the query and the open
+            self._files.forget(name)
+            return None
+
+    def _indexed_path(self, name: str) -> str | None:
+        """The block file the index holds for ``name``, remembered from now on; None if the
+        index has none."""
+        row = (
+            self._db()
+            .execute("SELECT filename FROM Cache WHERE key=? AND raw=1", (name,))
+            .fetchone()
+        )
+        if row is None or row[0] is None:
+            return None
+        path = self._files.path(row[0])
+        self._files.remember(name, path)
+        return path
 
     def _body_length(self, payload_length: int) -> int:
         """Bytes one stored piece of ``payload_length`` takes after the checks table."""
@@ -544,18 +560,9 @@ class BlockCache:
         return row is not None and row[0] >= _PINNED_EPOCH
 
     def contains(self, block: BlockId) -> bool:
-        """Whether ``block`` is stored; the index is asked for its file, which is then
-        remembered, so the read that usually follows opens it without asking again."""
-        name = self._name(block)
-        row = (
-            self._db()
-            .execute("SELECT filename FROM Cache WHERE key=? AND raw=1", (name,))
-            .fetchone()
-        )
-        if row is None or row[0] is None:
-            return False
-        self._files.remember(name, self._files.path(row[0]))
-        return True
+        """Whether ``block`` is stored; its file is remembered, so the read that usually
+        follows opens it without asking the index again."""
+        return self._indexed_path(self._name(block)) is not None
 
     def put(self, block: BlockId, payload: bytes | memoryview, backup: bool = False) -> bool:
         """Store a block; False (logged, rate-limited) if the disk refused it.  ``backup``: a
