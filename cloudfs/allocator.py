@@ -42,14 +42,15 @@ def tune_for_blocks(block_size: int) -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    # Room for a block with its checks, the header and Python's object header, twice over.
+    # Above a block with its checks, header and Python's object header, with room to spare.
     threshold = min(max(4 * block_size, 4 * 2**20), _MAX_MMAP_THRESHOLD)
     settings = (
         (_M_MMAP_THRESHOLD, threshold),
         (_M_TRIM_THRESHOLD, max(_KEPT_FREE, 2 * threshold)),
         (_M_ARENA_MAX, _ARENAS),
     )
-    applied = all(mallopt(option, value) == 1 for option, value in settings)
+    # Every setting is tried, so one refused does not leave the others unset.
+    applied = all([mallopt(option, value) == 1 for option, value in settings])
     if not applied:
         log.warning("the C library refused an allocator setting; block buffers are not reused")
     return applied
