@@ -11,6 +11,7 @@ import errno
 import fcntl
 import logging
 import os
+import resource
 import signal
 import socket
 import time
@@ -135,6 +136,18 @@ def raise_kernel_read_ahead(mountpoint: Path, kilobytes: int) -> None:
         log.debug("kernel read-ahead left at its default (%s)", exc.strerror)
 
 
+def raise_open_file_limit() -> None:
+    """Raise this process's open-file limit to its hard limit: the block cache keeps the files
+    of recent blocks open (a quarter of the limit, at most 8,192), and the soft limit of 1,024
+    that shells and services start with would leave room for only 256."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError) as exc:
+            log.info("open-file limit stays at %d: %s", soft, exc)
+
+
 def first_listing(store: ObjectStore, catalog: Catalog) -> None:
     """List the store into an empty catalog before the first mount, going on after the last
     key an interrupted attempt cataloged.  A bucket of tens of millions of objects takes a
@@ -207,6 +220,7 @@ def prepare(config: Config) -> tuple[ObjectStore, Catalog, BlockCache, bytes | N
 def serve(config: Config, on_ready: Callable[[], None]) -> None:
     """Mount and serve until unmounted or signalled; ``on_ready`` runs once the mount answers."""
     allocator.tune_for_blocks(config.cache.block_size)
+    raise_open_file_limit()
     store, catalog, cache, key, first_refresh = prepare(config)
     fs = ArchiveFS(config, store, catalog, cache, key)
     fs.recover()

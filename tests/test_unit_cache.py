@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import random
+import resource
 import sqlite3
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +18,7 @@ from helpers_unit import value_files
 from cloudfs import cache as cache_module
 from cloudfs.cache import BlockCache, BlockId
 from cloudfs.crypto import BlockCipher
+from cloudfs.mount import raise_open_file_limit
 
 BLOCK = 64 * 1024
 
@@ -380,7 +383,7 @@ def test_failed_read_is_a_miss(cache: BlockCache, monkeypatch: pytest.MonkeyPatc
         raise OSError(errno.EIO, "I/O error")
 
     monkeypatch.setattr(cache, "_indexed_path", broken)
-    cache._files.paths.clear()  # the read asks the index
+    cache._files.forget_all()  # the read asks the index
     assert cache.get(block) is None
     assert cache.corrupt_blocks == 0
     cache.put(block, payload(1))  # remembered now: the read opens the file itself
@@ -448,6 +451,90 @@ def test_block_files_are_opened_without_the_index_while_remembered(
     assert len(index_reads) == 2  # asked by contains, not again by the read
     assert not reopened.contains(BlockId("a", '"e"', 1))  # evicted long ago
     reopened.close()
+
+
+def block_files_open(directory: Path) -> list[str]:
+    """The block files under ``directory`` this process holds open (deleted ones end in
+    " (deleted)")."""
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith(str(directory)) and ".val" in target:
+                held.append(target)
+    return held
+
+
+def deleted_files_held_open(directory: Path) -> list[str]:
+    return [path for path in block_files_open(directory) if path.endswith(" (deleted)")]
+
+
+def test_block_files_read_stay_open_until_evicted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A block file read once stays open with its checks in memory, so a later read of part of
+    it is a single ``pread``: no open, no read of the checks.  Evicted, its descriptor is
+    closed, so the space goes back to the disk at once and the cap holds."""
+    directory = tmp_path / "blocks"
+    cache = BlockCache(directory, 16 * 1024 * 1024, 4 * PIECE)
+    block, data = BlockId("a", '"e"', 0), payload(1, 4 * PIECE)
+    assert cache.put(block, data)
+    whole = cache.get(block)
+    assert whole is not None and bytes(whole) == data
+    calls: list[str] = []
+    real_open, real_pread = os.open, os.pread
+    with monkeypatch.context() as patch:
+        patch.setattr(
+            cache_module.os, "open", lambda *a, **k: calls.append("open") or real_open(*a, **k)
+        )
+        patch.setattr(cache_module.os, "pread", lambda *a: calls.append("pread") or real_pread(*a))
+        part = cache.get_range(block, PIECE + 5, 2 * PIECE + 5, len(data))
+    assert part is not None and bytes(part) == data[PIECE + 5 : 2 * PIECE + 5]
+    assert calls == ["pread"]
+    assert block_files_open(directory) and not deleted_files_held_open(directory)
+    for index in range(1, 80):  # past the cap: the first block is evicted
+        stored, data = BlockId("a", '"e"', index), payload(index + 1, 4 * PIECE)
+        assert cache.put(stored, data)
+        part = cache.get_range(stored, 0, 10, len(data))  # each one held open
+        assert part is not None and bytes(part) == data[:10]
+        assert cache.volume() <= cache.size_limit
+        assert not deleted_files_held_open(directory), index
+    assert cache.get(block) is None
+    cache.close()
+
+
+def test_files_held_open_follow_the_open_file_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cache keeps at most a quarter of the open-file limit open, however many blocks are
+    read, and reads every block right beyond that."""
+    monkeypatch.setattr(cache_module.resource, "getrlimit", lambda _: (128, 128))
+    cache = BlockCache(tmp_path / "blocks", 64 * 1024 * 1024, BLOCK)
+    blocks = [BlockId("a", '"e"', index) for index in range(100)]
+    for index, block in enumerate(blocks):
+        assert cache.put(block, payload(index))
+        assert cache.get(block) is not None
+    assert 0 < len(block_files_open(tmp_path / "blocks")) <= 32
+    for index, block in enumerate(blocks):
+        got = cache.get(block)
+        assert got is not None and bytes(got) == payload(index)
+    cache.close()
+    assert not block_files_open(tmp_path / "blocks")
+
+
+def test_daemon_raises_its_open_file_limit() -> None:
+    """The daemon lifts its soft open-file limit to the hard one before the cache opens, so the
+    cache may keep up to ``_REMEMBERED_FILES`` block files open, not the 256 of a limit of
+    1,024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))
+        assert cache_module._held_files() == min(256, hard // 4)
+        raise_open_file_limit()
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
+        assert cache_module._held_files() == min(cache_module._REMEMBERED_FILES, hard // 4)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 # Pinning: pinned blocks outlive unpinned ones, across re-puts, recency updates and reopening.
