@@ -115,7 +115,7 @@ _MAX_ROWS_PER_TRANSACTION = 1000
 """Rows per update transaction at most: keeps the write lock held for milliseconds even on a large
 cache whose log reserve would allow more."""
 _PAGE_SIZE = 4096
-_REMEMBERED_FILES = 8192
+REMEMBERED_FILES = 8192
 """Block files remembered, and kept open once read, oldest dropped first: the last 8 GiB of
 blocks stored or looked up, at the default block size, for some 3 MiB of memory and as many
 descriptors (fewer where the open-file limit is low: see ``_held_files``)."""
@@ -149,11 +149,11 @@ _TRIGGERS = {
 
 def _held_files() -> int:
     """Block files to remember and keep open: a quarter of this process's open-file limit (the
-    daemon raises it to the hard limit first), at most ``_REMEMBERED_FILES``."""
+    daemon raises it to the hard limit first), at most ``REMEMBERED_FILES``."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
-        return _REMEMBERED_FILES
-    return max(min(_REMEMBERED_FILES, soft // 4), 16)
+        return REMEMBERED_FILES
+    return max(min(REMEMBERED_FILES, soft // 4), 16)
 
 
 def stored_length(payload_length: int, sealed: bool) -> int:
@@ -232,7 +232,7 @@ class _BlockFiles(diskcache.Disk):
 
     def __init__(self, directory: str, **settings: object) -> None:
         super().__init__(directory, **settings)
-        self.held = _REMEMBERED_FILES
+        self.held = REMEMBERED_FILES
         self._files: OrderedDict[str, _BlockFile] = OrderedDict()
         self._by_path: dict[str, _BlockFile] = {}
         self._lock = threading.Lock()

@@ -524,15 +524,21 @@ def test_files_held_open_follow_the_open_file_limit(
 
 def test_daemon_raises_its_open_file_limit() -> None:
     """The daemon lifts its soft open-file limit to the hard one before the cache opens, so the
-    cache may keep up to ``_REMEMBERED_FILES`` block files open, not the 256 of a limit of
-    1,024."""
+    cache may keep up to ``REMEMBERED_FILES`` block files open, not the 256 of a limit of
+    1,024, and grows its descriptor table for them at once."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))
         assert cache_module._held_files() == min(256, hard // 4)
         raise_open_file_limit()
         assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
-        assert cache_module._held_files() == min(cache_module._REMEMBERED_FILES, hard // 4)
+        assert cache_module._held_files() == min(cache_module.REMEMBERED_FILES, hard // 4)
+        # The descriptor table is grown once now, not a doubling at a time during reads.
+        status = Path("/proc/self/status").read_text()
+        (table,) = [
+            int(line.split()[1]) for line in status.splitlines() if line.startswith("FDSize:")
+        ]
+        assert table >= min(2 * cache_module.REMEMBERED_FILES, hard)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
