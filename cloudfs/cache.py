@@ -8,7 +8,7 @@ random 64 KiB read in a 1 MiB block) reads and checks only the pieces it needs a
 reading and checking the whole block cost a cold disk a MiB per such read.  The files of blocks
 read lately stay open with their checks in memory (``_BlockFiles``), so such a read is then one
 ``pread`` of the pieces.  A whole block is read
-with one ``read`` and served from that buffer without a copy.  A piece that fails its check drops
+with one ``pread`` and served from that buffer without a copy.  A piece that fails its check drops
 the block, which is then reported as missing, so the caller fetches it again instead of returning
 wrong bytes; a piece moved to another place or another block fails too, because the seed
 differs.  XXH3 rather than CRC-32: it checks a MiB in 20 us instead of 250 us.  Encrypted, each
@@ -117,7 +117,7 @@ cache whose log reserve would allow more."""
 _PAGE_SIZE = 4096
 REMEMBERED_FILES = 8192
 """Block files remembered, and kept open once read, oldest dropped first: the last 8 GiB of
-blocks stored or looked up, at the default block size, for some 3 MiB of memory and as many
+blocks stored or looked up, at the default block size, for some 5 MiB of memory and as many
 descriptors (fewer where the open-file limit is low: see ``_held_files``)."""
 
 _TRIGGERS = {
