@@ -7,12 +7,12 @@ identity digest and the piece's number, then the payload itself.  A read of part
 random 64 KiB read in a 1 MiB block) reads and checks only the pieces it needs and their checks:
 reading and checking the whole block cost a cold disk a MiB per such read.  The files of blocks
 read lately stay open with their checks in memory (``_BlockFiles``), so such a read is then one
-``pread`` of the pieces.  A whole block is read
-with one ``pread`` and served from that buffer without a copy.  A piece that fails its check drops
-the block, which is then reported as missing, so the caller fetches it again instead of returning
-wrong bytes; a piece moved to another place or another block fails too, because the seed
-differs.  XXH3 rather than CRC-32: it checks a MiB in 20 us instead of 250 us.  Encrypted, each
-piece is sealed on its own (AES-GCM, the identity and piece number as associated data).
+``pread`` of the pieces.  A whole block is read with one ``pread`` and served from that buffer
+without a copy.  A piece that fails its check drops the block, which is then reported as
+missing, so the caller fetches it again instead of returning wrong bytes; a piece moved to
+another place or another block fails too, because the seed differs.  XXH3 rather than CRC-32:
+it checks a MiB in 20 us instead of 250 us.  Encrypted, each piece is sealed on its own
+(AES-GCM, the identity and piece number as associated data).
 
 Blocks of an earlier layout are not read: a cache directory written by an older version is
 emptied when opened (``FORMAT`` names the layout), so an upgrade costs a refetch, never wrong
@@ -232,7 +232,7 @@ class _BlockFiles(diskcache.Disk):
 
     def __init__(self, directory: str, **settings: object) -> None:
         super().__init__(directory, **settings)
-        self.held = REMEMBERED_FILES
+        self.held = _held_files()
         self._files: OrderedDict[str, _BlockFile] = OrderedDict()
         self._by_path: dict[str, _BlockFile] = {}
         self._lock = threading.Lock()
@@ -359,7 +359,6 @@ class BlockCache:
             disk=_BlockFiles,
         )
         self._files: _BlockFiles = self._store.disk
-        self._files.held = _held_files()
         self._database = directory / diskcache.core.DBNAME
         self._checkpoint_pages = max(wal_reserve // 2 // _PAGE_SIZE, 16)
         self._rows_per_transaction = min(
@@ -540,7 +539,7 @@ class BlockCache:
                 return None
             checks = bytes(data[_HEADER.size : _HEADER.size + -(-length // PIECE) * _CHECK.size])
         body = data[_HEADER.size + len(checks) :]
-        opened = self._check_pieces(digest, 0, checks, body, length)
+        opened = self._check_pieces(digest, checks, 0, len(checks) // _CHECK.size, body, length)
         if opened is None:
             return None
         entry.length, entry.checks = length, checks
@@ -573,7 +572,7 @@ class BlockCache:
         body = memoryview(os.pread(entry.fd, wanted, bodies_at + first * self._body_length(PIECE)))
         if len(body) != wanted:
             return None
-        opened = self._check_pieces(digest, first, checks, body, length, last - first + 1)
+        opened = self._check_pieces(digest, checks, first, last - first + 1, body, length)
         if opened is None:
             return None
         entry.length, entry.checks = length, checks
@@ -584,17 +583,15 @@ class BlockCache:
     def _check_pieces(
         self,
         digest: bytes,
-        first: int,
         table: bytes,
+        first: int,
+        count: int,
         bodies: memoryview,
         length: int,
-        count: int | None = None,
     ) -> list[bytes | memoryview] | None:
-        """The payloads of the stored pieces ``first``, ``first + 1``... (``count`` of them, or
-        all to the end) laid end to end in ``bodies``, ``table`` holding every piece's check:
-        each check verified (each piece opened when sealed); None if any fails."""
-        if count is None:
-            count = len(table) // _CHECK.size - first
+        """The payloads of the ``count`` stored pieces from ``first`` laid end to end in
+        ``bodies``, ``table`` holding every piece's check: each check verified (each piece
+        opened when sealed); None if any fails."""
         checks = struct.unpack_from(f"<{count}Q", table, first * _CHECK.size)
         seed = int.from_bytes(digest[:8], "little")
         opened: list[bytes | memoryview] = []
