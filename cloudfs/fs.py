@@ -19,6 +19,7 @@ import logging
 import os
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import count
 from typing import Any, NamedTuple, Protocol
@@ -177,6 +178,8 @@ class ArchiveFS:
         self.gid = os.getgid() if mount_options.owner_gid is None else mount_options.owner_gid
         self._handles: dict[int, OpenFile] = {}
         self._staged: dict[int, StagedFile] = {}
+        self._unstaged = 0
+        """Staged files that have left ``_staged`` so far (see ``_attributes_of``)."""
         self._opening: dict[str, _Opening] = {}
         self._recovered_keys: list[str] = []
         self._listings: dict[int, _Listing] = {}
@@ -281,13 +284,31 @@ class ArchiveFS:
         """Attributes of ``name`` in ``parent``, or None when it does not exist."""
         if is_view_inode(parent) or (parent == ROOT and name == self.view_name):
             return await self._catalog(self._view_lookup, parent, name)
-        node = await self._catalog(self.catalog.lookup, parent, name)
-        return None if node is None else self.attributes(node)
+        return await self._attributes_of(self.catalog.lookup, parent, name)
 
     async def getattr(self, ino: int) -> Attributes:
         if is_view_inode(ino):
             return await self._catalog(self._view_attributes, ino)
-        return self.attributes(await self._node(ino))
+        attributes = await self._attributes_of(self.catalog.get, ino)
+        if attributes is None:
+            raise NotFound(f"inode {ino}")
+        return attributes
+
+    async def _attributes_of(
+        self, find: Callable[..., Node | None], *args: object
+    ) -> Attributes | None:
+        """Attributes of the node ``find`` reads from the catalog (None: no such node).  A file
+        whose last handle closes while the catalog is read leaves ``_staged`` with its final
+        size already in the catalog, but perhaps after the read: the node is then read again, so
+        stat never shows a size older than the bytes written (a concurrent lookup once gave a
+        just-written file size 0, and the kernel then read it as empty)."""
+        while True:
+            unstaged = self._unstaged
+            node = await self._catalog(find, *args)
+            if node is None:
+                return None
+            if self._unstaged == unstaged:
+                return self.attributes(node)
 
     async def opendir(self, ino: int) -> int:
         """Open a directory for listing; returns the handle readdir takes."""
@@ -623,6 +644,7 @@ class ArchiveFS:
         staged.detached = True
         if self._staged.get(staged.ino) is staged:
             del self._staged[staged.ino]
+            self._unstaged += 1
         if staged.handles == 0 and staged.fd >= 0:
             os.close(staged.fd)
             staged.fd = -1
@@ -938,6 +960,7 @@ class ArchiveFS:
                 self._retire(staged)  # closes and removes it
             else:
                 del self._staged[staged.ino]
+                self._unstaged += 1
                 os.close(staged.fd)
 
     # -- what the uploader asks (StagingOwner) ---------------------------------------------
@@ -1091,7 +1114,7 @@ class ArchiveFS:
             if staged is not None and mtime_ns is not None:
                 staged.mtime_ns = mtime_ns
             self.uploader.notify()
-        return self.attributes(await self._node(ino))
+        return await self.getattr(ino)
 
     # -- catalog refresh -------------------------------------------------------------------
 

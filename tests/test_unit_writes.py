@@ -61,6 +61,50 @@ def test_close_journals_the_file_and_syncs_only_with_sync_on_close(
     assert syncs == (1 if sync_on_close else 0)
 
 
+@pytest.mark.parametrize("ask", ["lookup", "getattr"])
+def test_stat_during_the_last_close_shows_the_bytes_written(tmp_path: Path, ask: str) -> None:
+    """A lookup or getattr whose catalog read raced the last close of a file just written (the
+    catalog still said 0 bytes, and the staged size left memory before the answer) reads the
+    catalog again: it never reports a size older than the bytes written."""
+    rig = with_writes(make_rig(tmp_path, {}), upload_delay=3600)
+    data = b"x" * 4096
+
+    async def body(fs: ArchiveFS) -> int:
+        handle = await create(fs, "a.dcm", data)
+        ino = await ino_of(fs, "a.dcm")
+        stale_read, go_on = threading.Event(), threading.Event()
+        method = {"lookup": "lookup", "getattr": "get"}[ask]
+        real = getattr(rig.catalog, method)
+
+        def held_up(*args: object) -> object:
+            node = real(*args)
+            if not stale_read.is_set():
+                stale_read.set()
+                go_on.wait(10)
+            return node
+
+        setattr(rig.catalog, method, held_up)
+        sizes: list[int] = []
+
+        async def stat() -> None:
+            if ask == "lookup":
+                found = await fs.lookup(ROOT, "a.dcm")
+                assert found is not None
+                sizes.append(found.size)
+            else:
+                sizes.append((await fs.getattr(ino)).size)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stat)
+            await trio.to_thread.run_sync(stale_read.wait, 10)
+            await fs.flush(handle)
+            await fs.release(handle)
+            go_on.set()
+        return sizes[0]
+
+    assert run_fs(rig, body) == len(data)
+
+
 def test_written_bytes_read_back_and_go_up_then_staging_is_emptied(tmp_path: Path) -> None:
     """Bytes written are read back at once with the right size; once uploaded, the store holds
     them, the staging area is empty and reads come from the block cache, not the store."""
