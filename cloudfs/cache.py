@@ -54,7 +54,8 @@ A full disk or any storage error on insert is logged and reported (the read stil
 fetched bytes); it never raises into the read path.  The pinning calls serve the tiering policy, not
 reads, and let ``sqlite3.Error`` through: the policy retries on its next run.
 
-Threads: every method blocks and is safe to call from many threads at once.  diskcache keeps one
+Threads: every method but ``get_range_in_memory`` (which never waits for the disk) blocks, and all
+are safe to call from many threads at once.  diskcache keeps one
 SQLite connection per thread, and so does this class for its own updates; those run a bounded number
 of rows per transaction, so a large pin neither holds the write lock for long nor grows the
 write-ahead log past its reserve.  Knows nothing of FUSE or of the store.
@@ -63,6 +64,7 @@ write-ahead log past its reserve.  Knows nothing of FUSE or of the store.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -154,6 +156,15 @@ def _held_files() -> int:
     if soft == resource.RLIM_INFINITY:
         return REMEMBERED_FILES
     return max(min(REMEMBERED_FILES, soft // 4), 16)
+
+
+def _pread_in_memory(fd: int, size: int, offset: int) -> bytes | bytearray:
+    """``os.pread`` of bytes all in the page cache, else BlockingIOError at once: a short read
+    means part of them is not, or the file is short, which a read in a thread then finds."""
+    data = bytearray(size)
+    if os.preadv(fd, [data], offset, os.RWF_NOWAIT) != size:
+        raise BlockingIOError(errno.EAGAIN, "not all in memory")
+    return data
 
 
 def stored_length(payload_length: int, sealed: bool) -> int:
@@ -255,12 +266,12 @@ class _BlockFiles(diskcache.Disk):
             if known is not None:
                 self._drop(known)
 
-    def acquire(self, name: str) -> _BlockFile | None:
+    def acquire(self, name: str, open_file: bool = True) -> _BlockFile | None:
         """The remembered file of ``name``, open, until ``release``; None if not remembered or
-        gone (then forgotten)."""
+        gone (then forgotten), or, unless ``open_file``, not open already."""
         with self._lock:
             entry = self._files.get(name)
-            if entry is None:
+            if entry is None or (entry.fd is None and not open_file):
                 return None
             self._files.move_to_end(name)
             entry.users += 1
@@ -374,6 +385,8 @@ class BlockCache:
         self.failed_inserts = 0
         self._last_failure_log = 0.0
         self._sealed_overhead = OVERHEAD if cipher is not None else 0
+        self._nowait_reads = True
+        """False once the file system refused an ``RWF_NOWAIT`` read: all reads take a thread."""
         self._require_format(directory / _FORMAT_FILE)
 
     def _require_format(self, marker: Path) -> None:
@@ -456,6 +469,34 @@ class BlockCache:
         """Bytes ``[start, end)`` of ``block``, whose payload is ``length`` bytes, reading and
         checking only the pieces they lie in; None as for ``get``."""
         return self._read(block, (start, end, length), backup)
+
+    def get_range_in_memory(
+        self, block: BlockId, start: int, end: int, length: int, backup: bool = False
+    ) -> memoryview | None:
+        """As ``get_range``, but only if the block's file is open already and the bytes are in
+        the page cache: read with ``RWF_NOWAIT``, this never waits for the disk, so the event
+        loop may call it and spare a thread hop (half of a random read's time when the data is
+        in memory).  None otherwise, damage included: the caller then calls ``get_range`` in a
+        thread, which deals with it."""
+        if not self._nowait_reads:
+            return None
+        name, digest = self._identity(block)
+        entry = self._files.acquire(name, open_file=False)
+        if entry is None:
+            return None
+        try:
+            data = self._read_span(entry, digest, start, end, length, nowait=True)
+        except BlockingIOError:
+            return None  # not all in the page cache
+        except OSError as exc:
+            if exc.errno == errno.EOPNOTSUPP:
+                self._nowait_reads = False  # this file system cannot: always read in a thread
+            return None
+        finally:
+            self._files.release(entry)
+        if data is not None and not backup:
+            self._recently_read.append(name)
+        return data
 
     def _read(
         self, block: BlockId, span: tuple[int, int, int] | None, backup: bool
@@ -548,20 +589,27 @@ class BlockCache:
         return memoryview(b"".join(opened))
 
     def _read_span(
-        self, entry: _BlockFile, digest: bytes, start: int, end: int, length: int
+        self,
+        entry: _BlockFile,
+        digest: bytes,
+        start: int,
+        end: int,
+        length: int,
+        nowait: bool = False,
     ) -> memoryview | None:
         """Bytes ``[start, end)`` of the block file ``entry``, their pieces checked; None if
-        damaged."""
+        damaged.  ``nowait``: raise BlockingIOError rather than wait for the disk."""
         assert entry.fd is not None
+        pread = _pread_in_memory if nowait else os.pread
         pieces = -(-length // PIECE)
         checks = entry.checks
         if checks is None:
-            head = os.pread(entry.fd, _HEADER.size + pieces * _CHECK.size, 0)
+            head = pread(entry.fd, _HEADER.size + pieces * _CHECK.size, 0)
             if len(head) != _HEADER.size + pieces * _CHECK.size:
                 return None
             if _HEADER.unpack_from(head) != (_MAGIC, length, digest):
                 return None
-            checks = head[_HEADER.size :]
+            checks = bytes(head[_HEADER.size :])
         elif entry.length != length:
             return None
         first, last = start // PIECE, (end - 1) // PIECE
@@ -569,7 +617,7 @@ class BlockCache:
         wanted = sum(
             self._body_length(min(PIECE, length - i * PIECE)) for i in range(first, last + 1)
         )
-        body = memoryview(os.pread(entry.fd, wanted, bodies_at + first * self._body_length(PIECE)))
+        body = memoryview(pread(entry.fd, wanted, bodies_at + first * self._body_length(PIECE)))
         if len(body) != wanted:
             return None
         opened = self._check_pieces(digest, checks, first, last - first + 1, body, length)

@@ -270,15 +270,12 @@ class BlockReader:
                 self.ledger.read(block)
                 return memoryview(data)[offset - first * bs : end - first * bs]
             if random_access and block not in self._inflight:
-                part = await trio.to_thread.run_sync(
-                    self.cache.get_range,
-                    block,
-                    offset - first * bs,
-                    end - first * bs,
-                    min(bs, obj.size - first * bs),
-                    obj.backup,
-                    limiter=self._disk_threads,
-                )
+                span = (offset - first * bs, end - first * bs, min(bs, obj.size - first * bs))
+                part = self.cache.get_range_in_memory(block, *span, obj.backup)
+                if part is None:
+                    part = await trio.to_thread.run_sync(
+                        self.cache.get_range, block, *span, obj.backup, limiter=self._disk_threads
+                    )
                 if part is not None:
                     self.stats.disk_hits += 1
                     self.ledger.read(block)

@@ -8,6 +8,7 @@ import os
 import random
 import resource
 import sqlite3
+import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -501,6 +502,89 @@ def test_block_files_read_stay_open_until_evicted(
         assert not deleted_files_held_open(directory), index
     assert cache.get(block) is None
     cache.close()
+
+
+@pytest.fixture
+def disk_directory() -> Iterator[Path]:
+    """A directory on a disk file system (not tmpfs, whose pages cannot leave memory)."""
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as made:
+        yield Path(made)
+
+
+def evict_from_page_cache(directory: Path) -> None:
+    for path in directory.rglob("*.val"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def test_in_memory_reads_never_wait_for_the_disk(disk_directory: Path) -> None:
+    """``get_range_in_memory``, called on the event loop, serves a block file already open
+    whose bytes are in the page cache, and answers None at once (never waiting for the disk)
+    when the file is not open yet or its bytes have left memory; ``get_range`` in a thread
+    serves the block in every case."""
+    directory = disk_directory / "blocks"
+    cache = BlockCache(directory, 16 * 1024 * 1024, 4 * PIECE)
+    block, data = BlockId("a", '"e"', 0), payload(1, 4 * PIECE)
+    wanted = data[PIECE + 5 : 2 * PIECE + 5]
+    assert cache.put(block, data)
+    assert cache.get_range_in_memory(block, PIECE + 5, 2 * PIECE + 5, len(data)) is None
+    part = cache.get_range(block, PIECE + 5, 2 * PIECE + 5, len(data))  # opens the file
+    assert part is not None and bytes(part) == wanted
+    part = cache.get_range_in_memory(block, PIECE + 5, 2 * PIECE + 5, len(data))
+    assert part is not None and bytes(part) == wanted
+    evict_from_page_cache(directory)
+    assert cache.get_range_in_memory(block, PIECE + 5, 2 * PIECE + 5, len(data)) is None
+    part = cache.get_range(block, PIECE + 5, 2 * PIECE + 5, len(data))  # reads the disk
+    assert part is not None and bytes(part) == wanted
+    part = cache.get_range_in_memory(block, PIECE + 5, 2 * PIECE + 5, len(data))
+    assert part is not None and bytes(part) == wanted
+    assert cache.corrupt_blocks == 0
+    cache.close()
+
+
+def test_in_memory_read_of_a_damaged_block_leaves_it_to_the_thread(
+    cache: BlockCache, tmp_path: Path
+) -> None:
+    """Damage found by an in-memory read is not dealt with on the event loop (dropping a block
+    writes to SQLite): the read answers None, and the read in a thread that follows drops the
+    block; wrong bytes are never returned."""
+    block, data = BlockId("a", '"e"', 0), payload(1)
+    assert cache.put(block, data)
+    assert cache.get_range(block, 0, 10, len(data)) is not None  # open, checks in memory
+    (path,) = value_files(tmp_path / "blocks")
+    with open(path, "r+b") as stored:
+        stored.seek(-100, os.SEEK_END)
+        stored.write(b"\0" * 10)
+    assert cache.get_range_in_memory(block, len(data) - 200, len(data), len(data)) is None
+    assert cache.contains(block) and cache.corrupt_blocks == 0
+    assert cache.get_range(block, len(data) - 200, len(data), len(data)) is None
+    assert not cache.contains(block) and cache.corrupt_blocks == 1
+
+
+def test_in_memory_reads_stop_where_the_file_system_refuses_them(
+    cache: BlockCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file system without ``RWF_NOWAIT`` reads refuses the first one; from then on every
+    read goes to a thread without trying again."""
+    block, data = BlockId("a", '"e"', 0), payload(1)
+    assert cache.put(block, data)
+    assert cache.get_range(block, 0, 10, len(data)) is not None
+    calls: list[int] = []
+
+    def refuse(*args: object) -> int:
+        calls.append(1)
+        raise OSError(errno.EOPNOTSUPP, "not supported")
+
+    monkeypatch.setattr(cache_module.os, "preadv", refuse)
+    assert cache.get_range_in_memory(block, 0, 10, len(data)) is None
+    assert cache.get_range_in_memory(block, 0, 10, len(data)) is None
+    assert calls == [1]
+    part = cache.get_range(block, 0, 10, len(data))
+    assert part is not None and bytes(part) == data[:10]
 
 
 def test_files_held_open_follow_the_open_file_limit(

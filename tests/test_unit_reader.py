@@ -440,6 +440,46 @@ def test_random_reads_do_not_read_ahead(tmp_path: Path) -> None:
     rig.close()
 
 
+def test_random_reads_of_cached_bytes_in_memory_take_no_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a restart, a random read of a cached block reads its file in a worker thread once;
+    later random reads of it, its bytes now in the page cache, are served on the event loop
+    without a thread hop, and are the right bytes."""
+    data = random_bytes(2 * MiB, 14)
+    rig = make_rig(tmp_path, {"scan.bin": data})
+    picks = [20, 5, 28, 11][: SCATTERED_READS - 1]
+
+    async def scattered_reads(fs: ArchiveFS) -> None:
+        handle = await open_path(fs, "scan.bin")
+        for index in picks:
+            offset = index * BS + 100
+            assert bytes(await fs.read(handle, offset, 1000)) == data[offset : offset + 1000]
+
+    run_fs(rig, scattered_reads)  # fetched and cached
+    threaded: list[int] = []
+    in_thread = rig.cache.get_range
+
+    def recorded(block: BlockId, *args: object) -> object:
+        assert threading.current_thread() is not threading.main_thread()
+        threaded.append(block.number)
+        return in_thread(block, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(rig.cache, "get_range", recorded)
+
+    async def after_restart(fs: ArchiveFS) -> None:
+        await scattered_reads(fs)
+        assert sorted(threaded) == sorted(picks)
+        hits = fs.reader.stats.disk_hits
+        await scattered_reads(fs)
+        assert sorted(threaded) == sorted(picks)
+        assert fs.reader.stats.disk_hits == hits + len(picks)
+
+    run_fs(rig, after_restart)
+    assert len(rig.store.calls_for("scan.bin")) == len(picks)
+    rig.close()
+
+
 @pytest.mark.parametrize("backup", [False, True])
 def test_scattered_reader_gets_the_whole_object_in_the_background(
     tmp_path: Path, backup: bool
