@@ -84,11 +84,20 @@ class Attributes(NamedTuple):
         return stat.S_ISDIR(self.mode)
 
 
+def _with_staged(attributes: Attributes, staged: StagedFile | None) -> Attributes:
+    """``attributes`` with the size and time of ``staged``, the file's staging copy, if any."""
+    if staged is None:
+        return attributes
+    return attributes._replace(size=staged.size, mtime_ns=staged.mtime_ns)
+
+
 @dataclass
 class _Batch:
     """Directory entries after one offset, being read from the catalog in the background."""
 
     after: int
+    staged: dict[int, StagedFile]
+    """The files being written when the read began (see ``ArchiveFS._as_of_now``)."""
     done: trio.Event = field(default_factory=trio.Event)
     entries: list[tuple[str, Attributes]] = field(default_factory=list)
     error: Exception | None = None
@@ -101,6 +110,8 @@ class _Listing:
     ino: int
     after: int = 0
     batch: list[tuple[str, Attributes]] = field(default_factory=list)
+    staged: dict[int, StagedFile] = field(default_factory=dict)
+    """The files being written when ``batch`` was read."""
     ahead: _Batch | None = None
 
 
@@ -255,20 +266,20 @@ class ArchiveFS:
 
     def attributes(self, node: Node) -> Attributes:
         """What stat shows: sizes of files open for writing come from their staging file."""
+        return _with_staged(self._catalog_attributes(node), self._staged.get(node.ino))
+
+    def _catalog_attributes(self, node: Node) -> Attributes:
+        """What the catalog says of ``node`` (safe in a worker thread: reads no table)."""
         default = (0o755 if node.is_dir else 0o644) & ~self.config.mount.umask
         permissions = default if node.mode is None else node.mode
         if self.config.mount.read_only:
             permissions &= ~0o222
         mode = (stat.S_IFDIR if node.is_dir else stat.S_IFREG) | permissions
-        size, mtime_ns = node.size, node.mtime_ns
-        staged = self._staged.get(node.ino)
-        if staged is not None:
-            size, mtime_ns = staged.size, staged.mtime_ns
         return Attributes(
             node.ino,
             mode,
-            size,
-            mtime_ns,
+            node.size,
+            node.mtime_ns,
             self.uid if node.uid is None else node.uid,
             self.gid if node.gid is None else node.gid,
             self.cache.block_size,
@@ -334,22 +345,43 @@ class ArchiveFS:
                 await ahead.done.wait()
                 if ahead.error is not None:
                     raise ahead.error
-                batch = ahead.entries
+                batch, staged = ahead.entries, ahead.staged
             else:
+                staged = dict(self._staged)
                 batch = await self._catalog(self._entries, listing.ino, after)
-            listing.after, listing.batch = after, batch
+            listing.after, listing.batch, listing.staged = after, batch, staged
             if len(batch) == _READDIR_BATCH and self._nursery is not None:
-                listing.ahead = _Batch(batch[-1][1].ino)
+                listing.ahead = _Batch(batch[-1][1].ino, dict(self._staged))
                 self._nursery.start_soon(self._read_batch, listing.ino, listing.ahead)
         start = bisect.bisect_right(batch, after, key=lambda entry: entry[1].ino)
-        return batch[start:]
+        return self._as_of_now(batch[start:], listing.staged)
+
+    def _as_of_now(
+        self, entries: list[tuple[str, Attributes]], staged_then: dict[int, StagedFile]
+    ) -> list[tuple[str, Attributes]]:
+        """Listed entries with the sizes stat shows now.  A file being written shows its
+        staging file's size, and so does a file that was being written when its batch was
+        read: its last writer may have closed meanwhile, and the catalog row read before its
+        final size landed (the kernel would take that stale size from the listing, as it once
+        took a size of 0 from a racing lookup; see ``_attributes_of``)."""
+        if not self._staged and not staged_then:
+            return entries
+        return [
+            (
+                name,
+                _with_staged(
+                    attributes, self._staged.get(attributes.ino) or staged_then.get(attributes.ino)
+                ),
+            )
+            for name, attributes in entries
+        ]
 
     def _entries(self, ino: int, after: int) -> list[tuple[str, Attributes]]:
         """Worker thread: one batch of a directory's entries with their attributes."""
         if is_view_inode(ino):
             return self._view_entries(ino, after)
         nodes = self.catalog.children(ino, after, _READDIR_BATCH)
-        entries = [(node.name, self.attributes(node)) for node in nodes]
+        entries = [(node.name, self._catalog_attributes(node)) for node in nodes]
         # The view's root comes last in the root directory: its inode is above all others.
         if ino == ROOT and len(entries) < _READDIR_BATCH and self._view_shown():
             entries.append((self.view_name, self._view_directory(VIEW_ROOT)))

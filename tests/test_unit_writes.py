@@ -8,6 +8,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -103,6 +104,44 @@ def test_stat_during_the_last_close_shows_the_bytes_written(tmp_path: Path, ask:
         return sizes[0]
 
     assert run_fs(rig, body) == len(data)
+
+
+def test_listing_during_the_last_close_shows_the_bytes_written(tmp_path: Path) -> None:
+    """A directory listing whose catalog read raced the last close of a file just written (the
+    catalog still said 0 bytes) lists the file with the bytes written: the kernel takes the
+    attributes of a listing as the file's own."""
+    rig = with_writes(make_rig(tmp_path, {}), upload_delay=3600)
+    data = b"x" * 4096
+
+    async def body(fs: ArchiveFS) -> dict[str, int]:
+        handle = await create(fs, "a.dcm", data)
+        stale_read, go_on = threading.Event(), threading.Event()
+        real = rig.catalog.children
+
+        def held_up(*args: Any) -> Any:
+            nodes = real(*args)
+            stale_read.set()
+            go_on.wait(10)
+            return nodes
+
+        rig.catalog.children = held_up  # type: ignore[method-assign]
+        listed: dict[str, int] = {}
+
+        async def listing() -> None:
+            directory = await fs.opendir(ROOT)
+            for name, attributes in await fs.readdir(directory, 0):
+                listed[name] = attributes.size
+            fs.releasedir(directory)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(listing)
+            await trio.to_thread.run_sync(stale_read.wait, 10)
+            await fs.flush(handle)
+            await fs.release(handle)
+            go_on.set()
+        return listed
+
+    assert run_fs(rig, body) == {"a.dcm": len(data)}
 
 
 def test_written_bytes_read_back_and_go_up_then_staging_is_emptied(tmp_path: Path) -> None:
