@@ -291,6 +291,18 @@ class _BlockFiles(diskcache.Disk):
             os.close(fd)  # another reader opened it meanwhile
         return entry
 
+    def keep_open(self, name: str, length: int, checks: bytes) -> None:
+        """Open the file just stored for ``name``, its ``checks`` known: the first read of the
+        block is then one ``pread``, and a random read of its bytes, still in the page cache,
+        is served on the event loop (``get_range_in_memory``)."""
+        try:
+            entry = self.acquire(name)
+        except OSError:
+            return  # evicted already
+        if entry is not None:
+            entry.length, entry.checks = length, checks
+            self.release(entry)
+
     def release(self, entry: _BlockFile) -> None:
         with self._lock:
             entry.users -= 1
@@ -749,7 +761,6 @@ class BlockCache:
             # The tag makes the insert pin or age the block (see the module docstring).
             tag = _PIN_TAG if block.key in self._pinned_keys else _SCAN_TAG if backup else None
             self._store.set(name, _Chunks(*parts), read=True, tag=tag)
-            return True
         except (OSError, sqlite3.Error) as exc:
             self.failed_inserts += 1
             now = time.monotonic()
@@ -757,6 +768,8 @@ class BlockCache:
                 self._last_failure_log = now
                 log.error("block cache insert failed (%s); serving without caching", exc)
             return False
+        self._files.keep_open(name, len(view), head[_HEADER.size :])
+        return True
 
     def volume(self) -> int:
         """Bytes the cache occupies on disk (blocks and its index)."""

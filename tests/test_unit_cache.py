@@ -100,10 +100,14 @@ def flip_byte(path: Path, position: int) -> None:
     ["payload", "magic", "length", "checksum", "identity", "truncate", "extend"],
 )
 def test_corrupt_block_dropped(tmp_path: Path, damage: str) -> None:
-    """A damaged value file is never returned: get() gives None, counts it and deletes it."""
+    """A value file damaged at rest is never returned: get() after a restart gives None,
+    counts it and deletes it.  (While running, the cache holds the checks of the blocks it
+    stored or read, and a damaged payload fails them: see the next test.)"""
     cache = BlockCache(tmp_path / "blocks", 16 * 1024 * 1024, BLOCK)
     block = BlockId("img.dcm", '"e"', 5)
     assert cache.put(block, payload(7))
+    cache.close()
+    cache = BlockCache(tmp_path / "blocks", 16 * 1024 * 1024, BLOCK)
     (path,) = value_files(tmp_path / "blocks")
     if damage == "payload":
         flip_byte(path, 40_000)
@@ -375,7 +379,9 @@ def test_failed_insert_is_reported_not_raised(
     assert cache.failed_inserts == 2
 
 
-def test_failed_read_is_a_miss(cache: BlockCache, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_read_is_a_miss(
+    cache: BlockCache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A storage error while reading is reported as a missing block, not raised."""
     block = BlockId("a", '"e"', 0)
     cache.put(block, payload(1))
@@ -387,7 +393,11 @@ def test_failed_read_is_a_miss(cache: BlockCache, monkeypatch: pytest.MonkeyPatc
     cache._files.forget_all()  # the read asks the index
     assert cache.get(block) is None
     assert cache.corrupt_blocks == 0
-    cache.put(block, payload(1))  # remembered now: the read opens the file itself
+    cache.put(block, payload(1))
+    name, _ = cache._identity(block)
+    (path,) = value_files(tmp_path / "blocks")
+    cache._files.forget_all()
+    cache._files.remember(name, str(path))  # remembered, not open: the read opens the file
     with monkeypatch.context() as patch:
         patch.setattr(cache_module.os, "open", broken)
         assert cache.get(block) is None
@@ -523,14 +533,18 @@ def evict_from_page_cache(directory: Path) -> None:
 
 def test_in_memory_reads_never_wait_for_the_disk(disk_directory: Path) -> None:
     """``get_range_in_memory``, called on the event loop, serves a block file already open
-    whose bytes are in the page cache, and answers None at once (never waiting for the disk)
-    when the file is not open yet or its bytes have left memory; ``get_range`` in a thread
-    serves the block in every case."""
+    (stored or read by this process) whose bytes are in the page cache, and answers None at
+    once (never waiting for the disk) when the file is not open yet or its bytes have left
+    memory; ``get_range`` in a thread serves the block in every case."""
     directory = disk_directory / "blocks"
     cache = BlockCache(directory, 16 * 1024 * 1024, 4 * PIECE)
     block, data = BlockId("a", '"e"', 0), payload(1, 4 * PIECE)
     wanted = data[PIECE + 5 : 2 * PIECE + 5]
     assert cache.put(block, data)
+    part = cache.get_range_in_memory(block, PIECE + 5, 2 * PIECE + 5, len(data))
+    assert part is not None and bytes(part) == wanted
+    cache.close()
+    cache = BlockCache(directory, 16 * 1024 * 1024, 4 * PIECE)  # a restart: nothing open
     assert cache.get_range_in_memory(block, PIECE + 5, 2 * PIECE + 5, len(data)) is None
     part = cache.get_range(block, PIECE + 5, 2 * PIECE + 5, len(data))  # opens the file
     assert part is not None and bytes(part) == wanted

@@ -443,9 +443,9 @@ def test_random_reads_do_not_read_ahead(tmp_path: Path) -> None:
 def test_random_reads_of_cached_bytes_in_memory_take_no_thread(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """After a restart, a random read of a cached block reads its file in a worker thread once;
-    later random reads of it, its bytes now in the page cache, are served on the event loop
-    without a thread hop, and are the right bytes."""
+    """Random reads of cached blocks whose bytes are in the page cache are served on the event
+    loop without a thread hop, and are the right bytes: at once for blocks this process
+    stored, and after a restart once a read in a worker thread has opened the block's file."""
     data = random_bytes(2 * MiB, 14)
     rig = make_rig(tmp_path, {"scan.bin": data})
     picks = [20, 5, 28, 11][: SCATTERED_READS - 1]
@@ -466,6 +466,14 @@ def test_random_reads_of_cached_bytes_in_memory_take_no_thread(
         return in_thread(block, *args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(rig.cache, "get_range", recorded)
+
+    async def same_process(fs: ArchiveFS) -> None:
+        await scattered_reads(fs)
+        assert threaded == []
+        assert fs.reader.stats.disk_hits == len(picks)
+
+    run_fs(rig, same_process)
+    rig.cache._files.forget_all()  # as after a restart: no block file open
 
     async def after_restart(fs: ArchiveFS) -> None:
         await scattered_reads(fs)
