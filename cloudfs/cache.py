@@ -6,8 +6,9 @@ table of checks, one XXH3-64 for each piece of ``PIECE`` bytes of the payload, s
 identity digest and the piece's number, then the payload itself.  A read of part of a block (a
 random 64 KiB read in a 1 MiB block) reads and checks only the pieces it needs and their checks:
 reading and checking the whole block cost a cold disk a MiB per such read.  The files of blocks
-read lately stay open with their checks in memory (``_BlockFiles``), so such a read is then one
-``pread`` of the pieces.  A whole block is read with one ``pread`` and served from that buffer
+stored or read lately stay open with their checks in memory (``_BlockFiles``), so such a read is
+then one ``pread`` of the pieces, and, when those are in the page cache, one the event loop may
+make itself (``get_range_in_memory``).  A whole block is read with one ``pread`` and served from that buffer
 without a copy.  A piece that fails its check drops the block, which is then reported as
 missing, so the caller fetches it again instead of returning wrong bytes; a piece moved to
 another place or another block fails too, because the seed differs.  XXH3 rather than CRC-32:
@@ -232,8 +233,8 @@ class _BlockFiles(diskcache.Disk):
 
     The blocks stored or looked up lately (``held``, oldest dropped first) are remembered with
     their files, so a read of them opens the file without asking SQLite first (a query that,
-    once the page cache is dropped, costs a disk read of its own).  A file read once stays open
-    with its header and checks in memory: a read then costs one ``pread``, where opening the
+    once the page cache is dropped, costs a disk read of its own).  A file stored or read once
+    stays open with its checks in memory: a read then costs one ``pread``, where opening the
     file again costs, on a cold page cache, a read of its directory and of its inode too, and
     reading the checks another (a random 64 KiB read from the cache: 0.5 ms, three disk reads,
     against one).  A block file is written once under a fresh random name and never rewritten,
