@@ -8,8 +8,8 @@ random 64 KiB read in a 1 MiB block) reads and checks only the pieces it needs a
 reading and checking the whole block cost a cold disk a MiB per such read.  The files of blocks
 stored or read lately stay open with their checks in memory (``_BlockFiles``), so such a read is
 then one ``pread`` of the pieces, and, when those are in the page cache, one the event loop may
-make itself (``get_range_in_memory``).  A whole block is read with one ``pread`` and served from that buffer
-without a copy.  A piece that fails its check drops the block, which is then reported as
+make itself (``get_range_in_memory``).  A whole block is read with one ``pread`` and served from
+that buffer without a copy.  A piece that fails its check drops the block, which is then reported as
 missing, so the caller fetches it again instead of returning wrong bytes; a piece moved to
 another place or another block fails too, because the seed differs.  XXH3 rather than CRC-32:
 it checks a MiB in 20 us instead of 250 us.  Encrypted, each piece is sealed on its own
