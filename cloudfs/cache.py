@@ -56,10 +56,10 @@ fetched bytes); it never raises into the read path.  The pinning calls serve the
 reads, and let ``sqlite3.Error`` through: the policy retries on its next run.
 
 Threads: every method but ``get_range_in_memory`` (which never waits for the disk) blocks, and all
-are safe to call from many threads at once.  diskcache keeps one
-SQLite connection per thread, and so does this class for its own updates; those run a bounded number
-of rows per transaction, so a large pin neither holds the write lock for long nor grows the
-write-ahead log past its reserve.  Knows nothing of FUSE or of the store.
+are safe to call from many threads at once.  diskcache keeps one SQLite connection per thread, and
+so does this class for its own updates; those run a bounded number of rows per transaction, so a
+large pin neither holds the write lock for long nor grows the write-ahead log past its reserve.
+Knows nothing of FUSE or of the store.
 """
 
 from __future__ import annotations
