@@ -364,17 +364,14 @@ class ArchiveFS:
         read: its last writer may have closed meanwhile, and the catalog row read before its
         final size landed (the kernel would take that stale size from the listing, as it once
         took a size of 0 from a racing lookup; see ``_attributes_of``)."""
-        if not self._staged and not staged_then:
+        staged_now = self._staged
+        if not staged_now and not staged_then:
             return entries
-        return [
-            (
-                name,
-                _with_staged(
-                    attributes, self._staged.get(attributes.ino) or staged_then.get(attributes.ino)
-                ),
-            )
-            for name, attributes in entries
-        ]
+        listed = []
+        for name, attributes in entries:
+            staged = staged_now.get(attributes.ino) or staged_then.get(attributes.ino)
+            listed.append((name, _with_staged(attributes, staged)))
+        return listed
 
     def _entries(self, ino: int, after: int) -> list[tuple[str, Attributes]]:
         """Worker thread: one batch of a directory's entries with their attributes."""
