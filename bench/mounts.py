@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,9 @@ class CloudfsMount:
         self.options = ("--cache-size", CACHE_SIZE) if options is None else tuple(options)
         self.pid: int | None = None
         self.mount_timeout = MOUNT_TIMEOUT
-        """How long the mount may take to answer; a first mount lists the whole bucket first."""
+        """How long the mount may take to answer, and then again to list the whole bucket."""
+        self.answered_in = 0.0
+        """Seconds ``cloudfs mount`` took to return, the mount answering."""
 
     @property
     def log_path(self) -> Path:
@@ -76,7 +79,10 @@ class CloudfsMount:
         ]
 
     def mount(self) -> None:
+        """Mount, then wait until the first listing of the bucket has ended: the mount answers
+        before that, but the measurements assume every object is cataloged."""
         self.mountpoint.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
         try:
             result = subprocess.run(
                 self.command(),
@@ -103,6 +109,15 @@ class CloudfsMount:
                 f"cloudfs mount failed ({result.returncode}): {result.stderr.strip()}\n"
                 f"{self.log_tail()}"
             )
+        self.answered_in = time.perf_counter() - started
+        deadline = time.monotonic() + self.mount_timeout
+        while self.status()["catalog"]["first_listing"] is not None:
+            if time.monotonic() > deadline:
+                raise BenchError(
+                    f"cloudfs did not list the bucket within {self.mount_timeout:.0f}s\n"
+                    f"{self.log_tail()}"
+                )
+            time.sleep(0.2)
 
     def _locked_pid(self) -> int | None:
         """The daemon's pid, which it writes into the cache directory's lock file."""

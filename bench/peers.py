@@ -18,6 +18,7 @@ import contextlib
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -96,6 +97,8 @@ class SystemMount:
         self.cache_dir = cache_dir
         self.workdir = workdir
         self.process: Process | None = None
+        self.answered_in = 0.0
+        """Seconds from the start of the mount until it answered."""
 
     @property
     def pid(self) -> int | None:
@@ -119,11 +122,13 @@ class SystemMount:
                 raise BenchError(f"{self.system} exited at start:\n{process.log_tail(10)}")
             return is_mount(self.mountpoint)
 
+        started = time.perf_counter()
         try:
             wait_for(mounted, MOUNT_TIMEOUT, f"{self.system} at {self.mountpoint}")
         except BenchError:
             self.unmount()
             raise
+        self.answered_in = time.perf_counter() - started
 
     def peak_rss(self) -> int | None:
         return peak_rss(self.pid)
@@ -233,6 +238,7 @@ class CloudfsSystemMount(SystemMount):
 
     def mount(self) -> None:
         self.inner.mount()
+        self.answered_in = self.inner.answered_in
 
     def unmount(self) -> None:
         self.inner.unmount()

@@ -162,6 +162,8 @@ class SyncReport:
     """Inodes whose attributes or bytes changed: the kernel's cached copies must go."""
     stale_names: list[tuple[int, str]] = field(default_factory=list)
     """(parent, name) entries added or removed: the kernel's cached lookups must go."""
+    listed_up_to: str = ""
+    """The last key of the batches applied so far."""
 
     def stale(self, ino: int | None = None, name: tuple[int, str] | None = None) -> None:
         # Beyond a bound, the kernel's attribute timeouts do the job instead.
@@ -476,6 +478,7 @@ class Catalog:
                         current = next(old, None)
                     else:
                         writer.add(info)
+            report.listed_up_to = page[-1].key
             if progress is not None:
                 progress(report)
         while True:

@@ -42,9 +42,9 @@ from .mount import mounted_cloudfs, serve
 
 log = logging.getLogger("cloudfs")
 
-_DAEMON_START_TIMEOUT = 1800.0
-"""Seconds ``mount`` waits for the daemon: a first mount lists the whole store first, which for
-tens of millions of objects takes minutes; anything longer is a hang."""
+_DAEMON_START_TIMEOUT = 900.0
+"""Seconds ``mount`` waits for the daemon to answer (the unit's start timeout): its checks of the
+store and the cache come first, a first listing runs after; anything longer is a hang."""
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -819,7 +819,12 @@ def status(mountpoint: Path, as_json: bool) -> None:
         f"{format_size(reads['prefetch_wasted_bytes'])} wasted, "
         f"{format_size(reads['prefetch_unread_bytes'])} not read yet",
         f"catalog:           {catalog['files']} files, {catalog['directories']} directories, "
-        f"{format_size(catalog['bytes'])}, refreshed {synced}",
+        f"{format_size(catalog['bytes'])}, "
+        + (
+            f"first listing running ({listing['objects']} objects so far, at {listing['at']!r})"
+            if (listing := catalog.get("first_listing"))
+            else f"refreshed {synced}"
+        ),
         f"open files:        {facts['open_files']}",
         _upload_line(facts["uploads"]),
     ]

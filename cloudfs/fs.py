@@ -32,6 +32,7 @@ from .changes import Backlog, Changes
 from .config import Config
 from .dicom_index import BY_PATIENT, VIEW_BASE, VIEW_ROOT, DicomIndex, ViewEntry, is_view_inode
 from .errors import CloudfsError, FsError, NeedsRestore, NotFound, Unavailable
+from .listing import FirstListing, run_first_listing
 from .metrics import Metrics
 from .prefetch import ReadAhead
 from .reader import BlockReader, Cancelled, ObjectVersion
@@ -213,6 +214,8 @@ class ArchiveFS:
         self._figures: dict[str, Any] = {}
         self._cache_served_bytes = 0
         self._reported_errors: dict[str, int] = {}
+        self.listing = FirstListing(not catalog.get_meta("synced_at"), moved=self._listing_moved)
+        """The first listing of the store, while it fills the catalog (see ``listing``)."""
         self.studies: Studies | None = None
         self.view_name = ""
         if config.dicom.index:
@@ -231,13 +234,38 @@ class ArchiveFS:
             self._nursery = nursery
             nursery.start_soon(self.reader.run)
             nursery.start_soon(self.uploader.run)
-            nursery.start_soon(self.refresher, first_refresh)
+            if self.listing.running:
+                nursery.start_soon(self._list_first)
+            else:
+                nursery.start_soon(self.refresher, first_refresh)
             if self.studies is not None:
                 nursery.start_soon(self.studies.run)
             if self.metrics is not None:
                 nursery.start_soon(self._refresh_figures)
             for key in self._recovered_keys:
                 nursery.start_soon(self.refresh_key, key)
+
+    async def _list_first(self) -> None:
+        """The first listing of the store, then relists every ``refresh_interval`` from its
+        end."""
+        await run_first_listing(self.store, self.catalog, self.listing)
+        await self.refresher(self.config.mount.refresh_interval)
+
+    def _listing_moved(self) -> None:
+        """The first listing cataloged another batch: new objects for the DICOM index."""
+        if self.studies is not None:
+            self.studies.wake()
+
+    async def _listed(self, parent: int, name: str | None, what: str) -> None:
+        """Wait until the first listing has cataloged every key under ``name`` in directory
+        ``parent`` (under ``parent`` itself when ``name`` is None); FsError EAGAIN if it does not
+        get there in time.  At once when the catalog is complete."""
+        if not self.listing.running:
+            return
+        path = await self._catalog(self.catalog.path_of, parent)
+        entry = path if name is None else f"{path}/{name}" if path else name
+        if not await self.listing.reach(f"{entry}/" if entry else "", f"{what} of /{entry}"):
+            raise FsError(errno.EAGAIN, f"/{entry}: not listed yet")
 
     def recover(self) -> None:
         """Before serving: settle what a crash left in the staging area (blocking)."""
@@ -295,7 +323,12 @@ class ArchiveFS:
         """Attributes of ``name`` in ``parent``, or None when it does not exist."""
         if is_view_inode(parent) or (parent == ROOT and name == self.view_name):
             return await self._catalog(self._view_lookup, parent, name)
-        return await self._attributes_of(self.catalog.lookup, parent, name)
+        found = await self._attributes_of(self.catalog.lookup, parent, name)
+        if found is None and self.listing.running:
+            # Not cataloged yet is not "does not exist" (see ``listing``).
+            await self._listed(parent, name, "lookup")
+            found = await self._attributes_of(self.catalog.lookup, parent, name)
+        return found
 
     async def getattr(self, ino: int) -> Attributes:
         if is_view_inode(ino):
@@ -325,6 +358,8 @@ class ArchiveFS:
         """Open a directory for listing; returns the handle readdir takes."""
         if not (await self.getattr(ino)).is_dir:
             raise FsError(errno.ENOTDIR)
+        if not is_view_inode(ino):
+            await self._listed(ino, None, "listing")
         handle = next(self._next_handle)
         self._listings[handle] = _Listing(ino)
         return handle
@@ -1036,6 +1071,7 @@ class ArchiveFS:
     ) -> tuple[int, Attributes]:
         """Create and open a file (O_CREAT); an existing name is opened unless O_EXCL."""
         self._refuse_if_read_only((parent, name))
+        await self._listed(parent, name, "create")
 
         def create_both() -> tuple[str, int, Node]:
             """One worker-thread call for both: a PACS creates thousands of files a minute."""
@@ -1074,6 +1110,7 @@ class ArchiveFS:
 
     async def mkdir(self, parent: int, name: str, mode: int, uid: int, gid: int) -> Attributes:
         self._refuse_if_read_only((parent, name))
+        await self._listed(parent, name, "mkdir")
         node = await self._catalog(
             self.changes.make_directory, parent, name, mode & 0o7777, uid, gid
         )
@@ -1081,6 +1118,7 @@ class ArchiveFS:
 
     async def unlink(self, parent: int, name: str) -> None:
         self._refuse_if_read_only((parent, name))
+        await self._listed(parent, name, "unlink")
         node = await self._catalog(self.changes.unlink, parent, name)
         await self._drop_staged(node)
         self.uploader.notify()
@@ -1095,6 +1133,7 @@ class ArchiveFS:
 
     async def rmdir(self, parent: int, name: str) -> None:
         self._refuse_if_read_only((parent, name))
+        await self._listed(parent, name, "rmdir")
         await self._catalog(self.changes.remove_directory, parent, name)
         self.uploader.notify()
 
@@ -1102,6 +1141,8 @@ class ArchiveFS:
         self, parent: int, name: str, new_parent: int, new_name: str, flags: int
     ) -> None:
         self._refuse_if_read_only((parent, name), (new_parent, new_name))
+        await self._listed(parent, name, "rename")
+        await self._listed(new_parent, new_name, "rename")
         _, replaced = await self._catalog(
             self.changes.rename, parent, name, new_parent, new_name, flags
         )
@@ -1188,6 +1229,11 @@ class ArchiveFS:
 
     async def refresh(self) -> dict[str, Any]:
         """Ask the refresher for a relist and wait for the one that starts after this call."""
+        if self.listing.running:
+            raise Unavailable(
+                f"the first listing is still running ({self.listing.objects} objects so far);"
+                " the catalog is relisted from its end on"
+            )
         done = self._refresh_done
         self._refresh_wanted.set()
         await done.wait()
@@ -1263,6 +1309,9 @@ class ArchiveFS:
             "catalog": facts["catalog"]
             | {
                 "synced_at": facts["synced_at"],
+                "first_listing": {"objects": self.listing.objects, "at": self.listing.cursor}
+                if self.listing.running
+                else None,
                 "last_refresh_error": self._last_sync_error,
                 "rejected_examples": [
                     {"key": key, "reason": reason} for key, reason in facts["rejected_keys"]

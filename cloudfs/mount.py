@@ -14,7 +14,6 @@ import logging
 import os
 import resource
 import signal
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,22 +23,18 @@ import trio
 from . import allocator, control, fuse_ops
 from .audit import AuditLog
 from .cache import REMEMBERED_FILES, BlockCache
-from .catalog import Catalog, SyncReport
+from .catalog import Catalog
 from .config import Config
 from .crypto import BlockCipher, load_key
-from .errors import CloudfsError, ConfigError, StoreUnreachable
+from .errors import ConfigError, StoreUnreachable
 from .fs import ArchiveFS
 from .metrics import Metrics, parse_address
 from .store import ObjectStore, open_store
+from .systemd import notify
 
 log = logging.getLogger(__name__)
 
 FS_TYPE = "cloudfs"
-LISTING_PROGRESS_PERIOD = 10.0
-"""Seconds between progress reports of a first listing (log line, systemd status)."""
-LISTING_STALL_LIMIT = 300.0
-"""Seconds systemd waits for the next progress report of a first listing once the unit's start
-timeout has passed: a listing that stops moving for that long is restarted, and goes on."""
 
 
 def is_mounted(path: Path) -> bool:
@@ -114,18 +109,6 @@ def open_catalog(config: Config, store: ObjectStore, key: bytes | None) -> Catal
     return catalog
 
 
-def notify_systemd(message: str) -> None:
-    """sd_notify(3) without libsystemd: one datagram to $NOTIFY_SOCKET, if systemd gave one."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.connect(address)
-        sock.sendall(message.encode())
-
-
 def raise_kernel_read_ahead(mountpoint: Path, kilobytes: int) -> None:
     """Let the kernel send larger reads: its 128 KiB default halves FUSE throughput (root only)."""
     device = os.stat(mountpoint).st_dev
@@ -167,45 +150,6 @@ def raise_open_file_limit() -> None:
         os.close(placeholder)
 
 
-def first_listing(store: ObjectStore, catalog: Catalog) -> None:
-    """List the store into an empty catalog before the first mount, going on after the last
-    key an interrupted attempt cataloged.  A bucket of tens of millions of objects takes a
-    while: progress goes to the log and to systemd, which is asked each time for more start-up
-    time, so the unit's start timeout bounds a stalled listing, not a long one."""
-    after = catalog.listing_checkpoint()
-    if after:
-        log.info("first listing of %s goes on after %r", store.describe(), after)
-    else:
-        log.info("first mount of %s: listing the store into the catalog", store.describe())
-    reported = time.monotonic()
-
-    def progress(report: SyncReport) -> None:
-        nonlocal reported
-        if time.monotonic() - reported < LISTING_PROGRESS_PERIOD:
-            return
-        reported = time.monotonic()
-        done = f"{report.added} objects added to the catalog so far"
-        log.info("listing %s: %s", store.describe(), done)
-        notify_systemd(
-            f"STATUS=listing the store: {done}\n"
-            f"EXTEND_TIMEOUT_USEC={int(LISTING_STALL_LIMIT * 1e6)}"
-        )
-
-    try:
-        report = catalog.sync(store.list(after), resume=after, progress=progress)
-    except CloudfsError as exc:
-        raise ConfigError(
-            f"listing {store.describe()} failed: {exc} (the next mount goes on from where "
-            f"this one stopped)"
-        ) from exc
-    log.info(
-        "catalog ready: %d objects in %.1fs, %d keys not mappable",
-        report.added,
-        report.seconds,
-        report.rejected,
-    )
-
-
 def prepare(config: Config) -> tuple[ObjectStore, Catalog, BlockCache, bytes | None, float]:
     """Everything up to the kernel mount; returns the cache key (None: nothing is sealed) and
     the delay before the first catalog refresh."""
@@ -223,9 +167,6 @@ def prepare(config: Config) -> tuple[ObjectStore, Catalog, BlockCache, bytes | N
             raise
         # An outage must not stop reading: serve the catalog and the cached blocks.
         log.warning("%s; serving the catalog and the cache until it answers", exc)
-    if not synced_at:
-        first_listing(store, catalog)
-        synced_at = time.time()
     cache = BlockCache(
         config.cache.directory / "blocks",
         config.cache.size_limit,
@@ -289,7 +230,7 @@ async def _stop_on_signals() -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             log.info("%s received: unmounting", signal.Signals(signum).name)
-            notify_systemd("STOPPING=1")
+            notify("STOPPING=1")
             fuse_ops.stop()
             return
 
@@ -301,4 +242,4 @@ async def _announce_ready(config: Config, on_ready: Callable[[], None]) -> None:
         raise_kernel_read_ahead, config.mountpoint, config.mount.read_ahead_kb
     )
     on_ready()
-    notify_systemd("READY=1")
+    notify("READY=1")

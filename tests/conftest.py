@@ -356,6 +356,13 @@ class Mount:
         facts: dict[str, Any] = json.loads(result.stdout)
         return facts
 
+    def wait_listed(self) -> None:
+        """Until the first listing of the bucket has ended (the mount answers before that),
+        so that every object is in the catalog, as the tests expect of a mount."""
+        assert wait_until(
+            lambda: self.status()["catalog"]["first_listing"] is None, MOUNT_TIMEOUT
+        ), f"the first listing did not end in {MOUNT_TIMEOUT:.0f} s\n{self.log_tail()}"
+
     def refresh(self) -> None:
         """``cloudfs refresh``: relist the bucket now."""
         result = cloudfs("refresh", self.path, timeout=60)
@@ -473,8 +480,11 @@ class Mounter:
         )
         assert is_mounted(mountpoint), f"{mountpoint} is not mounted: {result.stderr}"
         mount = Mount(mountpoint, cache_dir, pid=0)
-        mount.pid = int(mount.status()["pid"])
+        facts = mount.status()
+        mount.pid = int(facts["pid"])
         self.mounts.append(mount)
+        if facts["catalog"]["first_listing"] is not None:
+            mount.wait_listed()
         return mount
 
     def _foreground(self, args: list[str], mountpoint: Path, cache_dir: Path) -> Mount:
@@ -503,6 +513,7 @@ class Mounter:
         # cannot block).
         probe = subprocess.run(["stat", str(mountpoint)], capture_output=True, timeout=30)
         assert probe.returncode == 0, f"the new mount does not answer: {probe.stderr!r}"
+        mount.wait_listed()
         return mount
 
     def abort_connections(self) -> None:

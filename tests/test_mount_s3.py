@@ -642,19 +642,18 @@ def listing_checkpoint(catalog: Path) -> str | None:
     return None if row is None else str(row[0])
 
 
-@pytest.mark.timeout(180)
-def test_a_first_listing_killed_part_way_goes_on_where_it_stopped(
-    bucket: Bucket, mount: Mounter, tmp_path: Path
-) -> None:
-    """``kill -9`` of the daemon while it lists a bucket for the first time: the next mount
-    lists only the keys after the last batch the first one cataloged (a first listing of tens of
-    millions of objects is never started over), and every object is there."""
-    keys = [f"series{i % 3}/img{i:05d}.dcm" for i in range(1500)]  # two listing pages
+def start_first_mount(
+    bucket: Bucket, mount: Mounter, tmp_path: Path, pages: int
+) -> tuple[subprocess.Popen[bytes], Path, Path, list[str]]:
+    """Fill ``bucket`` with ``pages`` listing pages of keys, start ``cloudfs mount
+    --foreground`` on it with a new cache, and return once the first page is cataloged (the
+    rest of the listing still running): the daemon, its mountpoint, its cache and the keys."""
+    keys = [f"series{i % 3}/img{i:05d}.dcm" for i in range(1000 * pages - 500)]
     client = bucket.server.client()
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda key: client.put_object(Bucket=bucket.name, Key=key, Body=b"x"), keys))
     mountpoint = mount.new_dir("mnt")
-    cache_dir = tmp_path / "interrupted-cache"
+    cache_dir = tmp_path / "first-cache"
     args = mount.command(bucket, mountpoint, cache_dir, ["--foreground"], None, "1G")
     daemon = subprocess.Popen(
         [PYTHON, "-m", "cloudfs", *args],
@@ -663,14 +662,28 @@ def test_a_first_listing_killed_part_way_goes_on_where_it_stopped(
         stderr=subprocess.DEVNULL,
         cwd="/",
     )
+    # moto takes some 0.2 s per page: the second page is still coming when this sees the first.
+    wait_until(lambda: listing_checkpoint(cache_dir / "catalog.sqlite"), 60, interval=0.002)
+    return daemon, mountpoint, cache_dir, keys
+
+
+@pytest.mark.timeout(180)
+def test_a_first_listing_killed_part_way_goes_on_where_it_stopped(
+    bucket: Bucket, mount: Mounter, tmp_path: Path
+) -> None:
+    """The first mount answers while it lists the bucket; ``kill -9`` of the daemon part way:
+    the next mount lists only the keys after the last batch the first one cataloged (a first
+    listing of tens of millions of objects is never started over), and every object is there."""
+    daemon, mountpoint, cache_dir, keys = start_first_mount(bucket, mount, tmp_path, pages=2)
     try:
-        # moto takes some 0.2 s per page: the second page is still coming when this sees the first.
-        wait_until(lambda: listing_checkpoint(cache_dir / "catalog.sqlite"), 60, interval=0.002)
+        answering = is_mounted(mountpoint)
     finally:
         daemon.kill()
         daemon.wait(30)
+        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
     checkpoint = listing_checkpoint(cache_dir / "catalog.sqlite")
     assert checkpoint == sorted(keys)[999], "the first page of the listing was not cataloged"
+    assert answering, "the mount did not answer while the bucket was being listed"
     assert not is_mounted(mountpoint)
 
     mounted = mount(bucket, mountpoint, cache_dir)
@@ -682,6 +695,27 @@ def test_a_first_listing_killed_part_way_goes_on_where_it_stopped(
     )
     assert found == sorted(keys)
     assert listing_checkpoint(cache_dir / "catalog.sqlite") is None
+
+
+@pytest.mark.timeout(180)
+def test_a_first_mount_serves_while_listing_and_never_lists_a_directory_in_part(
+    bucket: Bucket, mount: Mounter, tmp_path: Path
+) -> None:
+    """While the first listing runs, a listed file reads at once, and a directory listed
+    before the listing has passed it comes back whole (it waits for the listing), never with
+    only the entries cataloged so far."""
+    daemon, mountpoint, _, keys = start_first_mount(bucket, mount, tmp_path, pages=3)
+    try:
+        assert (mountpoint / sorted(keys)[0]).read_bytes() == b"x"
+        series = sorted(name for name in os.listdir(mountpoint) if name.startswith("series"))
+        assert series == ["series0", "series1", "series2"]
+        for name in series:
+            want = sorted(key.split("/")[1] for key in keys if key.startswith(f"{name}/"))
+            assert sorted(os.listdir(mountpoint / name)) == want
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(60) == 0
+    assert not is_mounted(mountpoint)
 
 
 # -- 11. many files at once ------------------------------------------------------------------------

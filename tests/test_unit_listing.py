@@ -1,0 +1,158 @@
+"""The first listing runs while the mount answers: what is cataloged is served at once, and
+nothing is said not to exist (nor created, nor listed whole) before the listing gets there."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+from helpers_unit import InstrumentedStore, Rig, make_rig, run_fs, wait_until
+
+from cloudfs.catalog import ROOT, Catalog
+from cloudfs.errors import FsError, Unavailable
+from cloudfs.fs import ArchiveFS
+from cloudfs.listing import FirstListing, passed
+from cloudfs.store import ObjectInfo
+
+FILES = {key: key.encode() * 10 for key in ("a1", "a2", "b1", "b2", "c1", "d/e1", "d/e2")}
+
+
+class PausedListing(InstrumentedStore):
+    """A store whose listing stops before ``pause_at`` until ``resume()``, and fails there
+    instead while ``fail`` is set (each failure clears it)."""
+
+    def __init__(self, inner: InstrumentedStore, pause_at: str) -> None:
+        super().__init__(inner.inner)
+        self.pause_at = pause_at
+        self.fail = False
+        self.listed_after: list[str] = []
+        self._resumed = threading.Event()
+
+    def resume(self) -> None:
+        self._resumed.set()
+
+    def list(self, after: str = "") -> Iterator[ObjectInfo]:
+        self.listed_after.append(after)
+        for info in self.inner.list(after):
+            if info.key == self.pause_at:
+                if self.fail:
+                    self.fail = False
+                    raise Unavailable("store down")
+                self._resumed.wait(30)
+            yield info
+
+
+@pytest.fixture
+def small_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches of two keys, so a handful of keys makes several."""
+    monkeypatch.setattr("cloudfs.catalog._BATCH", 2)
+
+
+def first_mount(tmp_path: Path, pause_at: str) -> tuple[PausedListing, Rig]:
+    """A rig over FILES whose catalog has never been listed, and its pausing store."""
+    rig = make_rig(tmp_path, FILES)
+    store = PausedListing(rig.store, pause_at)
+    rig.store = store
+    fresh = tmp_path / "fresh-catalog.db"
+    rig.catalog = Catalog(fresh)
+    return store, rig
+
+
+def test_a_prefix_is_passed_once_the_cursor_is_beyond_all_its_keys() -> None:
+    assert passed("b", "a/")
+    assert passed("a0", "a/")  # "0" sorts after "/": every "a/..." key came before
+    assert not passed("a/x", "a/")
+    assert not passed("a.", "a/")  # "." sorts before "/": "a/..." keys are still to come
+    assert not passed("zzz", "")  # only the end of the listing completes the root
+
+
+@pytest.mark.usefixtures("small_batches")
+def test_first_mount_serves_what_is_listed_and_waits_for_the_rest(tmp_path: Path) -> None:
+    store, rig = first_mount(tmp_path, pause_at="b2")  # batches: a1 a2 | b1 (b2 waits)
+
+    async def body(fs: ArchiveFS) -> None:
+        fs.listing.wait = 0.2
+        assert fs.listing.running
+        assert await wait_until(lambda: fs.listing.cursor == "a2")
+        found = await fs.lookup(ROOT, "a1")
+        assert found is not None and found.size == len(FILES["a1"])
+        assert await fs.lookup(ROOT, "a0") is None  # sorts before the cursor: known absent
+        for attempt in (fs.lookup(ROOT, "c1"), fs.opendir(ROOT)):
+            with pytest.raises(FsError) as refused:
+                await attempt
+            assert refused.value.errno == errno.EAGAIN
+        # Creating a name the store may hold would overwrite that object at upload.
+        with pytest.raises(FsError) as refused:
+            await fs.create(ROOT, "c1", 0o644, os.O_WRONLY, 0, 0)
+        assert refused.value.errno == errno.EAGAIN
+        with pytest.raises(Unavailable):
+            await fs.refresh()
+        assert (await fs.status())["catalog"]["first_listing"] == {"objects": 2, "at": "a2"}
+
+        fs.listing.wait = 10
+        store.resume()
+        found = await fs.lookup(ROOT, "c1")  # wakes as the listing passes it
+        assert found is not None and found.size == len(FILES["c1"])
+        assert await wait_until(lambda: not fs.listing.running)
+        handle = await fs.opendir(ROOT)
+        names = [name for name, _ in await fs.readdir(handle, 0)]
+        assert sorted(names) == ["a1", "a2", "b1", "b2", "c1", "d"]
+        assert (await fs.status())["catalog"]["first_listing"] is None
+
+    run_fs(rig, body)
+    assert rig.catalog.get_meta("synced_at")
+    rig.close()
+
+
+@pytest.mark.usefixtures("small_batches")
+def test_a_directory_is_listed_once_the_listing_has_passed_it(tmp_path: Path) -> None:
+    store, rig = first_mount(tmp_path, pause_at="d/e2")  # a1 a2 | b1 b2 | c1 d/e1 | d/e2
+
+    async def body(fs: ArchiveFS) -> None:
+        fs.listing.wait = 0.2
+        assert await wait_until(lambda: fs.listing.cursor == "d/e1")
+        d = await fs.lookup(ROOT, "d")
+        assert d is not None
+        with pytest.raises(FsError):
+            await fs.opendir(d.ino)  # d/e2 may come yet
+        store.resume()
+        assert await wait_until(lambda: not fs.listing.running)
+        handle = await fs.opendir(d.ino)
+        assert sorted(name for name, _ in await fs.readdir(handle, 0)) == ["e1", "e2"]
+
+    run_fs(rig, body)
+    rig.close()
+
+
+@pytest.mark.usefixtures("small_batches")
+def test_a_first_listing_that_fails_goes_on_from_its_last_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store going down part way does not take the mount down: the listing tries again
+    after a pause, from the last batch it cataloged, and ends complete."""
+    monkeypatch.setattr("cloudfs.listing.RETRY_PAUSE", 0.05)
+    store, rig = first_mount(tmp_path, pause_at="c1")
+    store.fail = True
+    store.resume()
+
+    async def body(fs: ArchiveFS) -> None:
+        assert await wait_until(lambda: not fs.listing.running)
+        assert await fs.lookup(ROOT, "c1") is not None
+
+    run_fs(rig, body)
+    assert store.listed_after == ["", "b2"]
+    rig.close()
+
+
+def test_a_complete_catalog_answers_without_waiting() -> None:
+    async def main() -> None:
+        listing = FirstListing(running=False, wait=0)
+        assert listing.listed("")
+        assert await listing.reach("anything/", "lookup")
+
+    trio.run(main)
