@@ -125,15 +125,7 @@ def list_into_catalog(
         log.info("listing %s: %s", store.describe(), done)
         notify(f"STATUS=listing the store: {done}")
 
-    report = catalog.sync(store.list(after), resume=after, progress=progress)
-    log.info(
-        "catalog ready: %d objects in %.1fs, %d keys not mappable",
-        report.added,
-        report.seconds,
-        report.rejected,
-    )
-    notify(f"STATUS=catalog ready: {report.added} objects listed")
-    return report
+    return catalog.sync(store.list(after), resume=after, progress=progress)
 
 
 async def run_first_listing(
@@ -162,5 +154,12 @@ async def run_first_listing(
             log.exception("first listing of %s failed", store.describe())
         else:
             listing.finish()
+            log.info(
+                "catalog ready: %d objects in %.1fs, %d keys not mappable",
+                report.added,
+                report.seconds,
+                report.rejected,
+            )
+            notify(f"STATUS=catalog ready: {report.added} objects listed")
             return report
         await trio.sleep(RETRY_PAUSE)

@@ -643,12 +643,12 @@ def listing_checkpoint(catalog: Path) -> str | None:
 
 
 def start_first_mount(
-    bucket: Bucket, mount: Mounter, tmp_path: Path, pages: int
+    bucket: Bucket, mount: Mounter, tmp_path: Path
 ) -> tuple[subprocess.Popen[bytes], Path, Path, list[str]]:
-    """Fill ``bucket`` with ``pages`` listing pages of keys, start ``cloudfs mount
-    --foreground`` on it with a new cache, and return once the first page is cataloged (the
-    rest of the listing still running): the daemon, its mountpoint, its cache and the keys."""
-    keys = [f"series{i % 3}/img{i:05d}.dcm" for i in range(1000 * pages - 500)]
+    """Fill ``bucket`` with two listing pages of keys, start ``cloudfs mount --foreground`` on
+    it with a new cache, and return once the first page is cataloged (the second still on its
+    way): the daemon, its mountpoint, its cache and the keys."""
+    keys = [f"series{i % 3}/img{i:05d}.dcm" for i in range(1500)]
     client = bucket.server.client()
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda key: client.put_object(Bucket=bucket.name, Key=key, Body=b"x"), keys))
@@ -674,7 +674,7 @@ def test_a_first_listing_killed_part_way_goes_on_where_it_stopped(
     """The first mount answers while it lists the bucket; ``kill -9`` of the daemon part way:
     the next mount lists only the keys after the last batch the first one cataloged (a first
     listing of tens of millions of objects is never started over), and every object is there."""
-    daemon, mountpoint, cache_dir, keys = start_first_mount(bucket, mount, tmp_path, pages=2)
+    daemon, mountpoint, cache_dir, keys = start_first_mount(bucket, mount, tmp_path)
     try:
         answering = is_mounted(mountpoint)
     finally:
@@ -704,7 +704,7 @@ def test_a_first_mount_serves_while_listing_and_never_lists_a_directory_in_part(
     """While the first listing runs, a listed file reads at once, and a directory listed
     before the listing has passed it comes back whole (it waits for the listing), never with
     only the entries cataloged so far."""
-    daemon, mountpoint, _, keys = start_first_mount(bucket, mount, tmp_path, pages=3)
+    daemon, mountpoint, _, keys = start_first_mount(bucket, mount, tmp_path)
     try:
         assert (mountpoint / sorted(keys)[0]).read_bytes() == b"x"
         series = sorted(name for name in os.listdir(mountpoint) if name.startswith("series"))
