@@ -19,7 +19,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from itertools import count
 from typing import Any, NamedTuple, Protocol
@@ -256,16 +256,35 @@ class ArchiveFS:
         if self.studies is not None:
             self.studies.wake()
 
-    async def _listed(self, parent: int, name: str | None, what: str) -> None:
+    async def _listed(
+        self,
+        parent: int,
+        name: str | None,
+        what: str,
+        cataloged: Callable[[], Awaitable[Attributes | None]] | None = None,
+        seen: int | None = None,
+    ) -> Attributes | None:
         """Wait until the first listing has cataloged every key under ``name`` in directory
-        ``parent`` (under ``parent`` itself when ``name`` is None); FsError EAGAIN if it does not
-        get there in time.  At once when the catalog is complete."""
+        ``parent`` (under ``parent`` itself when ``name`` is None), or until ``cataloged``,
+        asked again whenever batches beyond the ``seen`` first ones have landed, finds the entry
+        (then its answer); FsError EAGAIN if neither comes in time.  At once when the catalog
+        is complete."""
         if not self.listing.running:
-            return
+            return None
+        seen = self.listing.batches if seen is None else seen
         path = await self._catalog(self.catalog.path_of, parent)
         entry = path if name is None else f"{path}/{name}" if path else name
-        if not await self.listing.reach(f"{entry}/" if entry else "", f"{what} of /{entry}"):
-            raise FsError(errno.EAGAIN, f"/{entry}: not listed yet")
+        with trio.move_on_after(self.listing.wait):
+            while not self.listing.listed(f"{entry}/" if entry else ""):
+                if self.listing.batches == seen:
+                    await self.listing.moved()
+                    continue
+                seen = self.listing.batches
+                if cataloged is not None and (found := await cataloged()) is not None:
+                    return found
+            return None
+        self.listing.refused(f"{what} of /{entry}")
+        raise FsError(errno.EAGAIN, f"/{entry}: not listed yet")
 
     def recover(self) -> None:
         """Before serving: settle what a crash left in the staging area (blocking)."""
@@ -323,11 +342,15 @@ class ArchiveFS:
         """Attributes of ``name`` in ``parent``, or None when it does not exist."""
         if is_view_inode(parent) or (parent == ROOT and name == self.view_name):
             return await self._catalog(self._view_lookup, parent, name)
+        seen = self.listing.batches
         found = await self._attributes_of(self.catalog.lookup, parent, name)
         if found is None and self.listing.running:
-            # Not cataloged yet is not "does not exist" (see ``listing``).
-            await self._listed(parent, name, "lookup")
-            found = await self._attributes_of(self.catalog.lookup, parent, name)
+            # Not cataloged yet is not "does not exist" (see ``listing``): a name may appear
+            # with any batch, long before the listing has passed everything under it.
+            def cataloged() -> Awaitable[Attributes | None]:
+                return self._attributes_of(self.catalog.lookup, parent, name)
+
+            found = await self._listed(parent, name, "lookup", cataloged, seen) or await cataloged()
         return found
 
     async def getattr(self, ino: int) -> Attributes:

@@ -63,6 +63,9 @@ class FirstListing:
         """The last key cataloged so far, in the store's (and Python's) key order."""
         self.objects = 0
         """Objects added to the catalog by this listing so far."""
+        self.batches = 0
+        """Batches cataloged so far: a request that looked in the catalog knows from this
+        whether a batch has landed since."""
         self.wait = wait
         self._moved = trio.lowlevel.ParkingLot()
         self._on_move = moved
@@ -72,14 +75,12 @@ class FirstListing:
         """Whether the catalog holds every key starting with ``prefix``."""
         return not self.running or passed(self.cursor, prefix)
 
-    async def reach(self, prefix: str, what: str) -> bool:
-        """Wait until every key starting with ``prefix`` is cataloged: True at once if it is,
-        after the wait if it comes within ``wait`` seconds; False if not (``what`` names the
-        request in the log line)."""
-        with trio.move_on_after(self.wait):
-            while not self.listed(prefix):
-                await self._moved.park()
-            return True
+    async def moved(self) -> None:
+        """Until the next batch is cataloged, or the listing ends."""
+        await self._moved.park()
+
+    def refused(self, what: str) -> None:
+        """Log (at most once a minute) that a request gave up waiting for the listing."""
         now = time.monotonic()
         if now - self._warned_at >= _WARNING_PERIOD:
             self._warned_at = now
@@ -88,12 +89,12 @@ class FirstListing:
                 what,
                 self.cursor,
             )
-        return False
 
     def advance(self, report: SyncReport) -> None:
         """Take the progress of a batch the catalog has committed."""
         self.cursor = report.listed_up_to
         self.objects = report.added
+        self.batches += 1
         self._moved.unpark_all()
         self._on_move()
 

@@ -23,27 +23,27 @@ FILES = {key: key.encode() * 10 for key in ("a1", "a2", "b1", "b2", "c1", "d/e1"
 
 
 class PausedListing(InstrumentedStore):
-    """A store whose listing stops before ``pause_at`` until ``resume()``, and fails there
-    instead while ``fail`` is set (each failure clears it)."""
+    """A store whose listing stops before each key of ``pause_at`` until ``resume()`` (one
+    call per pause), and fails at the first instead while ``fail`` is set (each failure clears
+    it)."""
 
-    def __init__(self, inner: InstrumentedStore, pause_at: str) -> None:
+    def __init__(self, inner: InstrumentedStore, *pause_at: str) -> None:
         super().__init__(inner.inner)
-        self.pause_at = pause_at
+        self.pauses = {key: threading.Event() for key in pause_at}
         self.fail = False
         self.listed_after: list[str] = []
-        self._resumed = threading.Event()
 
     def resume(self) -> None:
-        self._resumed.set()
+        next(pause for pause in self.pauses.values() if not pause.is_set()).set()
 
     def list(self, after: str = "") -> Iterator[ObjectInfo]:
         self.listed_after.append(after)
         for info in self.inner.list(after):
-            if info.key == self.pause_at:
+            if info.key in self.pauses:
                 if self.fail:
                     self.fail = False
                     raise Unavailable("store down")
-                self._resumed.wait(30)
+                self.pauses[info.key].wait(30)
             yield info
 
 
@@ -53,10 +53,10 @@ def small_batches(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("cloudfs.catalog._BATCH", 2)
 
 
-def first_mount(tmp_path: Path, pause_at: str) -> tuple[PausedListing, Rig]:
+def first_mount(tmp_path: Path, *pause_at: str) -> tuple[PausedListing, Rig]:
     """A rig over FILES whose catalog has never been listed, and its pausing store."""
     rig = make_rig(tmp_path, FILES)
-    store = PausedListing(rig.store, pause_at)
+    store = PausedListing(rig.store, *pause_at)
     rig.store = store
     fresh = tmp_path / "fresh-catalog.db"
     rig.catalog = Catalog(fresh)
@@ -73,7 +73,7 @@ def test_a_prefix_is_passed_once_the_cursor_is_beyond_all_its_keys() -> None:
 
 @pytest.mark.usefixtures("small_batches")
 def test_first_mount_serves_what_is_listed_and_waits_for_the_rest(tmp_path: Path) -> None:
-    store, rig = first_mount(tmp_path, pause_at="b2")  # batches: a1 a2 | b1 (b2 waits)
+    store, rig = first_mount(tmp_path, "b2")  # batches: a1 a2 | b1 (b2 waits)
 
     async def body(fs: ArchiveFS) -> None:
         fs.listing.wait = 0.2
@@ -111,7 +111,7 @@ def test_first_mount_serves_what_is_listed_and_waits_for_the_rest(tmp_path: Path
 
 @pytest.mark.usefixtures("small_batches")
 def test_a_directory_is_listed_once_the_listing_has_passed_it(tmp_path: Path) -> None:
-    store, rig = first_mount(tmp_path, pause_at="d/e2")  # a1 a2 | b1 b2 | c1 d/e1 | d/e2
+    store, rig = first_mount(tmp_path, "d/e2")  # a1 a2 | b1 b2 | c1 d/e1 | d/e2
 
     async def body(fs: ArchiveFS) -> None:
         fs.listing.wait = 0.2
@@ -136,7 +136,7 @@ def test_a_first_listing_that_fails_goes_on_from_its_last_batch(
     """The store going down part way does not take the mount down: the listing tries again
     after a pause, from the last batch it cataloged, and ends complete."""
     monkeypatch.setattr("cloudfs.listing.RETRY_PAUSE", 0.05)
-    store, rig = first_mount(tmp_path, pause_at="c1")
+    store, rig = first_mount(tmp_path, "c1")
     store.fail = True
     store.resume()
 
@@ -149,10 +149,29 @@ def test_a_first_listing_that_fails_goes_on_from_its_last_batch(
     rig.close()
 
 
-def test_a_complete_catalog_answers_without_waiting() -> None:
-    async def main() -> None:
-        listing = FirstListing(running=False, wait=0)
-        assert listing.listed("")
-        assert await listing.reach("anything/", "lookup")
+def test_a_complete_catalog_knows_every_prefix() -> None:
+    listing = FirstListing(running=False, wait=0)
+    assert listing.listed("")
+    assert listing.listed("anything/")
 
-    trio.run(main)
+
+@pytest.mark.usefixtures("small_batches")
+def test_a_name_is_found_as_soon_as_a_batch_holds_it(tmp_path: Path) -> None:
+    """A lookup waiting for the listing answers with the batch that catalogs the name, not
+    once the listing has passed everything under it (a directory of 25,000 objects kept a
+    stat of the directory waiting until all of them were listed)."""
+    store, rig = first_mount(tmp_path, "d/e1", "d/e2")  # a1 a2 | b1 b2 | c1 d/e1 | d/e2
+
+    async def body(fs: ArchiveFS) -> None:
+        fs.listing.wait = 10
+        assert await wait_until(lambda: fs.listing.cursor == "b2")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, store.resume)  # d/e1 comes, d/e2 waits
+            with trio.fail_after(5):
+                found = await fs.lookup(ROOT, "d")
+        assert found is not None and found.is_dir
+        assert fs.listing.cursor == "d/e1" and not fs.listing.listed("d/")
+        store.resume()
+
+    run_fs(rig, body)
+    rig.close()
