@@ -214,7 +214,11 @@ class ArchiveFS:
         self._figures: dict[str, Any] = {}
         self._cache_served_bytes = 0
         self._reported_errors: dict[str, int] = {}
-        self.listing = FirstListing(not catalog.get_meta("synced_at"), moved=self._listing_moved)
+        self.listing = FirstListing(
+            not catalog.get_meta("synced_at"),
+            catalog.listing_checkpoint(),
+            moved=self._listing_moved,
+        )
         """The first listing of the store, while it fills the catalog (see ``listing``)."""
         self.studies: Studies | None = None
         self.view_name = ""

@@ -54,15 +54,20 @@ class FirstListing:
     """How far the first listing has got, for the trio thread: requests wait here for it."""
 
     def __init__(
-        self, running: bool, wait: float = WAIT, moved: Callable[[], None] = lambda: None
+        self,
+        running: bool,
+        cursor: str = "",
+        wait: float = WAIT,
+        moved: Callable[[], None] = lambda: None,
     ) -> None:
-        """``moved``: called after each batch cataloged."""
+        """``cursor``: where an earlier, interrupted attempt got to; ``moved``: called after
+        each batch cataloged."""
         self.running = running
         """False once the catalog holds a complete listing (at once, for any later mount)."""
-        self.cursor = ""
+        self.cursor = cursor
         """The last key cataloged so far, in the store's (and Python's) key order."""
         self.objects = 0
-        """Objects added to the catalog by this listing so far."""
+        """Objects this daemon's listing has added to the catalog so far."""
         self.batches = 0
         """Batches cataloged so far: a request that looked in the catalog knows from this
         whether a batch has landed since."""

@@ -149,6 +149,28 @@ def test_a_first_listing_that_fails_goes_on_from_its_last_batch(
     rig.close()
 
 
+@pytest.mark.usefixtures("small_batches")
+def test_a_listing_that_goes_on_knows_what_the_last_attempt_cataloged(tmp_path: Path) -> None:
+    """After a restart part way, names before the last batch cataloged are known at once,
+    present or absent, before the listing that goes on has cataloged anything."""
+    store, rig = first_mount(tmp_path, "c1")
+    with pytest.raises(Unavailable):
+        store.fail = True
+        rig.catalog.sync(store.list(), resume="")
+    assert rig.catalog.listing_checkpoint() == "b2"
+    store.pauses = {"c1": threading.Event()}  # the listing that goes on waits before c1
+
+    async def body(fs: ArchiveFS) -> None:
+        fs.listing.wait = 0.2
+        assert fs.listing.running and fs.listing.batches == 0
+        assert await fs.lookup(ROOT, "a0") is None  # absent, known without waiting
+        assert await fs.lookup(ROOT, "b1") is not None
+        store.resume()
+
+    run_fs(rig, body)
+    rig.close()
+
+
 def test_a_complete_catalog_knows_every_prefix() -> None:
     listing = FirstListing(running=False, wait=0)
     assert listing.listed("")
