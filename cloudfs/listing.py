@@ -61,7 +61,7 @@ class FirstListing:
         moved: Callable[[], None] = lambda: None,
     ) -> None:
         """``cursor``: where an earlier, interrupted attempt got to; ``moved``: called after
-        each batch cataloged."""
+        each batch cataloged and when the listing ends."""
         self.running = running
         """False once the catalog holds a complete listing (at once, for any later mount)."""
         self.cursor = cursor
@@ -95,10 +95,11 @@ class FirstListing:
                 self.cursor,
             )
 
-    def advance(self, report: SyncReport) -> None:
-        """Take the progress of a batch the catalog has committed."""
+    def advance(self, report: SyncReport, earlier: int = 0) -> None:
+        """Take the progress of a batch the catalog has committed; ``earlier``: objects this
+        daemon's failed attempts cataloged before the one ``report`` counts."""
         self.cursor = report.listed_up_to
-        self.objects = report.added
+        self.objects = earlier + report.added
         self.batches += 1
         self._moved.unpark_all()
         self._on_move()
@@ -106,14 +107,19 @@ class FirstListing:
     def finish(self) -> None:
         self.running = False
         self._moved.unpark_all()
+        self._on_move()
 
 
 def list_into_catalog(
-    store: ObjectStore, catalog: Catalog, on_batch: Callable[[SyncReport], None]
+    store: ObjectStore,
+    catalog: Catalog,
+    on_batch: Callable[[SyncReport], None],
+    earlier: int = 0,
 ) -> SyncReport:
     """Blocking: list the store into the catalog after the last key an earlier attempt
     cataloged, calling ``on_batch`` after each batch it commits; raises the store's error if
-    the listing fails part way (the batches done stay)."""
+    the listing fails part way (the batches done stay).  ``earlier``: objects cataloged by
+    earlier attempts, counted in the progress reports so they never go backwards."""
     after = catalog.listing_checkpoint()
     if after:
         log.info("first listing of %s goes on after %r", store.describe(), after)
@@ -127,7 +133,7 @@ def list_into_catalog(
         if time.monotonic() - reported < PROGRESS_PERIOD:
             return
         reported = time.monotonic()
-        done = f"{report.added} objects added to the catalog so far"
+        done = f"{earlier + report.added} objects added to the catalog so far"
         log.info("listing %s: %s", store.describe(), done)
         notify(f"STATUS=listing the store: {done}")
 
@@ -140,14 +146,16 @@ async def run_first_listing(
     """List the store into the catalog in a worker thread, going on after every failure from
     the last batch cataloged, until the listing is complete; ``listing`` follows each batch."""
     token = trio.lowlevel.current_trio_token()
-
-    def on_batch(report: SyncReport) -> None:
-        trio.from_thread.run_sync(listing.advance, report, trio_token=token)
-
+    started = time.monotonic()
     while True:
+        earlier = listing.objects
+
+        def on_batch(report: SyncReport, earlier: int = earlier) -> None:
+            trio.from_thread.run_sync(listing.advance, report, earlier, trio_token=token)
+
         try:
             report: SyncReport = await trio.to_thread.run_sync(
-                list_into_catalog, store, catalog, on_batch, abandon_on_cancel=True
+                list_into_catalog, store, catalog, on_batch, earlier, abandon_on_cancel=True
             )
         except CloudfsError as exc:
             log.warning(
@@ -161,11 +169,11 @@ async def run_first_listing(
         else:
             listing.finish()
             log.info(
-                "catalog ready: %d objects in %.1fs, %d keys not mappable",
-                report.added,
-                report.seconds,
+                "catalog ready: %d objects added in %.1fs, %d keys not mappable",
+                listing.objects,
+                time.monotonic() - started,
                 report.rejected,
             )
-            notify(f"STATUS=catalog ready: {report.added} objects listed")
+            notify(f"STATUS=catalog ready: {listing.objects} objects listed")
             return report
         await trio.sleep(RETRY_PAUSE)

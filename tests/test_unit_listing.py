@@ -14,6 +14,7 @@ import trio
 from helpers_unit import InstrumentedStore, Rig, make_rig, run_fs, wait_until
 
 from cloudfs.catalog import ROOT, Catalog
+from cloudfs.config import DicomOptions
 from cloudfs.errors import FsError, Unavailable
 from cloudfs.fs import ArchiveFS
 from cloudfs.listing import FirstListing, passed
@@ -53,9 +54,11 @@ def small_batches(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("cloudfs.catalog._BATCH", 2)
 
 
-def first_mount(tmp_path: Path, *pause_at: str) -> tuple[PausedListing, Rig]:
+def first_mount(
+    tmp_path: Path, *pause_at: str, dicom: DicomOptions | None = None
+) -> tuple[PausedListing, Rig]:
     """A rig over FILES whose catalog has never been listed, and its pausing store."""
-    rig = make_rig(tmp_path, FILES)
+    rig = make_rig(tmp_path, FILES, dicom=dicom)
     store = PausedListing(rig.store, *pause_at)
     rig.store = store
     fresh = tmp_path / "fresh-catalog.db"
@@ -143,6 +146,7 @@ def test_a_first_listing_that_fails_goes_on_from_its_last_batch(
     async def body(fs: ArchiveFS) -> None:
         assert await wait_until(lambda: not fs.listing.running)
         assert await fs.lookup(ROOT, "c1") is not None
+        assert fs.listing.objects == len(FILES)  # both attempts' objects: progress never drops
 
     run_fs(rig, body)
     assert store.listed_after == ["", "b2"]
@@ -194,6 +198,29 @@ def test_a_name_is_found_as_soon_as_a_batch_holds_it(tmp_path: Path) -> None:
         assert found is not None and found.is_dir
         assert fs.listing.cursor == "d/e1" and not fs.listing.listed("d/")
         store.resume()
+
+    run_fs(rig, body)
+    rig.close()
+
+
+@pytest.mark.usefixtures("small_batches")
+def test_header_reads_give_way_to_the_first_listing_and_run_once_it_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The DICOM index reads no header at full pace while the first listing runs: its GETs
+    competed with the listing's and made it half as slow again."""
+    monkeypatch.setattr("cloudfs.studies._MAX_YIELD", 60.0)
+    store, rig = first_mount(tmp_path, "b2", dicom=DicomOptions(view_dir=""))
+
+    async def body(fs: ArchiveFS) -> None:
+        assert fs.studies is not None
+        assert await wait_until(lambda: fs.listing.cursor == "a2")
+        await trio.sleep(0.5)  # the indexer has been woken by the batches so far
+        assert fs.busy() and fs.studies.headers_read == 0
+        store.resume()
+        assert await wait_until(lambda: not fs.listing.running)
+        assert await wait_until(lambda: fs.studies.headers_read == len(FILES), timeout=10)
+        assert not fs.busy()
 
     run_fs(rig, body)
     rig.close()
