@@ -48,7 +48,7 @@ from typing import NamedTuple
 from sqlcipher3 import dbapi2 as sqlcipher
 
 from .crypto import KEY_ENVIRONMENT, derive_key
-from .errors import ConfigError
+from .errors import ConfigError, DiskFull
 from .store import ObjectInfo
 
 log = logging.getLogger(__name__)
@@ -203,6 +203,33 @@ def key_problem(key: str) -> str | None:
     return None
 
 
+def _disk_full(error: BaseException) -> bool:
+    """Whether SQLite (or SQLCipher, whose errors are of its own classes) refused a write for
+    want of disk space."""
+    code = getattr(error, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF == sqlite3.SQLITE_FULL
+    return isinstance(error, Exception) and "disk is full" in str(error)
+
+
+@contextlib.contextmanager
+def _writing(db: sqlite3.Connection, what: object) -> Iterator[None]:
+    """One write transaction on ``db``, rolled back if anything in it fails, its commit
+    included: a commit refused for a full disk leaves the transaction open, and every later
+    BEGIN on this connection would then fail.  A full disk raises DiskFull (ENOSPC for a
+    writer) instead of SQLite's error."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        db.execute("COMMIT")
+    except BaseException as exc:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        if _disk_full(exc):
+            raise DiskFull(f"{what}: not written, the disk is full") from exc
+        raise
+
+
 class Catalog:
     def __init__(self, path: Path, key: bytes | None = None) -> None:
         """Open (or create) the catalog at ``path``; ``key``, the operator's cache key, makes
@@ -317,14 +344,9 @@ class Catalog:
         with self.write_lock:
             if durable:
                 db.execute("PRAGMA synchronous=FULL")
-            db.execute("BEGIN IMMEDIATE")
             try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            else:
-                db.execute("COMMIT")
+                with _writing(db, self.path):
+                    yield db
             finally:
                 if durable:
                     db.execute("PRAGMA synchronous=NORMAL")
@@ -580,14 +602,8 @@ class _Writer:
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
         """One write transaction; rolled back (and the lock freed) if anything fails."""
-        with self.lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                yield
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
-            self.db.execute("COMMIT")
+        with self.lock, _writing(self.db, "the catalog"):
+            yield
 
     def reject(self, key: str, reason: str) -> None:
         self.db.execute("INSERT OR REPLACE INTO rejected VALUES (?, ?)", (key, reason))

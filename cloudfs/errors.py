@@ -7,6 +7,10 @@ errno without knowing whether S3 or a local directory produced it.
 from __future__ import annotations
 
 import errno
+import logging
+from collections.abc import Awaitable, Callable
+
+log = logging.getLogger(__name__)
 
 
 class CloudfsError(Exception):
@@ -52,6 +56,13 @@ class Unavailable(CloudfsError):
     errno = errno.EIO
 
 
+class DiskFull(CloudfsError):
+    """The local disk under the cache directory is full: a writer gets ENOSPC, as from a full
+    local drive, and nothing already written is lost."""
+
+    errno = errno.ENOSPC
+
+
 class FsError(CloudfsError):
     """A POSIX refusal with an explicit errno (EEXIST, ENOTEMPTY, EROFS, ...)."""
 
@@ -69,6 +80,18 @@ class ConfigError(CloudfsError):
 class StoreUnreachable(ConfigError):
     """The endpoint did not answer at mount time.  Fatal for a first mount (there is no catalog
     to serve from); a remount serves the catalog and cache and catches up when the cloud returns."""
+
+
+async def contained(what: str, work: Callable[..., Awaitable[object]], *args: object) -> None:
+    """Run background work whose failure must not end the mount (an exception escaping any task
+    of the daemon unmounts it): an expected failure is logged as a warning, anything else with
+    its traceback."""
+    try:
+        await work(*args)
+    except CloudfsError as exc:
+        log.warning("%s failed: %s", what, exc)
+    except Exception:
+        log.exception("%s failed unexpectedly", what)
 
 
 # S3 error codes (and HTTP statuses, for HEAD responses that carry no code) to our errors.

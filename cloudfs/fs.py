@@ -31,7 +31,7 @@ from .catalog import READY, ROOT, Catalog, Node, SyncReport
 from .changes import Backlog, Changes
 from .config import Config
 from .dicom_index import BY_PATIENT, VIEW_BASE, VIEW_ROOT, DicomIndex, ViewEntry, is_view_inode
-from .errors import CloudfsError, FsError, NeedsRestore, NotFound, Unavailable
+from .errors import CloudfsError, FsError, NeedsRestore, NotFound, Unavailable, contained
 from .listing import FirstListing, run_first_listing
 from .metrics import Metrics
 from .prefetch import ReadAhead
@@ -746,7 +746,13 @@ class ArchiveFS:
             staged.fd = -1
             if not self.uploader.is_uploading(staged.name):  # else the uploader removes it
                 self._let_go(staged.name)
-                self._nursery_or_fail().start_soon(self._disk, self.staging.remove, staged.name)
+                self._nursery_or_fail().start_soon(
+                    contained,
+                    "removing a staging file",
+                    self._disk,
+                    self.staging.remove,
+                    staged.name,
+                )
 
     def _nursery_or_fail(self) -> trio.Nursery:
         if self._nursery is None:
@@ -1135,8 +1141,12 @@ class ArchiveFS:
         return handle, self.attributes(node)
 
     async def _make_ahead(self) -> None:
+        """Prepare staging files for the next creates; on a full disk the creates make their
+        own and report ENOSPC."""
         try:
             await self._disk(self.staging.make_ahead)
+        except OSError as exc:
+            log.warning("cannot prepare staging files ahead: %s", exc)
         finally:
             self._making_ahead = False
 
@@ -1230,7 +1240,11 @@ class ArchiveFS:
         except CloudfsError as exc:
             log.warning("cannot refresh %s: %s", key, exc)
             return
-        report = await self._catalog(self.catalog.refresh_object, info, key, asked_ns)
+        try:
+            report = await self._catalog(self.catalog.refresh_object, info, key, asked_ns)
+        except CloudfsError as exc:  # the catalog's disk is full: the next relist catches up
+            log.warning("cannot refresh %s: %s", key, exc)
+            return
         await self.kernel.forget(report.stale_inodes, report.stale_names)
 
     async def sync(self) -> SyncReport:

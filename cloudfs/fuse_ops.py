@@ -24,11 +24,14 @@ import pyfuse3
 import trio
 
 from .audit import AuditLog, outcome_for
-from .errors import CloudfsError
+from .errors import CloudfsError, DiskFull
 from .fs import ArchiveFS, Attributes
 from .processes import Executables
 
 log = logging.getLogger(__name__)
+
+_DISK_FULL_REPORT_PERIOD = 60.0
+"""Seconds between log lines about requests refused for a full cache disk."""
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -47,6 +50,8 @@ def _guard(handler: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutin
         except CloudfsError as exc:
             if exc.errno == errno.EIO:
                 log.warning("%s: %s", handler.__name__, exc)
+            elif isinstance(exc, DiskFull) and isinstance(operations, FuseOperations):
+                operations.report_disk_full(handler.__name__, exc)
             raise pyfuse3.FUSEError(exc.errno) from None
         except OSError as exc:  # the staging disk: ENOSPC, EIO
             log.error("%s: local disk error: %s", handler.__name__, exc)
@@ -75,6 +80,15 @@ class FuseOperations(pyfuse3.Operations):
         self.negative_timeout = mount.negative_timeout
         self.backup_programs = fs.config.cache.backup_programs
         self.executables = Executables()
+        self._disk_full_reported_at = -_DISK_FULL_REPORT_PERIOD
+
+    def report_disk_full(self, request: str, error: DiskFull) -> None:
+        """One log line a minute while requests fail because the cache disk is full (a PACS
+        retrying its writes would otherwise fill the log too)."""
+        now = time.monotonic()
+        if now - self._disk_full_reported_at >= _DISK_FULL_REPORT_PERIOD:
+            self._disk_full_reported_at = now
+            log.error("%s: %s; writes fail with ENOSPC until space is freed", request, error)
 
     def _entry(self, attributes: Attributes) -> pyfuse3.EntryAttributes:
         entry = pyfuse3.EntryAttributes()

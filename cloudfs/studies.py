@@ -37,7 +37,7 @@ from .cache import BlockCache, BlockId
 from .config import DicomOptions, format_size
 from .dicom import HEADER_LIMIT, HEADER_PROBE, Header, NeedMore, NotDicom, parse_header
 from .dicom_index import SELECTOR_KEYS, DicomIndex, Instance, ObjectRef, Pending
-from .errors import CloudfsError
+from .errors import CloudfsError, contained
 from .reader import BlockReader, ObjectVersion
 from .store import ObjectStore
 
@@ -180,30 +180,46 @@ class Studies:
     # -- indexing --------------------------------------------------------------------------
 
     async def _indexer(self) -> None:
+        """Index pending objects round after round; a round that fails (a full disk refuses
+        its rows) is tried again after a pause, never ending the mount."""
         while True:
-            batch: list[Pending] = await self._db(self.index.pending, _BATCH)
-            if not batch:
-                with trio.move_on_after(_IDLE_PERIOD):
-                    await self._wanted.wait()
-                self._wanted = trio.Event()
-                continue
-            results: list[tuple[Pending, Any, bool]] = []
-            queue = iter(batch)
-            # index_threads tasks share the batch, so only they look at the clock while waiting.
-            async with trio.open_nursery() as nursery:
-                for _ in range(self.options.index_threads):
-                    nursery.start_soon(self._read_some, queue, results)
-            if not results:
+            try:
+                indexed = await self._index_round()
+            except Exception as exc:
+                log.warning(
+                    "indexing DICOM headers failed: %s; retried in %.0fs", exc, _FAILURE_PAUSE
+                )
+                self.last_error = str(exc)
+                indexed = False
+            if not indexed:
                 await trio.sleep(_FAILURE_PAUSE)
-                continue
-            new, local = await self._db(self.index.record, results)
-            # A study just written through the mount is local; its priors are what a reader of
-            # it will want next.  Study prefetch off means no fetch that nobody asked for.
-            if local and self.options.study_prefetch and self.options.priors:
-                for study_uid in local:
-                    self._start_study(study_uid, None)
-            if new and (self._pinned or self.options.keep_recent_days):
-                await self.apply_pins()
+
+    async def _index_round(self) -> bool:
+        """Read and record the headers of a batch of pending objects (after waiting for some if
+        there are none); False if every read failed (the store is down)."""
+        batch: list[Pending] = await self._db(self.index.pending, _BATCH)
+        if not batch:
+            with trio.move_on_after(_IDLE_PERIOD):
+                await self._wanted.wait()
+            self._wanted = trio.Event()
+            return True
+        results: list[tuple[Pending, Any, bool]] = []
+        queue = iter(batch)
+        # index_threads tasks share the batch, so only they look at the clock while waiting.
+        async with trio.open_nursery() as nursery:
+            for _ in range(self.options.index_threads):
+                nursery.start_soon(self._read_some, queue, results)
+        if not results:
+            return False
+        new, local = await self._db(self.index.record, results)
+        # A study just written through the mount is local; its priors are what a reader of it
+        # will want next.  Study prefetch off means no fetch that nobody asked for.
+        if local and self.options.study_prefetch and self.options.priors:
+            for study_uid in local:
+                self._start_study(study_uid, None)
+        if new and (self._pinned or self.options.keep_recent_days):
+            await self.apply_pins()
+        return True
 
     async def _read_some(
         self, queue: Iterator[Pending], results: list[tuple[Pending, Any, bool]]
@@ -272,7 +288,9 @@ class Studies:
             return
         if key not in self._looking:
             self._looking.add(key)
-            self._nursery.start_soon(self._look_up, key)
+            self._nursery.start_soon(
+                contained, f"looking up {key} in the index", self._look_up, key
+            )
 
     async def _look_up(self, key: str) -> None:
         try:
@@ -300,7 +318,9 @@ class Studies:
         while len(self._jobs) > _ACTIVE_STUDIES:
             _, oldest = self._jobs.popitem(last=False)
             oldest.cancelled = True
-        self._nursery.start_soon(self._prefetch_study, job, opened)
+        self._nursery.start_soon(
+            contained, f"prefetch of study {study_uid}", self._prefetch_study, job, opened
+        )
 
     async def _prefetch_study(self, job: _Job, opened: Instance | None) -> None:
         try:

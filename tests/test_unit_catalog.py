@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 from helpers_unit import listing, node_at, obj
 
 from cloudfs.catalog import NAME_MAX, ROOT, Catalog, Node, key_problem
-from cloudfs.errors import Unavailable
+from cloudfs.errors import DiskFull, Unavailable
 from cloudfs.store import ObjectInfo
 
 
@@ -461,3 +462,21 @@ def test_a_refresh_leaves_no_checkpoint(catalog: Catalog) -> None:
     with pytest.raises(Unavailable):
         catalog.sync(failing())
     assert catalog.listing_checkpoint() == ""
+
+
+def test_a_write_the_full_disk_refuses_is_enospc_and_the_catalog_goes_on(tmp_path: Path) -> None:
+    """SQLite's "database or disk is full" becomes DiskFull (ENOSPC for a writer, not an
+    internal error), the transaction is rolled back, and the same connection writes again
+    once there is room."""
+    catalog = Catalog(tmp_path / "catalog.db")
+    db = catalog.connection()
+    pages = db.execute("PRAGMA page_count").fetchone()[0]
+    db.execute(f"PRAGMA max_page_count={pages}")  # the disk, as SQLite sees it, is full
+    with pytest.raises(DiskFull) as refused, catalog.transaction() as writing:
+        writing.execute("INSERT INTO meta VALUES (?, ?)", ("note", "x" * 100_000))
+    assert refused.value.errno == errno.ENOSPC
+    assert not db.in_transaction
+    db.execute("PRAGMA max_page_count=1073741823")  # room again
+    with catalog.transaction() as writing:
+        writing.execute("INSERT INTO meta VALUES (?, ?)", ("note", "kept"))
+    assert catalog.get_meta("note") == "kept"

@@ -35,6 +35,7 @@ from cloudfs.catalog import ROOT
 from cloudfs.config import DicomOptions, MiB, WriteOptions, format_size
 from cloudfs.dicom import HEADER_PROBE
 from cloudfs.dicom_index import Instance
+from cloudfs.errors import DiskFull
 from cloudfs.fs import ArchiveFS
 from cloudfs.store import ObjectStore
 from cloudfs.studies import Studies, _around, _Job
@@ -231,6 +232,37 @@ def test_indexer_reads_every_header_and_marks_other_files(tmp_path: Path) -> Non
     assert sorted(rig.store.calls) == sorted(
         (key, 0, min(len(data), HEADER_PROBE)) for key, data in rig.files.items()
     )
+
+
+def test_an_index_round_that_cannot_be_recorded_is_retried_and_the_mount_lives_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk under the catalog is full when the indexer records a round: the round is
+    logged and tried again later; the failure never escapes into the daemon (which would
+    unmount it)."""
+    monkeypatch.setattr(studies_module, "_FAILURE_PAUSE", 0.05)
+    rig = dicom_rig(tmp_path, study("PAT-1", 1, [("CT", 2)], "20240105"))
+    refusals = [DiskFull("catalog: not written, the disk is full")]
+
+    async def body(fs: ArchiveFS) -> dict[str, Any]:
+        index = studies_of(fs).index
+        record = index.record
+
+        def full_once(results: Any) -> Any:
+            if refusals:
+                raise refusals.pop()
+            return record(results)
+
+        monkeypatch.setattr(index, "record", full_once)
+        status = await indexed(fs)
+        assert await fs.lookup(ROOT, "PAT-1") is not None  # the filesystem still answers
+        return status
+
+    status = run_fs(rig, body)
+    rig.close()
+    assert not refusals
+    assert (status["dicom"], status["pending"]) == (2, 0)
+    assert "the disk is full" in status["last_error"]
 
 
 def test_indexing_waits_for_a_quiet_moment_but_never_stops(

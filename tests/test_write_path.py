@@ -35,6 +35,7 @@ from conftest import (
     drop_kernel_caches,
     payload,
     process_alive,
+    read_direct,
     wait_until,
 )
 
@@ -436,6 +437,64 @@ def test_full_staging_area_gives_enospc_and_loses_nothing(
     for name in partial:  # the file that hit ENOSPC holds what fitted; drop it
         os.unlink(m.path / name)
     wait_for_bucket(bucket, kept, m, timeout=120)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 64 MiB file system of its own (tmpfs) for the cache directory: a disk that really
+    fills up, under everything cloudfs keeps there (blocks, staging, catalog, journal)."""
+    path = tmp_path / "small-disk"
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def fill(disk: Path, leave: int) -> Path:
+    """Fill ``disk`` up to ``leave`` free bytes with one file; returns it."""
+    filler = disk / "filler"
+    free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+    with open(filler, "wb") as out:
+        out.truncate(0)
+        for _ in range(max(free - leave, 0) // MiB):
+            out.write(b"\0" * MiB)
+    return filler
+
+
+def test_a_full_cache_disk_fails_writes_with_enospc_and_keeps_serving(
+    small_disk: Path, mount: Callable[..., Mount], bucket: Bucket
+) -> None:
+    """The disk under the cache directory fills up (another program, a cache size above the
+    disk): reads are still served with the right bytes, a write fails with ENOSPC, never EIO
+    or a dead mount, what was fsync'd before reaches the bucket, and writes work again once
+    space is freed."""
+    big = payload(12 * MiB, "big")
+    bucket.put("big.dcm", big)
+    m = mount(bucket, cache_dir=small_disk / "cache", options=FAST)
+    before = payload(200 * KiB, "before")
+    write_synced(m.path / "before.dcm", before)
+    filler = fill(small_disk, 2 * MiB)
+
+    assert_bytes(read_direct(m.path / "big.dcm"), big, "read with the cache disk full")
+    with pytest.raises(OSError) as caught:
+        for index in range(4):
+            write_synced(m.path / f"full{index}.dcm", payload(2 * MiB, f"full{index}"))
+    assert caught.value.errno == errno.ENOSPC, m.log_tail()
+    assert "writes fail with ENOSPC until space is freed" in m.log_text()
+    assert (m.path / "before.dcm").read_bytes() == before
+    assert "before.dcm" in os.listdir(m.path)
+    assert m.status()["cache"]["failed_inserts"] > 0  # the read above could not be cached
+
+    filler.unlink()
+    for name in os.listdir(m.path):  # what hit ENOSPC holds what fitted; drop it
+        if name.startswith("full"):
+            os.unlink(m.path / name)
+    after = payload(300 * KiB, "after")
+    write_synced(m.path / "after.dcm", after)
+    wait_for_bucket(bucket, {"big.dcm": big, "before.dcm": before, "after.dcm": after}, m)
+    assert "unexpected error" not in m.log_text()
 
 
 def test_posix_corners(mount: Callable[..., Mount], bucket: Bucket) -> None:
