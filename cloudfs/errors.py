@@ -63,6 +63,12 @@ class DiskFull(CloudfsError):
     errno = errno.ENOSPC
 
 
+class Interrupted(Unavailable):
+    """A reply cut short: the connection dropped or stalled in the middle of the body.  The
+    request itself was answered, so it is worth sending again at once for what is missing
+    (botocore's retries end when the reply's headers arrive)."""
+
+
 class FsError(CloudfsError):
     """A POSIX refusal with an explicit errno (EEXIST, ENOTEMPTY, EROFS, ...)."""
 

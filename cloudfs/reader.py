@@ -35,7 +35,7 @@ import trio
 
 from .cache import BlockCache, BlockId
 from .config import CacheOptions
-from .errors import CloudfsError, Unavailable
+from .errors import CloudfsError, Interrupted, Unavailable
 from .prefetch import Cancelled, PrefetchLedger
 from .store import ObjectStore
 
@@ -50,6 +50,10 @@ HEDGE_BEHIND = 3
 GET of its own for that block.  Over a WAN link capped per connection (50 MB/s), the tail of an
 8 MiB read-ahead GET comes 140 ms after its head, where a GET of one block costs a round trip and
 one block (40 ms): a reader jumping into that tail should not wait for all that comes before."""
+
+RESENDS = 3
+"""Times a GET whose reply was cut short (a connection dropped mid-body) is sent again for the
+blocks still missing, before its readers get EIO."""
 
 _LANDED_MEMORY = 4096
 """Recently fetched blocks remembered by identity only, so read-ahead never fetches twice a block
@@ -524,12 +528,22 @@ class BlockReader:
         deliver: Callable[[int, bytes], None],
     ) -> None:
         """Worker thread: one ranged GET, each block written to the disk cache and delivered as
-        soon as it has arrived."""
-        pieces = self.store.stream_range(obj.key, start, end, obj.etag, self.block_size)
-        with contextlib.closing(pieces):
-            for index, block in enumerate(pieces, start // self.block_size):
-                self.cache.put(obj.block(index), block, obj.backup)
-                deliver(index, block)
+        soon as it has arrived.  A reply cut short is asked for again from its first missing
+        block, up to RESENDS times, so neither its waiting readers nor its blocks already
+        delivered see the drop."""
+        for resend in range(RESENDS + 1):
+            pieces = self.store.stream_range(obj.key, start, end, obj.etag, self.block_size)
+            try:
+                with contextlib.closing(pieces):
+                    for index, block in enumerate(pieces, start // self.block_size):
+                        self.cache.put(obj.block(index), block, obj.backup)
+                        deliver(index, block)
+                        start += len(block)
+                return
+            except Interrupted as exc:
+                if resend == RESENDS:
+                    raise
+                log.info("%s; asking again for bytes %d-%d", exc, start, end - 1)
 
     # -- read-ahead ------------------------------------------------------------------------
 

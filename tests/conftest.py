@@ -656,6 +656,96 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             report.sections.append((f"daemon log {number}", mount.log_tail(60)))
 
 
+class Gate:
+    """A TCP relay in front of the S3 server that a test can close and reopen: while closed,
+    connections are refused at once, as when a site's uplink is down.  ``cut_replies`` makes
+    it drop connections in the middle of their replies."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self._listener: socket.socket | None = None
+        self._connections: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self.cuts = 0
+        """Connections still to be cut (moto answers one request per connection)."""
+        self._cut_after = 0
+        self.open()
+
+    def cut_replies(self, count: int, after: int) -> None:
+        """Close each of the next ``count`` connections once ``after`` bytes of its reply
+        have been relayed, as a link that drops in the middle of a body."""
+        with self._lock:
+            self.cuts, self._cut_after = count, after
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def open(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def close(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            with contextlib.suppress(OSError):  # wakes the thread blocked in accept()
+                listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
+        with self._lock:
+            for connection in self._connections:
+                with contextlib.suppress(OSError):
+                    connection.shutdown(socket.SHUT_RDWR)
+                connection.close()
+            self._connections.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            with self._lock:
+                self._connections += [client, upstream]
+                limit = self._cut_after if self.cuts else None
+                self.cuts -= limit is not None
+            for source, target, most in ((client, upstream, None), (upstream, client, limit)):
+                threading.Thread(
+                    target=self._pipe, args=(source, target, most), daemon=True
+                ).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, target: socket.socket, most: int | None) -> None:
+        """Relay until either side closes, or ``most`` bytes have gone through."""
+        relayed = 0
+        with contextlib.suppress(OSError):
+            while data := source.recv(1 << 16):
+                if most is not None and relayed + len(data) >= most:
+                    target.sendall(data[: most - relayed])
+                    break
+                target.sendall(data)
+                relayed += len(data)
+        for end in (source, target):  # shut down first: a close alone waits for the other pipe
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                end.close()
+
+
+@pytest.fixture
+def gate(s3_server: MotoServer) -> Iterator[Gate]:
+    relay = Gate(s3_server.port)
+    yield relay
+    relay.close()
+
+
 @pytest.fixture
 def mount(
     integration_environment: None, request: pytest.FixtureRequest, tmp_path: Path

@@ -23,6 +23,7 @@ import pytest
 from conftest import (
     PYTHON,
     Bucket,
+    Gate,
     MotoServer,
     Mount,
     Mounter,
@@ -261,6 +262,21 @@ def test_uncached_read_fails_with_eio_within_io_timeout_when_the_server_hangs(
         assert_bytes(read_direct(mounted.path / "cached.dcm"), bucket.objects["cached.dcm"])
     finally:
         private_s3_server.resume()
+
+
+def test_a_reply_cut_short_mid_body_is_asked_again_and_the_bytes_are_right(
+    bucket: Bucket, mount: Mounter, gate: Gate
+) -> None:
+    """The link drops two GETs in the middle of their bodies: the daemon asks again for what
+    did not arrive, and the reader gets the whole file right, with no error."""
+    data = payload(6 * MiB, "cut short")
+    bucket.put("series/cut.dcm", data)
+    mounted = mount(bucket, endpoint=gate.endpoint, options=["--no-dicom-index"])
+    gate.cut_replies(2, after=200 * KiB)
+    assert_bytes(read_file(mounted.path / "series/cut.dcm"), data, "read across the drops")
+    assert gate.cuts == 0, "the link dropped fewer replies than the test meant"
+    assert mounted.log_text().count("the reply was cut short") == 2, mounted.log_tail()
+    assert mounted.status()["reads"]["fetch_errors"] == 0
 
 
 # -- 4. a changed object ---------------------------------------------------------------------------

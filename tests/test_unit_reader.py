@@ -34,10 +34,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cloudfs.cache import PIECE, BlockId, stored_length
-from cloudfs.errors import CloudfsError, Unavailable
+from cloudfs.errors import CloudfsError, Interrupted, Unavailable
 from cloudfs.fs import ArchiveFS
 from cloudfs.prefetch import SCATTERED_READS
-from cloudfs.reader import HEDGE_BEHIND, WARM_AHEAD, WARM_BATCH, ObjectVersion
+from cloudfs.reader import HEDGE_BEHIND, RESENDS, WARM_AHEAD, WARM_BATCH, ObjectVersion
 from cloudfs.store import ObjectStore
 
 pytestmark = pytest.mark.timeout(60)
@@ -229,6 +229,51 @@ def test_blocks_of_a_long_get_are_served_as_they_arrive(tmp_path: Path, broken: 
 
     run_fs(rig, body)
     assert rig.cache.get(BlockId("a.bin", rig.catalog.by_key("a.bin").etag, 0)) is not None
+    rig.close()
+
+
+class CuttingStore(InstrumentedStore):
+    """Cuts the next ``cuts`` replies after their second block, as a connection that drops in
+    the middle of a body; records the range of every GET."""
+
+    def __init__(self, inner: ObjectStore, cuts: int) -> None:
+        super().__init__(inner)
+        self.cuts = cuts
+        self.ranges: list[tuple[int, int]] = []
+
+    def stream_range(
+        self, key: str, start: int, end: int, etag: str, piece: int
+    ) -> Generator[bytes, None, None]:
+        self.ranges.append((start, end))
+        for index, data in enumerate(super().stream_range(key, start, end, etag, piece)):
+            if index == 2 and self.cuts:
+                self.cuts -= 1
+                raise Interrupted(f"{key}: short read (the reply ended early)")
+            yield data
+
+
+@pytest.mark.parametrize("cuts", [RESENDS, RESENDS + 1])
+def test_a_reply_cut_short_is_asked_again_for_the_rest(tmp_path: Path, cuts: int) -> None:
+    """A GET whose reply is cut short (a connection dropped mid-body) is sent again from its
+    first missing block, up to RESENDS times: the reader gets the right bytes and never sees
+    the drop; past that, the read fails with EIO."""
+    data = random_bytes(12 * BS, 33)
+    rig = make_rig(tmp_path, {"a.bin": data}, small_object=MiB, fetch_chunk=12 * BS)
+    store = rig.store = CuttingStore(rig.store.inner, cuts)
+
+    async def body(fs: ArchiveFS) -> None:
+        handle = await open_path(fs, "a.bin")
+        if cuts > RESENDS:
+            with pytest.raises(CloudfsError) as failure:
+                await fs.read(handle, 11 * BS, 100)
+            assert failure.value.errno == errno.EIO
+            return
+        assert bytes(await fs.read(handle, 11 * BS, BS)) == data[11 * BS :]
+        assert await read_all(fs, "a.bin") == data
+
+    run_fs(rig, body)
+    # Each attempt asks for what the one before did not bring: two blocks came every time.
+    assert store.ranges == [(start * BS, 12 * BS) for start in range(0, 2 * (RESENDS + 1), 2)]
     rig.close()
 
 

@@ -13,7 +13,6 @@ import itertools
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import stat
 import subprocess
@@ -27,7 +26,7 @@ from pathlib import Path
 import pytest
 from conftest import (
     Bucket,
-    MotoServer,
+    Gate,
     Mount,
     Mounter,
     assert_bytes,
@@ -122,74 +121,6 @@ def test_create_write_read_back_and_upload(mount: Callable[..., Mount], bucket: 
     drop_kernel_caches()
     assert (m.path / "studies" / "a.dcm").read_bytes() == data
     assert (m.path / "studies" / "a.dcm").stat().st_mode & 0o7777 == 0o640
-
-
-class Gate:
-    """A TCP relay in front of the S3 server that a test can close and reopen: while closed,
-    connections are refused at once, as when a site's uplink is down."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self._listener: socket.socket | None = None
-        self._connections: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self.open()
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def open(self) -> None:
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
-        listener.listen(64)
-        self._listener = listener
-        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
-
-    def close(self) -> None:
-        listener, self._listener = self._listener, None
-        if listener is not None:
-            with contextlib.suppress(OSError):  # wakes the thread blocked in accept()
-                listener.shutdown(socket.SHUT_RDWR)
-            listener.close()
-        with self._lock:
-            for connection in self._connections:
-                with contextlib.suppress(OSError):
-                    connection.shutdown(socket.SHUT_RDWR)
-                connection.close()
-            self._connections.clear()
-
-    def _accept(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            with self._lock:
-                self._connections += [client, upstream]
-            for source, target in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(source, target), daemon=True).start()
-
-    @staticmethod
-    def _pipe(source: socket.socket, target: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := source.recv(1 << 16):
-                target.sendall(data)
-        for end in (source, target):
-            with contextlib.suppress(OSError):
-                end.close()
-
-
-@pytest.fixture
-def gate(s3_server: MotoServer) -> Iterator[Gate]:
-    relay = Gate(s3_server.port)
-    yield relay
-    relay.close()
 
 
 def test_pacs_workload_temp_fsync_rename_delete(

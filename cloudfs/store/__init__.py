@@ -98,7 +98,8 @@ class ObjectStore(Protocol):
         """Bytes ``[start, end)`` of the version ``etag`` in consecutive pieces of ``piece``
         bytes (the last may be shorter), each as soon as it has arrived, so whoever waits for
         the first block of a long GET does not wait for the last; StaleObject, Unavailable...
-        are raised from the iteration, after the pieces before the failure."""
+        are raised from the iteration, after the pieces before the failure (Interrupted when
+        the reply was cut short, so that asking again for the rest may succeed)."""
         ...
 
     def request_restore(self, key: str, days: int) -> None:

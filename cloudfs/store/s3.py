@@ -28,6 +28,7 @@ from ..errors import (
     CloudfsError,
     ConfigError,
     Conflict,
+    Interrupted,
     NotFound,
     StaleObject,
     StoreUnreachable,
@@ -297,9 +298,9 @@ class S3Store:
             try:
                 data: bytes = body.read(length)
             except (bex.BotoCoreError, bex.ClientError) as exc:
-                raise self._error(exc, key) from exc
+                raise Interrupted(f"{key}: the reply was cut short: {exc}") from exc
             if not data:
-                raise Unavailable(f"{key}: short read (the reply ended before {asked} bytes)")
+                raise Interrupted(f"{key}: short read (the reply ended before {asked} bytes)")
             parts.append(data)
             length -= len(data)
         return parts[0] if len(parts) == 1 else b"".join(parts)
