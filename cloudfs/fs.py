@@ -1234,15 +1234,14 @@ class ArchiveFS:
         """Re-read one object's state from the store (after its ETag stopped matching)."""
         asked_ns = time.time_ns()
         try:
-            info = await trio.to_thread.run_sync(self.store.head, key, limiter=self._store_threads)
-        except NotFound:
-            info = None
-        except CloudfsError as exc:
-            log.warning("cannot refresh %s: %s", key, exc)
-            return
-        try:
+            try:
+                info = await trio.to_thread.run_sync(
+                    self.store.head, key, limiter=self._store_threads
+                )
+            except NotFound:
+                info = None
             report = await self._catalog(self.catalog.refresh_object, info, key, asked_ns)
-        except CloudfsError as exc:  # the catalog's disk is full: the next relist catches up
+        except CloudfsError as exc:  # the store is down, or the catalog's disk is full
             log.warning("cannot refresh %s: %s", key, exc)
             return
         await self.kernel.forget(report.stale_inodes, report.stale_names)

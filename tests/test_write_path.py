@@ -387,11 +387,11 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 def fill(disk: Path, leave: int) -> Path:
     """Fill ``disk`` up to ``leave`` free bytes with one file; returns it."""
     filler = disk / "filler"
-    free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+    space = os.statvfs(disk)
+    zeros = bytes(MiB)
     with open(filler, "wb") as out:
-        out.truncate(0)
-        for _ in range(max(free - leave, 0) // MiB):
-            out.write(b"\0" * MiB)
+        for _ in range(max(space.f_bavail * space.f_frsize - leave, 0) // MiB):
+            out.write(zeros)
     return filler
 
 
