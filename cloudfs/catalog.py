@@ -182,6 +182,20 @@ class SyncReport:
         }
 
 
+class Listed(NamedTuple):
+    """A directory entry with only what ``stat`` shows: a listing of 100,000 entries reads
+    neither keys nor ETags, and builds nothing it does not send."""
+
+    name: str
+    ino: int
+    is_dir: bool
+    mode: int | None
+    size: int
+    mtime_ns: int
+    uid: int | None
+    gid: int | None
+
+
 def _node(row: tuple) -> Node:
     return Node(row[0], row[1], row[2], bool(row[3]), *row[4:])
 
@@ -244,6 +258,9 @@ class Catalog:
         """Writers of this process queue here rather than in SQLite's busy handler, which
         sleeps milliseconds between retries: a PACS's creates and the uploader's commits would
         otherwise wait on each other's sleeps."""
+        self.version = 0
+        """Counts the write transactions that may have changed a node, each once it has ended:
+        what was read from ``nodes`` while this number held is still what the table says."""
         self._reported: set[str] = set()
         plaintext = self._plaintext()
         if plaintext is False and self._key is None:
@@ -337,9 +354,12 @@ class Catalog:
         return db
 
     @contextlib.contextmanager
-    def transaction(self, durable: bool = False) -> Iterator[sqlite3.Connection]:
+    def transaction(
+        self, durable: bool = False, nodes: bool = True
+    ) -> Iterator[sqlite3.Connection]:
         """One write transaction on this thread's connection.  ``durable`` makes its commit
-        survive a power cut (SQLite syncs the journal), which an fsync promise needs."""
+        survive a power cut (SQLite syncs the journal), which an fsync promise needs.
+        ``nodes=False`` promises that it writes no node, so it leaves ``version`` alone."""
         db = self.connection()
         with self.write_lock:
             if durable:
@@ -348,6 +368,8 @@ class Catalog:
                 with _writing(db, self.path):
                     yield db
             finally:
+                if nodes:
+                    self.version += 1
                 if durable:
                     db.execute("PRAGMA synchronous=NORMAL")
 
@@ -405,18 +427,18 @@ class Catalog:
         )
         return "/".join(row[0] for row in rows if row[0])
 
-    def children(self, parent: int, after: int, limit: int) -> list[Node]:
+    def children(self, parent: int, after: int, limit: int) -> list[Listed]:
         """Entries of a directory with inode above ``after``: readdir offsets survive changes."""
         rows = (
             self.connection()
             .execute(
-                f"SELECT {_NODE_COLUMNS} FROM nodes WHERE parent=? AND ino>? AND ino!=? "
-                "ORDER BY ino LIMIT ?",
+                "SELECT name, ino, is_dir, mode, size, mtime_ns, uid, gid FROM nodes "
+                "WHERE parent=? AND ino>? AND ino!=? ORDER BY ino LIMIT ?",
                 (parent, after, ROOT, limit),
             )
             .fetchall()
         )
-        return [_node(row) for row in rows]
+        return list(map(Listed._make, rows))
 
     def counts(self) -> dict[str, int]:
         db = self.connection()
@@ -473,7 +495,7 @@ class Catalog:
         mount are not brought back while their delete is pending (or finished after the start)."""
         started = time.monotonic()
         report = SyncReport()
-        writer = _Writer(self.connection(), report, self._reported, self.write_lock)
+        writer = _Writer(self, report, self._reported)
         since = time.time()
         writer.tombstones = self._tombstones(since)
         after = resume or ""
@@ -535,7 +557,7 @@ class Catalog:
         ``asked_ns`` (wall clock, default now): a change made through the mount since then, such
         as an upload that finished while the HEAD was out, is newer and stays."""
         report = SyncReport()
-        writer = _Writer(self.connection(), report, self._reported, self.write_lock)
+        writer = _Writer(self, report, self._reported)
         if asked_ns is not None:
             writer.since_ns = asked_ns
         writer.tombstones = self._tombstones(writer.since_ns / 1e9)
@@ -572,15 +594,9 @@ _UNTOUCHED = "dirty=0 AND fetch_key IS NULL AND local_at<?"
 class _Writer:
     """Applies listing differences inside batched transactions, keeping the tree well formed."""
 
-    def __init__(
-        self,
-        db: sqlite3.Connection,
-        report: SyncReport,
-        reported: set[str],
-        lock: threading.Lock,
-    ) -> None:
-        self.db = db
-        self.lock = lock
+    def __init__(self, catalog: Catalog, report: SyncReport, reported: set[str]) -> None:
+        self.catalog = catalog
+        self.db = catalog.connection()
         self.report = report
         self.reported = reported
         self.dirs: dict[tuple[int, str], int] = {}
@@ -602,8 +618,12 @@ class _Writer:
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
         """One write transaction; rolled back (and the lock freed) if anything fails."""
-        with self.lock, _writing(self.db, "the catalog"):
-            yield
+        with self.catalog.write_lock:
+            try:
+                with _writing(self.db, "the catalog"):
+                    yield
+            finally:
+                self.catalog.version += 1
 
     def reject(self, key: str, reason: str) -> None:
         self.db.execute("INSERT OR REPLACE INTO rejected VALUES (?, ?)", (key, reason))

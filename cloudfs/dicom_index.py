@@ -174,7 +174,7 @@ class DicomIndex:
             db = catalog.connection()
             queued = db.execute("SELECT 1 FROM sqlite_master WHERE name='dicom_queue'").fetchone()
             db.executescript(_SCHEMA)  # commits by itself
-        with catalog.transaction() as db:
+        with catalog.transaction(nodes=False) as db:
             if not queued:  # an index from before the queue, or none yet: look at everything
                 db.execute(
                     "INSERT OR IGNORE INTO dicom_queue(key) SELECT key FROM nodes "
@@ -217,7 +217,7 @@ class DicomIndex:
         found: list[Pending] = []
         after = ""
         while len(found) < limit:
-            with self.catalog.transaction() as db:
+            with self.catalog.transaction(nodes=False) as db:
                 rows = db.execute(
                     "SELECT q.key, n.ino, n.is_dir, n.dirty, n.fetch_key, n.etag, n.size, "
                     "n.local_at > 0, d.etag FROM dicom_queue q "
@@ -259,7 +259,7 @@ class DicomIndex:
         new_studies: list[str] = []
         local_studies: list[str] = []
         now = time.time()
-        with self.catalog.transaction() as db:
+        with self.catalog.transaction(nodes=False) as db:
             for item, outcome, local in results:
                 current = db.execute("SELECT etag FROM nodes WHERE key=?", (item.key,)).fetchone()
                 if current is None or current[0] != item.etag:
@@ -608,11 +608,11 @@ class DicomIndex:
         return [row[0] for row in rows]
 
     def add_pin(self, selector: str) -> None:
-        with self.catalog.transaction() as db:
+        with self.catalog.transaction(nodes=False) as db:
             db.execute("INSERT OR IGNORE INTO pins VALUES (?, ?)", (selector, time.time()))
 
     def remove_pin(self, selector: str) -> bool:
-        with self.catalog.transaction() as db:
+        with self.catalog.transaction(nodes=False) as db:
             return db.execute("DELETE FROM pins WHERE selector=?", (selector,)).rowcount > 0
 
 

@@ -19,6 +19,7 @@ import logging
 import os
 import stat
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from itertools import count
@@ -27,7 +28,7 @@ from typing import Any, NamedTuple, Protocol
 import trio
 
 from .cache import BlockCache
-from .catalog import READY, ROOT, Catalog, Node, SyncReport
+from .catalog import READY, ROOT, Catalog, Listed, Node, SyncReport
 from .changes import Backlog, Changes
 from .config import Config
 from .dicom_index import BY_PATIENT, VIEW_BASE, VIEW_ROOT, DicomIndex, ViewEntry, is_view_inode
@@ -44,6 +45,9 @@ from .uploader import Uploader
 log = logging.getLogger(__name__)
 
 _READDIR_BATCH = 1000
+_KEPT_LISTING_ENTRIES = 100_000
+"""Directory entries kept across listings, ready to send: some 650 bytes each, 64 MiB at most.
+A second ``ls -l`` of a 100,000-entry directory then sends what the first one built."""
 _FIGURES_PERIOD = 5.0
 """Seconds between refreshes of the metrics figures that cost a database query, at least."""
 _FIGURES_SHARE = 0.05
@@ -92,6 +96,28 @@ def _with_staged(attributes: Attributes, staged: StagedFile | None) -> Attribute
     return attributes._replace(size=staged.size, mtime_ns=staged.mtime_ns)
 
 
+Presenter = Callable[[str, Attributes], Any]
+"""Turns a directory entry into what readdir hands out (the FUSE layer's reply entry)."""
+
+
+def _as_listed(name: str, attributes: Attributes) -> tuple[str, Attributes]:
+    return name, attributes
+
+
+class _Listed(NamedTuple):
+    """One catalog batch of a directory's entries: ``(name, attributes, presented)`` each."""
+
+    entries: list[tuple[str, Attributes, Any]]
+    version: int | None
+    """The catalog's version before the batch was read; None: not kept for other listings."""
+
+
+def _kept_size(listed: _Listed) -> int:
+    """What a kept batch counts against the bound: its entries, and one for itself (the empty
+    batch that ends every listing would otherwise be free to keep)."""
+    return len(listed.entries) + 1
+
+
 @dataclass
 class _Batch:
     """Directory entries after one offset, being read from the catalog in the background."""
@@ -100,7 +126,7 @@ class _Batch:
     staged: dict[int, StagedFile]
     """The files being written when the read began (see ``ArchiveFS._as_of_now``)."""
     done: trio.Event = field(default_factory=trio.Event)
-    entries: list[tuple[str, Attributes]] = field(default_factory=list)
+    entries: list[tuple[str, Attributes, Any]] = field(default_factory=list)
     error: Exception | None = None
 
 
@@ -110,7 +136,7 @@ class _Listing:
 
     ino: int
     after: int = 0
-    batch: list[tuple[str, Attributes]] = field(default_factory=list)
+    batch: list[tuple[str, Attributes, Any]] = field(default_factory=list)
     staged: dict[int, StagedFile] = field(default_factory=dict)
     """The files being written when ``batch`` was read."""
     ahead: _Batch | None = None
@@ -188,6 +214,12 @@ class ArchiveFS:
         mount_options = config.mount
         self.uid = os.getuid() if mount_options.owner_uid is None else mount_options.owner_uid
         self.gid = os.getgid() if mount_options.owner_gid is None else mount_options.owner_gid
+        self._permissions_mask = ~0o222 if mount_options.read_only else ~0
+        self._default_modes = {
+            is_dir: kind | (default & ~mount_options.umask & self._permissions_mask)
+            for is_dir, kind, default in ((False, stat.S_IFREG, 0o644), (True, stat.S_IFDIR, 0o755))
+        }
+        """Mode of a file (False) or directory (True) without permissions set through the mount."""
         self._handles: dict[int, OpenFile] = {}
         self._staged: dict[int, StagedFile] = {}
         self._unstaged = 0
@@ -195,6 +227,12 @@ class ArchiveFS:
         self._opening: dict[str, _Opening] = {}
         self._recovered_keys: list[str] = []
         self._listings: dict[int, _Listing] = {}
+        self.present: Presenter = _as_listed
+        """What readdir returns for each entry; the FUSE layer sets its reply entry here, so
+        that it is built in a worker thread and kept with the batch."""
+        self._kept_listings: OrderedDict[tuple[int, int], _Listed] = OrderedDict()
+        """Batches by (directory, offset), least recently listed first; see ``_listed_batch``."""
+        self._kept_entries = 0
         self._nursery: trio.Nursery | None = None
         self._next_handle = count(1)
         self._opened_versions: dict[int, str] = {}
@@ -324,13 +362,15 @@ class ArchiveFS:
         """What stat shows: sizes of files open for writing come from their staging file."""
         return _with_staged(self._catalog_attributes(node), self._staged.get(node.ino))
 
-    def _catalog_attributes(self, node: Node) -> Attributes:
-        """What the catalog says of ``node`` (safe in a worker thread: reads no table)."""
-        default = (0o755 if node.is_dir else 0o644) & ~self.config.mount.umask
-        permissions = default if node.mode is None else node.mode
-        if self.config.mount.read_only:
-            permissions &= ~0o222
-        mode = (stat.S_IFDIR if node.is_dir else stat.S_IFREG) | permissions
+    def _catalog_attributes(self, node: Node | Listed) -> Attributes:
+        """What the catalog says of ``node`` (safe in a worker thread: reads no table).  Called
+        for every entry of a listing, hence the modes worked out once in ``__init__``."""
+        if node.mode is None:
+            mode = self._default_modes[node.is_dir]
+        else:
+            mode = (stat.S_IFDIR if node.is_dir else stat.S_IFREG) | (
+                node.mode & self._permissions_mask
+            )
         return Attributes(
             node.ino,
             mode,
@@ -396,12 +436,14 @@ class ArchiveFS:
         self._listings[handle] = _Listing(ino)
         return handle
 
-    async def readdir(self, handle: int, after: int) -> list[tuple[str, Attributes]]:
-        """Entries with inode numbers above ``after`` (the readdir offset), in inode order.
+    async def readdir(self, handle: int, after: int) -> list[Any]:
+        """Entries with inode numbers above ``after`` (the readdir offset), in inode order, as
+        ``present`` makes them (by default ``(name, attributes)``).
 
         One catalog query fetches a batch of a thousand entries; the kernel's requests are
         answered from it, and while the kernel consumes one batch the next is read in the
-        background, so a large listing never waits for SQLite between batches."""
+        background, so a large listing never waits for SQLite between batches.  Batches are
+        kept for the next listing of the directory while the catalog has not changed."""
         listing = self._listings.get(handle)
         if listing is None:
             raise FsError(errno.EBADF)
@@ -415,7 +457,7 @@ class ArchiveFS:
                 batch, staged = ahead.entries, ahead.staged
             else:
                 staged = dict(self._staged)
-                batch = await self._catalog(self._entries, listing.ino, after)
+                batch = await self._listed_batch(listing.ino, after)
             listing.after, listing.batch, listing.staged = after, batch, staged
             if len(batch) == _READDIR_BATCH and self._nursery is not None:
                 listing.ahead = _Batch(batch[-1][1].ino, dict(self._staged))
@@ -423,9 +465,31 @@ class ArchiveFS:
         start = bisect.bisect_right(batch, after, key=lambda entry: entry[1].ino)
         return self._as_of_now(batch[start:], listing.staged)
 
+    async def _listed_batch(self, ino: int, after: int) -> list[tuple[str, Attributes, Any]]:
+        """A batch of entries: kept from an earlier listing if the catalog has not changed
+        since it was read (a new listing of 100,000 entries then costs no query and builds
+        no reply entry), otherwise read and kept."""
+        key = (ino, after)
+        kept = self._kept_listings.get(key)
+        if kept is not None and kept.version == self.catalog.version:
+            self._kept_listings.move_to_end(key)
+            return kept.entries
+        listed = await self._catalog(self._entries, ino, after)
+        if key in self._kept_listings:  # stale, or read meanwhile by another listing
+            self._forget_listing(key)
+        if listed.version is not None:
+            self._kept_listings[key] = listed
+            self._kept_entries += _kept_size(listed)
+            while self._kept_entries > _KEPT_LISTING_ENTRIES:
+                self._forget_listing(next(iter(self._kept_listings)))
+        return listed.entries
+
+    def _forget_listing(self, key: tuple[int, int]) -> None:
+        self._kept_entries -= _kept_size(self._kept_listings.pop(key))
+
     def _as_of_now(
-        self, entries: list[tuple[str, Attributes]], staged_then: dict[int, StagedFile]
-    ) -> list[tuple[str, Attributes]]:
+        self, entries: list[tuple[str, Attributes, Any]], staged_then: dict[int, StagedFile]
+    ) -> list[Any]:
         """Listed entries with the sizes stat shows now.  A file being written shows its
         staging file's size, and so does a file that was being written when its batch was
         read: its last writer may have closed meanwhile, and the catalog row read before its
@@ -433,23 +497,37 @@ class ArchiveFS:
         took a size of 0 from a racing lookup; see ``_attributes_of``)."""
         staged_now = self._staged
         if not staged_now and not staged_then:
-            return entries
+            return [presented for _, _, presented in entries]
         listed = []
-        for name, attributes in entries:
+        for name, attributes, presented in entries:
             staged = staged_now.get(attributes.ino) or staged_then.get(attributes.ino)
-            listed.append((name, _with_staged(attributes, staged)))
+            listed.append(
+                presented
+                if staged is None
+                else self.present(name, _with_staged(attributes, staged))
+            )
         return listed
 
-    def _entries(self, ino: int, after: int) -> list[tuple[str, Attributes]]:
+    def _entries(self, ino: int, after: int) -> _Listed:
         """Worker thread: one batch of a directory's entries with their attributes."""
         if is_view_inode(ino):
-            return self._view_entries(ino, after)
-        nodes = self.catalog.children(ino, after, _READDIR_BATCH)
-        entries = [(node.name, self._catalog_attributes(node)) for node in nodes]
+            return _Listed(self._presented(self._view_entries(ino, after)), None)
+        version: int | None = self.catalog.version
+        listed = self.catalog.children(ino, after, _READDIR_BATCH)
+        entries = [(entry.name, self._catalog_attributes(entry)) for entry in listed]
         # The view's root comes last in the root directory: its inode is above all others.
-        if ino == ROOT and len(entries) < _READDIR_BATCH and self._view_shown():
-            entries.append((self.view_name, self._view_directory(VIEW_ROOT)))
-        return entries
+        # Whether it shows is not the catalog's to say, so that batch is not kept.
+        if ino == ROOT and len(entries) < _READDIR_BATCH:
+            version = None
+            if self._view_shown():
+                entries.append((self.view_name, self._view_directory(VIEW_ROOT)))
+        return _Listed(self._presented(entries), version)
+
+    def _presented(
+        self, entries: list[tuple[str, Attributes]]
+    ) -> list[tuple[str, Attributes, Any]]:
+        present = self.present
+        return [(name, attributes, present(name, attributes)) for name, attributes in entries]
 
     # -- the audit trail's descriptions ----------------------------------------------------
 
@@ -550,7 +628,7 @@ class ArchiveFS:
 
     async def _read_batch(self, ino: int, batch: _Batch) -> None:
         try:
-            batch.entries = await self._catalog(self._entries, ino, batch.after)
+            batch.entries = await self._listed_batch(ino, batch.after)
         except Exception as exc:  # handed to the readdir that wants this batch
             batch.error = exc
         finally:

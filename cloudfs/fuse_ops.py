@@ -75,6 +75,7 @@ class FuseOperations(pyfuse3.Operations):
         super().__init__()
         self.fs = fs
         fs.kernel = _KernelCache()
+        fs.present = self._listed_entry
         mount = fs.config.mount
         self.attr_timeout = mount.attr_timeout
         self.negative_timeout = mount.negative_timeout
@@ -106,6 +107,13 @@ class FuseOperations(pyfuse3.Operations):
         entry.generation = 0
         return entry
 
+    def _listed_entry(
+        self, name: str, attributes: Attributes
+    ) -> tuple[bytes, pyfuse3.EntryAttributes, int]:
+        """A readdir reply entry, built by the core in a worker thread and kept with its batch:
+        sending one is then all a listing costs this thread."""
+        return os.fsencode(name), self._entry(attributes), attributes.ino
+
     @_guard
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
@@ -129,10 +137,8 @@ class FuseOperations(pyfuse3.Operations):
 
     @_guard
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        for name, attributes in await self.fs.readdir(fh, start_id):
-            if not pyfuse3.readdir_reply(
-                token, os.fsencode(name), self._entry(attributes), attributes.ino
-            ):
+        for name, entry, ino in await self.fs.readdir(fh, start_id):
+            if not pyfuse3.readdir_reply(token, name, entry, ino):
                 return
 
     async def releasedir(self, fh: int) -> None:

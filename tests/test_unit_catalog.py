@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 from helpers_unit import listing, node_at, obj
 
-from cloudfs.catalog import NAME_MAX, ROOT, Catalog, Node, key_problem
+from cloudfs.catalog import NAME_MAX, ROOT, Catalog, Listed, key_problem
 from cloudfs.errors import DiskFull, Unavailable
 from cloudfs.store import ObjectInfo
 
 
-def all_children(catalog: Catalog, parent: int, limit: int = 1000) -> list[Node]:
+def all_children(catalog: Catalog, parent: int, limit: int = 1000) -> list[Listed]:
     """Every entry of a directory, read in pages as readdir does."""
-    found: list[Node] = []
+    found: list[Listed] = []
     after = 0
     while True:
         page = catalog.children(parent, after, limit)

@@ -9,10 +9,12 @@ import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers_unit import BS, Rig, ino_of, make_rig, open_path, random_bytes, read_all, run_fs
 
+from cloudfs import fs as fs_module
 from cloudfs.catalog import ROOT
 from cloudfs.config import MountOptions
 from cloudfs.errors import CloudfsError, FsError, Unavailable
@@ -436,3 +438,91 @@ def test_statfs(rig: Rig) -> None:
     assert info["free_blocks"] * BS == rig.config.mount.free_space
     assert info["blocks"] >= info["free_blocks"] > 0
     assert info["name_max"] == 255
+
+
+def count_children_reads(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> list[tuple[object, ...]]:
+    """Every catalog read of a directory batch, from now on."""
+    reads: list[tuple[object, ...]] = []
+    real = rig.catalog.children
+
+    def counted(*args: Any) -> Any:
+        reads.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(rig.catalog, "children", counted)
+    return reads
+
+
+async def listed_sizes(fs: ArchiveFS, ino: int) -> dict[str, int]:
+    """Name and size of every entry of a directory, as a whole listing shows them."""
+    handle = await fs.opendir(ino)
+    sizes: dict[str, int] = {}
+    offset = 0
+    while entries := await fs.readdir(handle, offset):
+        sizes.update((name, attributes.size) for name, attributes in entries)
+        offset = entries[-1][1].ino
+    fs.releasedir(handle)
+    return sizes
+
+
+def test_a_directory_listed_again_is_sent_from_kept_batches_until_anything_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second listing of a large directory reads nothing from the catalog (the batches of the
+    first, their reply entries built, were kept), yet never shows an old state: an object
+    brought by a sync, a file created through the mount, the bytes being written to it, and a
+    removal each show in the very next listing."""
+    rig = make_rig(tmp_path, {f"d/f{i:04d}": b"x" for i in range(2500)})
+    reads = count_children_reads(rig, monkeypatch)
+
+    async def body(fs: ArchiveFS) -> None:
+        d = await ino_of(fs, "d")
+        first = await listed_sizes(fs, d)
+        assert len(first) == 2500 and len(reads) >= 3
+        before = len(reads)
+        assert await listed_sizes(fs, d) == first
+        assert len(reads) == before
+
+        rig.write("d/zz-synced", b"yy")
+        await fs.sync()
+        assert (await listed_sizes(fs, d))["zz-synced"] == 2
+
+        handle, _ = await fs.create(d, "zz-written", 0o644, os.O_WRONLY | os.O_CREAT, 0, 0)
+        assert (await listed_sizes(fs, d))["zz-written"] == 0
+        assert await fs.write(handle, 0, b"z" * 5000) == 5000
+        before = len(reads)
+        assert (await listed_sizes(fs, d))["zz-written"] == 5000  # kept, with the staged size
+        assert len(reads) == before
+        await fs.release(handle)
+        await fs.unlink(d, "f0000")
+        after = await listed_sizes(fs, d)
+        assert "f0000" not in after and after["zz-written"] == 5000 and len(after) == 2501
+
+    run_fs(rig, body)
+    rig.close()
+
+
+def test_kept_listings_stay_within_their_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batches kept across listings never hold more entries than their bound; the
+    directory listed longest ago is read again, the latest is not."""
+    monkeypatch.setattr(fs_module, "_KEPT_LISTING_ENTRIES", 3000)
+    rig = make_rig(tmp_path, {f"{d}/f{i:04d}": b"x" for d in "abc" for i in range(1500)})
+    reads = count_children_reads(rig, monkeypatch)
+
+    async def body(fs: ArchiveFS) -> None:
+        inos = {name: await ino_of(fs, name) for name in "abc"}
+        for name in "abc":
+            assert len(await listed_sizes(fs, inos[name])) == 1500
+        kept = fs._kept_listings.values()
+        assert fs._kept_entries == sum(len(listed.entries) + 1 for listed in kept) <= 3000
+        before = len(reads)
+        assert len(await listed_sizes(fs, inos["c"])) == 1500
+        assert len(reads) == before
+        assert len(await listed_sizes(fs, inos["a"])) == 1500
+        assert len(reads) > before
+        assert fs._kept_entries <= 3000
+
+    run_fs(rig, body)
+    rig.close()
