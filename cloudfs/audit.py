@@ -80,6 +80,13 @@ its own ``write`` call at once, so a crash of the daemon loses nothing already r
 batched: at most once per ``FSYNC_SECONDS`` while records arrive, within that time after the last
 one, at rotation and on close; a power loss can lose at most that last second.
 
+A record the file cannot take (a full disk, an I/O error) is not lost: the writer keeps it, and
+every record after it, in memory (up to ``HELD_RECORDS``), logs the error once, and tries the
+file again every ``HELD_RETRY_SECONDS``; once space is freed the held records go out in their
+order, the chain unbroken.  ``AuditLog.state`` reports how many are held, since when and why
+(``cloudfs status``, the metrics).  Beyond the bound, and for whatever is still held when the
+mount stops, records are dropped: counted and logged, never silently.
+
 Threads
 -------
 Caller threads (the trio thread, worker threads) build each record as a new dict and hand it to the
@@ -137,6 +144,7 @@ import stat
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -171,6 +179,11 @@ second on a disk without a write cache; a second is what a power loss can cost."
 QUEUE_RECORDS = 10_000
 """Records waiting for the writer thread: some 10 MiB of dicts, and a fraction of a second of
 the writer's work (it writes tens of thousands of records a second)."""
+HELD_RECORDS = 10_000
+"""Records kept in memory while the log cannot be written (a full or failing disk), to be
+written in order once it can: as many as the queue holds, some 10 MiB more at most."""
+HELD_RETRY_SECONDS = 1.0
+"""How often the writer tries the log again while it holds records back."""
 QUEUE_WAIT_SECONDS = 1.0
 """How long a caller waits for room in a full queue before the record is dropped (and counted):
 long enough to ride out a slow fsync, short enough that a dead disk cannot hang the mount."""
@@ -568,6 +581,8 @@ class _Writer:
         self.dirty = False
         self.synced_at = 0.0
         self.failures = 0
+        self.records = 0
+        """Records written by this process."""
         self.needs_newline = False
         if not self.path.parent.is_dir():
             self.path.parent.mkdir(mode=0o700, parents=True)
@@ -629,6 +644,7 @@ class _Writer:
             self._rotate()
         self._append(line)
         self.seq, self.last_hash = record["seq"], digest
+        self.records += 1
         if self.syslog is not None:
             self.syslog.send(
                 record["time"], line[:-1].decode("ascii"), body["outcome"] == "success"
@@ -735,6 +751,13 @@ class AuditLog:
         self._closed = False
         self._executables = Executables()
         self._queue: queue.Queue[object] = queue.Queue(maxsize=QUEUE_RECORDS)
+        # The writer thread's alone, read elsewhere only for ``state``:
+        self._held: deque[Record] = deque()
+        """Records the file could not take yet, oldest first (see ``HELD_RECORDS``)."""
+        self._held_since: float | None = None
+        """When the file first refused a record now held (wall clock); None: nothing held."""
+        self._retry_at = 0.0
+        self._last_error = ""
         self._writer: _Writer | None = None
         self._thread: threading.Thread | None = None
         if not self.operations:
@@ -744,10 +767,19 @@ class AuditLog:
         self._thread = threading.Thread(target=self._run, name="cloudfs-audit", daemon=True)
         self._thread.start()
 
-    @property
-    def failed(self) -> int:
-        """Records the writer could not write (disk full, I/O error); each was logged."""
-        return self._writer.failures if self._writer else 0
+    def state(self) -> dict[str, Any]:
+        """What ``cloudfs status`` and the metrics show of the trail."""
+        writer = self._writer
+        return {
+            "path": str(self.options.path),
+            "level": self.options.level,
+            "written": writer.records if writer else 0,
+            "held": len(self._held),
+            "held_since": self._held_since,
+            "dropped": self.dropped,
+            "write_failures": writer.failures if writer else 0,
+            "last_error": self._last_error,
+        }
 
     def event(
         self,
@@ -838,7 +870,7 @@ class AuditLog:
             except queue.Empty:
                 break
             if isinstance(item, dict):
-                self._count_drop()
+                self._count_drop("it arrived as the mount stopped")
             elif isinstance(item, threading.Event):
                 item.set()
 
@@ -925,19 +957,20 @@ class AuditLog:
     def _put(self, record: Record) -> None:
         if self._thread is None or self._closed:
             if self._thread is not None:
-                self._count_drop()
+                self._count_drop("it arrived as the mount stopped")
             return
         try:
             self._queue.put(record, timeout=QUEUE_WAIT_SECONDS)
         except queue.Full:
-            self._count_drop()
+            self._count_drop("the audit writer cannot keep up")
 
-    def _count_drop(self) -> None:
+    def _count_drop(self, why: str, records: int = 1) -> None:
         with self._lock:
-            self.dropped += 1
+            before = self.dropped
+            self.dropped += records
             dropped = self.dropped
-        if dropped == 1 or dropped % 1000 == 0:
-            log.error("audit records dropped: %d so far (the audit writer cannot keep up)", dropped)
+        if before == 0 or dropped // 1000 > before // 1000:
+            log.error("audit records dropped: %d so far (the last because %s)", dropped, why)
 
     def _run(self) -> None:
         writer = self._writer
@@ -952,28 +985,82 @@ class AuditLog:
             if item is _STOP:
                 break
             if isinstance(item, threading.Event):
+                self._write_held()
                 self._guard(writer.sync)
                 item.set()
                 continue
             if isinstance(item, dict):
-                self._guard(writer.write, item)
+                self._write(item)
             now = time.monotonic()
             if now >= next_expiry:
                 next_expiry = now + 1.0
                 for record in self._expired(now):
-                    self._guard(writer.write, record)
+                    self._write(record)
+            if self._held and now >= self._retry_at:
+                self._write_held()
             if writer.dirty and writer.sync_due_in() <= 0:
                 self._guard(writer.sync)
+        self._write_held()
+        if self._held:
+            self._count_drop(
+                "the log could not be written before the mount stopped", len(self._held)
+            )
+            self._held.clear()
         self._guard(writer.close)
 
-    def _guard(self, action: Callable[..., object], *args: Any) -> None:
-        """Run one step of the writer; a failure is logged and counted, never ends the thread
-        (a dead writer would leave every caller waiting on a full queue)."""
+    def _write(self, record: Record) -> None:
+        """Write one record, after those held back; a record the file refuses is held too."""
+        assert self._writer is not None
+        if self._held:
+            self._hold(record)
+            if time.monotonic() >= self._retry_at:
+                self._write_held()
+        elif not self._guard(self._writer.write, record):
+            self._hold(record)
+
+    def _hold(self, record: Record) -> None:
+        if not self._held:
+            self._held_since = time.time()
+            self._retry_at = time.monotonic() + HELD_RETRY_SECONDS
+            log.error(
+                "audit log %s cannot be written (%s): records are kept in memory, up to %d, "
+                "and written once it can",
+                self.options.path,
+                self._last_error,
+                HELD_RECORDS,
+            )
+        if len(self._held) >= HELD_RECORDS:
+            self._count_drop(f"the log cannot be written and {HELD_RECORDS} records wait already")
+        else:
+            self._held.append(record)
+
+    def _write_held(self) -> None:
+        """Write the held records, oldest first, until the file refuses one."""
+        assert self._writer is not None
+        if not self._held:
+            return
+        count = len(self._held)
+        while self._held:
+            if not self._guard(self._writer.write, self._held[0]):
+                self._retry_at = time.monotonic() + HELD_RETRY_SECONDS
+                return
+            self._held.popleft()
+        self._held_since = None
+        log.warning(
+            "audit log %s written again: the %d records held are in it", self.options.path, count
+        )
+
+    def _guard(self, action: Callable[..., object], *args: Any) -> bool:
+        """Run one step of the writer; whether it worked.  A failure is logged and counted,
+        never ends the thread (a dead writer would leave every caller waiting on a full queue)."""
         assert self._writer is not None
         try:
             action(*args)
         except Exception as exc:
+            self._last_error = str(exc)
             self._writer.failures += 1
             failures = self._writer.failures
             if failures == 1 or failures % 1000 == 0:
                 log.error("audit log %s: %s (%d failures so far)", self.options.path, exc, failures)
+            return False
+        return True

@@ -835,6 +835,8 @@ def status(mountpoint: Path, as_json: bool) -> None:
             f"{dicom['pending']} objects pending; {dicom['studies_prefetched']} studies "
             f"prefetched, {len(dicom['studies_prefetching'])} in progress"
         )
+    if facts.get("audit"):
+        lines.append(_audit_line(facts["audit"]))
     if reads["last_error"]:
         lines.append(f"last cloud error:  {reads['last_error']}")
     if facts["uploads"]["last_error"]:
@@ -844,6 +846,19 @@ def status(mountpoint: Path, as_json: bool) -> None:
     if catalog["rejected_keys"]:
         lines.append(f"keys not shown:    {catalog['rejected_keys']} (see --json for examples)")
     click.echo("\n".join(lines))
+
+
+def _audit_line(audit: dict[str, Any]) -> str:
+    line = f"audit:             {audit['written']} records written to {audit['path']}"
+    if audit["held"]:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(audit["held_since"]))
+        line += (
+            f"; {audit['held']} HELD in memory since {since}, the log cannot be written "
+            f"({audit['last_error']})"
+        )
+    if audit["dropped"]:
+        line += f"; {audit['dropped']} DROPPED (see the log)"
+    return line
 
 
 def _upload_line(uploads: dict[str, Any]) -> str:

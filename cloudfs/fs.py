@@ -227,6 +227,9 @@ class ArchiveFS:
         self._opening: dict[str, _Opening] = {}
         self._recovered_keys: list[str] = []
         self._listings: dict[int, _Listing] = {}
+        self.audit_state: Callable[[], dict[str, Any]] | None = None
+        """What the audit trail reports of itself (records written, held, dropped), for status
+        and metrics; set by the mount when it keeps one."""
         self.present: Presenter = _as_listed
         """What readdir returns for each entry; the FUSE layer sets its reply entry here, so
         that it is built in a worker thread and kept with the batch."""
@@ -1011,6 +1014,14 @@ class ArchiveFS:
                     "dicom_instances": progress["dicom"],
                     "dicom_studies": progress["studies"],
                 }
+            if self.audit_state is not None:
+                audit = self.audit_state()
+                figures |= {
+                    "audit_records_written": audit["written"],
+                    "audit_records_held": audit["held"],
+                    "audit_records_dropped": audit["dropped"],
+                    "audit_held_since": audit["held_since"] or 0.0,
+                }
             return figures
 
         while True:
@@ -1443,6 +1454,7 @@ class ArchiveFS:
             "uploads": self._upload_status(facts["backlog"]),
             "open_files": len(self._handles),
             "dicom": None if self.studies is None else await self.studies.status(),
+            "audit": None if self.audit_state is None else self.audit_state(),
         }
 
     def control_handlers(self) -> dict[str, Any]:

@@ -206,6 +206,11 @@ class Snapshot(TypedDict, total=False):
     dicom_studies: int
     dicom_headers_read: int
     dicom_read_failures: int
+    # the audit trail (AuditLog.state())
+    audit_records_written: int
+    audit_records_held: int  # kept in memory while the log cannot be written
+    audit_records_dropped: int
+    audit_held_since: float  # 0 when nothing is held
     # the mount
     open_files: int
     started_at: float
@@ -446,6 +451,32 @@ FIGURES: tuple[_Figure, ...] = (
         "counter",
         "Header reads and study-prefetch fetches that failed (retried later).",
         _one("dicom_read_failures"),
+    ),
+    _Figure(
+        "cloudfs_audit_records_written",
+        "counter",
+        "Audit records written to the audit log by this daemon.",
+        _one("audit_records_written"),
+    ),
+    _Figure(
+        "cloudfs_audit_records_held",
+        "gauge",
+        "Audit records kept in memory because the audit log cannot be written (disk full).",
+        _one("audit_records_held"),
+    ),
+    _Figure(
+        "cloudfs_audit_held_age_seconds",
+        "gauge",
+        "Seconds since the audit log first refused a record still held; 0 when none is.",
+        _one("audit_held_since"),
+        age=True,
+        idle_age=0.0,
+    ),
+    _Figure(
+        "cloudfs_audit_records_dropped",
+        "counter",
+        "Audit records lost: the writer could not keep up, or too many were held.",
+        _one("audit_records_dropped"),
     ),
     _Figure("cloudfs_open_files", "gauge", "Files open through the mount.", _one("open_files")),
     _Figure(

@@ -214,6 +214,7 @@ def serve(config: Config, on_ready: Callable[[], None]) -> None:
             audit = AuditLog(config.audit)
         except OSError as exc:
             raise ConfigError(f"audit trail {config.audit.path}: {exc.strerror or exc}") from None
+        fs.audit_state = audit.state
     log.info("mounting %s at %s", store.describe(), config.mountpoint)
     try:
         fuse_ops.serve(fs, config.mountpoint, options, start_tasks, audit)

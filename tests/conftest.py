@@ -774,3 +774,29 @@ def mount(
         pytest.fail(
             "the test hung in a FUSE call; its connections were aborted\n" + "\n".join(logs)
         )
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 64 MiB file system of its own (tmpfs): a disk that really fills up, under everything
+    cloudfs keeps on it (blocks, staging, catalog, journal, audit log)."""
+    path = tmp_path / "small-disk"
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def fill(disk: Path, leave: int) -> Path:
+    """Fill ``disk`` up to ``leave`` free bytes with one file; returns it."""
+    filler = disk / "filler"
+    space = os.statvfs(disk)
+    wanted = max(space.f_bavail * space.f_frsize - leave, 0)
+    chunk = bytes(1 << 20)
+    with open(filler, "wb") as out:
+        for _ in range(wanted // len(chunk)):
+            out.write(chunk)
+        out.write(bytes(wanted % len(chunk)))
+    return filler

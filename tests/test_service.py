@@ -25,6 +25,7 @@ from conftest import (
     Mounter,
     cloudfs,
     drop_kernel_caches,
+    fill,
     free_port,
     is_mounted,
     new_bucket,
@@ -333,6 +334,41 @@ def test_audit_trail_records_who_did_what_and_verify_catches_tampering(
         result = cloudfs("audit", "verify", copy)
         assert result.returncode != 0, name
         assert f"audit trail broken at {copy}:{line}:" in result.stderr, result.stderr
+
+
+def test_an_audit_log_on_a_full_disk_keeps_its_records_until_space_is_freed(
+    mount: Mounter, bucket: Bucket, small_disk: Path
+) -> None:
+    """The disk holding the audit log fills up while a PACS writes through the mount: the
+    writes go on, ``cloudfs status`` says records are held in memory and why, and once space is
+    freed every access of that time is in the log, which verifies; the metrics say the same."""
+    bucket.put("before.dcm", b"b" * 1000)
+    log_path = small_disk / "audit" / "access.jsonl"
+    port = free_port()
+    options = ["--audit-log", str(log_path), "--no-dicom-index", "--metrics", f"127.0.0.1:{port}"]
+    m = mount(bucket, options=options)
+    assert (m.path / "before.dcm").read_bytes() == b"b" * 1000
+    filler = fill(small_disk, leave=0)
+    names = [f"made-{number:03d}-{'x' * 150}.dcm" for number in range(100)]
+    for name in names:
+        (m.path / name).write_bytes(b"y" * 100)
+    assert wait_until(lambda: "HELD" in cloudfs("status", m.path).stdout, 30)
+    status = cloudfs("status", m.path).stdout
+    assert "the log cannot be written (" in status and "No space left on device" in status
+    assert wait_until(lambda: scrape(port)["cloudfs_audit_records_held"] > 0, 30)
+    filler.unlink()
+    assert wait_until(lambda: "HELD" not in cloudfs("status", m.path).stdout, 30)
+    assert "DROPPED" not in cloudfs("status", m.path).stdout
+    assert wait_until(lambda: scrape(port)["cloudfs_audit_records_held"] == 0, 30)
+    assert scrape(port)["cloudfs_audit_records_dropped_total"] == 0
+    m.unmount()
+    assert cloudfs("audit", "verify", log_path).returncode == 0
+    records = []
+    for line in log_path.read_bytes().splitlines():
+        with contextlib.suppress(ValueError):  # a line cut short by the full disk
+            records.append(json.loads(line))
+    created = [r["path"] for r in records if r["operation"] == "create"]
+    assert created == names
 
 
 def test_allow_other_applies_modes_and_owner_mapping(mount: Mounter, bucket: Bucket) -> None:

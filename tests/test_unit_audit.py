@@ -3,6 +3,7 @@ what ``verify`` catches, rotation, reopening, file modes and the RFC 5424 syslog
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import hashlib
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import fill
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -320,6 +322,69 @@ def test_writer_recovers_from_a_torn_last_line(
     result = verify([log_path])
     assert result.ok and result.records == 6
     assert result.notes and ":5: unfinished line" in result.notes[0]
+
+
+def test_a_full_disk_holds_records_until_space_is_freed(small_disk: Path) -> None:
+    """The disk under the audit log fills up: the records that arrive meanwhile wait in memory,
+    their state says so (how many, since when, why), and once space is freed they reach the
+    file in their order, none lost and the chain unbroken."""
+    path = small_disk / "audit" / "audit.log"
+    paths = [f"CT/{STUDY}/IM{number:05d}-{'x' * 200}.dcm" for number in range(300)]
+    with AuditLog(AuditOptions(path), host="pacs1") as log:
+        log.event("open", **who(), path="CT/before.dcm")
+        log.flush()
+        filler = fill(small_disk, leave=0)
+        for name in paths:
+            log.event("open", **who(), path=name)
+        deadline = time.monotonic() + 10
+        while log.state()["held"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        state = log.state()
+        assert state["held"] > 0 and state["held_since"] is not None
+        assert "No space left" in state["last_error"]
+        filler.unlink()
+        log.flush()
+        state = log.state()
+        assert (state["held"], state["held_since"], state["dropped"]) == (0, None, 0)
+        assert state["written"] == 301
+    result = verify([path])
+    assert result.ok and result.records == 301
+    written = []
+    for line in path.read_bytes().splitlines():
+        with contextlib.suppress(ValueError):  # a line cut short by the full disk
+            written.append(json.loads(line))
+    assert [record["seq"] for record in written] == list(range(1, 302))
+    assert [record["path"] for record in written] == ["CT/before.dcm", *paths]
+
+
+def test_records_past_the_held_bound_or_still_held_at_close_are_counted_as_dropped(
+    small_disk: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Holding is bounded: past ``HELD_RECORDS`` a record is dropped, and so is what is still
+    held when the log closes on a disk that stayed full; every one is counted and logged."""
+    monkeypatch.setattr(audit, "HELD_RECORDS", 5)
+    path = small_disk / "audit" / "audit.log"
+    log = AuditLog(AuditOptions(path), host="pacs1")
+    log.event("open", **who(), path="CT/before.dcm")
+    log.flush()
+    fill(small_disk, leave=0)
+    for number in range(50):
+        log.event("open", **who(), path=f"CT/IM{number:05d}-{'x' * 400}.dcm")
+
+    def accounted() -> int:
+        state = log.state()
+        return int(state["written"] + state["held"] + state["dropped"])
+
+    deadline = time.monotonic() + 10
+    while accounted() < 51 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert log.state()["held"] == 5
+    with caplog.at_level(logging.ERROR, logger="cloudfs.audit"):
+        log.close()
+    state = log.state()
+    assert state["held"] == 0 and state["written"] + state["dropped"] == 51
+    assert state["dropped"] >= 5 and "audit records dropped" in caplog.text
+    assert verify([path]).records == state["written"]
 
 
 def test_second_writer_on_one_log_is_refused(log_path: Path, full_log: AuditLog) -> None:

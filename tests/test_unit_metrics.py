@@ -34,7 +34,7 @@ from cloudfs.metrics import (
 
 pytestmark = pytest.mark.timeout(30)
 
-_AGES = {"upload_oldest_pending_at", "catalog_synced_at", "started_at"}
+_AGES = {"upload_oldest_pending_at", "catalog_synced_at", "started_at", "audit_held_since"}
 
 
 def full_snapshot() -> dict[str, Any]:

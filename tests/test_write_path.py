@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from conftest import (
     assert_bytes,
     cloudfs,
     drop_kernel_caches,
+    fill,
     payload,
     process_alive,
     read_direct,
@@ -369,30 +370,6 @@ def test_full_staging_area_gives_enospc_and_loses_nothing(
     for name in partial:  # the file that hit ENOSPC holds what fitted; drop it
         os.unlink(m.path / name)
     wait_for_bucket(bucket, kept, m, timeout=120)
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 64 MiB file system of its own (tmpfs) for the cache directory: a disk that really
-    fills up, under everything cloudfs keeps there (blocks, staging, catalog, journal)."""
-    path = tmp_path / "small-disk"
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(path)], check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=True)
-
-
-def fill(disk: Path, leave: int) -> Path:
-    """Fill ``disk`` up to ``leave`` free bytes with one file; returns it."""
-    filler = disk / "filler"
-    space = os.statvfs(disk)
-    zeros = bytes(MiB)
-    with open(filler, "wb") as out:
-        for _ in range(max(space.f_bavail * space.f_frsize - leave, 0) // MiB):
-            out.write(zeros)
-    return filler
 
 
 def test_a_full_cache_disk_fails_writes_with_enospc_and_keeps_serving(
