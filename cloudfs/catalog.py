@@ -361,17 +361,26 @@ class Catalog:
         survive a power cut (SQLite syncs the journal), which an fsync promise needs.
         ``nodes=False`` promises that it writes no node, so it leaves ``version`` alone."""
         db = self.connection()
-        with self.write_lock:
+        if durable:
+            db.execute("PRAGMA synchronous=FULL")
+        try:
+            with self._locked_write(db, self.path, nodes):
+                yield db
+        finally:
             if durable:
-                db.execute("PRAGMA synchronous=FULL")
+                db.execute("PRAGMA synchronous=NORMAL")
+
+    @contextlib.contextmanager
+    def _locked_write(self, db: sqlite3.Connection, what: object, nodes: bool) -> Iterator[None]:
+        """A ``_writing`` transaction under the write lock, counted in ``version`` if it may
+        have changed a node (whether it commits or not: a count too many costs nothing)."""
+        with self.write_lock:
             try:
-                with _writing(db, self.path):
-                    yield db
+                with _writing(db, what):
+                    yield
             finally:
                 if nodes:
                     self.version += 1
-                if durable:
-                    db.execute("PRAGMA synchronous=NORMAL")
 
     def select(self, where: str, *args: object) -> list[Node]:
         sql = f"SELECT {_NODE_COLUMNS} FROM nodes WHERE {where}"
@@ -618,12 +627,8 @@ class _Writer:
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
         """One write transaction; rolled back (and the lock freed) if anything fails."""
-        with self.catalog.write_lock:
-            try:
-                with _writing(self.db, "the catalog"):
-                    yield
-            finally:
-                self.catalog.version += 1
+        with self.catalog._locked_write(self.db, "the catalog", nodes=True):
+            yield
 
     def reject(self, key: str, reason: str) -> None:
         self.db.execute("INSERT OR REPLACE INTO rejected VALUES (?, ?)", (key, reason))

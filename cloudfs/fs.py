@@ -104,7 +104,7 @@ def _as_listed(name: str, attributes: Attributes) -> tuple[str, Attributes]:
     return name, attributes
 
 
-class _Listed(NamedTuple):
+class _EntryBatch(NamedTuple):
     """One catalog batch of a directory's entries: ``(name, attributes, presented)`` each."""
 
     entries: list[tuple[str, Attributes, Any]]
@@ -112,7 +112,7 @@ class _Listed(NamedTuple):
     """The catalog's version before the batch was read; None: not kept for other listings."""
 
 
-def _kept_size(listed: _Listed) -> int:
+def _kept_size(listed: _EntryBatch) -> int:
     """What a kept batch counts against the bound: its entries, and one for itself (the empty
     batch that ends every listing would otherwise be free to keep)."""
     return len(listed.entries) + 1
@@ -233,7 +233,7 @@ class ArchiveFS:
         self.present: Presenter = _as_listed
         """What readdir returns for each entry; the FUSE layer sets its reply entry here, so
         that it is built in a worker thread and kept with the batch."""
-        self._kept_listings: OrderedDict[tuple[int, int], _Listed] = OrderedDict()
+        self._kept_listings: OrderedDict[tuple[int, int], _EntryBatch] = OrderedDict()
         """Batches by (directory, offset), least recently listed first; see ``_listed_batch``."""
         self._kept_entries = 0
         self._nursery: trio.Nursery | None = None
@@ -511,10 +511,10 @@ class ArchiveFS:
             )
         return listed
 
-    def _entries(self, ino: int, after: int) -> _Listed:
+    def _entries(self, ino: int, after: int) -> _EntryBatch:
         """Worker thread: one batch of a directory's entries with their attributes."""
         if is_view_inode(ino):
-            return _Listed(self._presented(self._view_entries(ino, after)), None)
+            return _EntryBatch(self._presented(self._view_entries(ino, after)), None)
         version: int | None = self.catalog.version
         listed = self.catalog.children(ino, after, _READDIR_BATCH)
         entries = [(entry.name, self._catalog_attributes(entry)) for entry in listed]
@@ -524,7 +524,7 @@ class ArchiveFS:
             version = None
             if self._view_shown():
                 entries.append((self.view_name, self._view_directory(VIEW_ROOT)))
-        return _Listed(self._presented(entries), version)
+        return _EntryBatch(self._presented(entries), version)
 
     def _presented(
         self, entries: list[tuple[str, Attributes]]
