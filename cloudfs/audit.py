@@ -85,7 +85,11 @@ every record after it, in memory (up to ``HELD_RECORDS``), logs the error once, 
 file again every ``HELD_RETRY_SECONDS``; once space is freed the held records go out in their
 order, the chain unbroken.  ``AuditLog.state`` reports how many are held, since when and why
 (``cloudfs status``, the metrics).  Beyond the bound, and for whatever is still held when the
-mount stops, records are dropped: counted and logged, never silently.
+mount stops, records are dropped: counted and logged, never silently.  Accesses go on meanwhile
+(``when_unwritable="serve"``: images stay readable for patient care), or, for a site whose policy
+is that nothing may be accessed unrecorded, every operation the level records is refused with
+EACCES while records are held (``"refuse"``); the refusals are recorded too, and served again
+once the held records are in the file.
 
 Threads
 -------
@@ -159,6 +163,8 @@ log = logging.getLogger(__name__)
 _MiB = 1024 * 1024
 
 LEVELS = ("off", "changes", "all")
+WHEN_UNWRITABLE = ("serve", "refuse")
+"""What accesses get while the log cannot be written (see ``AuditOptions.when_unwritable``)."""
 OPERATIONS = ("open", "read", "write", "create", "rename", "unlink", "mkdir", "rmdir", "setattr")
 LEVEL_OPERATIONS: dict[str, frozenset[str]] = {
     "off": frozenset(),
@@ -301,10 +307,19 @@ class AuditOptions:
     """Also send each record to syslog as an RFC 5424 message: a socket path (``/dev/log``, see
     ``SYSLOG_DEFAULT``) or ``host:port`` over UDP.  None: the file only.  A copy on another host is
     what protects the newest records from someone able to rewrite the file."""
+    when_unwritable: str = "serve"
+    """While the file refuses records (full or failing disk): ``serve`` goes on serving every
+    access, the records waiting in memory; ``refuse`` fails every operation the level records
+    with EACCES until the waiting records are in the file (fail closed)."""
 
     def __post_init__(self) -> None:
         if self.level not in LEVELS:
             raise ValueError(f"audit level {self.level!r} is not one of {', '.join(LEVELS)}")
+        if self.when_unwritable not in WHEN_UNWRITABLE:
+            raise ValueError(
+                f"audit when_unwritable {self.when_unwritable!r} is not one of "
+                f"{', '.join(WHEN_UNWRITABLE)}"
+            )
         if self.max_bytes < 0 or self.backups < 0:
             raise ValueError("audit max_bytes and backups cannot be negative")
         if self.syslog is not None:
@@ -744,6 +759,7 @@ class AuditLog:
         self.options = options
         self.host = host or socket.gethostname()
         self.operations = LEVEL_OPERATIONS[options.level]
+        self._fail_closed = options.when_unwritable == "refuse"
         self.dropped = 0
         """Records lost because the queue stayed full (or they arrived after ``close``)."""
         self._lock = threading.Lock()  # guards _pending, _closed and dropped
@@ -776,10 +792,16 @@ class AuditLog:
             "written": writer.records if writer else 0,
             "held": len(self._held),
             "held_since": self._held_since,
+            "refusing": self._fail_closed and bool(self._held),
             "dropped": self.dropped,
             "write_failures": writer.failures if writer else 0,
             "last_error": self._last_error,
         }
+
+    def refuses(self, operation: str) -> bool:
+        """Whether ``operation`` must be refused now: the log cannot be written, the options say
+        to fail closed, and the level records this operation."""
+        return self._fail_closed and bool(self._held) and operation in self.operations
 
     def event(
         self,
@@ -1024,10 +1046,11 @@ class AuditLog:
             self._retry_at = time.monotonic() + HELD_RETRY_SECONDS
             log.error(
                 "audit log %s cannot be written (%s): records are kept in memory, up to %d, "
-                "and written once it can",
+                "and written once it can%s",
                 self.options.path,
                 self._last_error,
                 HELD_RECORDS,
+                "; until then accesses through the mount are REFUSED" if self._fail_closed else "",
             )
         if len(self._held) >= HELD_RECORDS:
             self._count_drop(f"the log cannot be written and {HELD_RECORDS} records wait already")
@@ -1047,7 +1070,10 @@ class AuditLog:
             self._held.popleft()
         self._held_since = None
         log.warning(
-            "audit log %s written again: the %d records held are in it", self.options.path, count
+            "audit log %s written again: the %d records held are in it%s",
+            self.options.path,
+            count,
+            "; accesses are served again" if self._fail_closed else "",
         )
 
     def _guard(self, action: Callable[..., object], *args: Any) -> bool:

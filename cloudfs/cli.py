@@ -22,7 +22,7 @@ from typing import Any
 import click
 
 from . import __version__, configfile, control
-from .audit import LEVELS, AuditOptions, rotated_files, verify
+from .audit import LEVELS, WHEN_UNWRITABLE, AuditOptions, rotated_files, verify
 from .config import (
     BACKUP_PROGRAMS,
     PATIENT_FOLDERS,
@@ -407,6 +407,14 @@ def main() -> None:
     help="Also send audit records to syslog (RFC 5424): /dev/log, or host:port (UDP).",
 )
 @click.option(
+    "--audit-when-unwritable",
+    type=click.Choice(WHEN_UNWRITABLE),
+    default="serve",
+    show_default=True,
+    help="While the audit log cannot be written (disk full): serve accesses, their records "
+    "waiting in memory, or refuse every audited operation with EACCES (fail closed).",
+)
+@click.option(
     "--dicom-index/--no-dicom-index",
     default=True,
     show_default=True,
@@ -566,6 +574,7 @@ def _mount(
     audit_max_size: int,
     audit_backups: int,
     audit_syslog: str | None,
+    audit_when_unwritable: str,
     dicom_index: bool,
     view_dir: str,
     patient_folder: str,
@@ -646,6 +655,7 @@ def _mount(
             max_bytes=audit_max_size,
             backups=audit_backups,
             syslog=audit_syslog,
+            when_unwritable=audit_when_unwritable,
         ),
     )
     try:
@@ -856,6 +866,8 @@ def _audit_line(audit: dict[str, Any]) -> str:
             f"; {audit['held']} HELD in memory since {since}, the log cannot be written "
             f"({audit['last_error']})"
         )
+    if audit["refusing"]:
+        line += "; audited accesses REFUSED (EACCES) until it can"
     if audit["dropped"]:
         line += f"; {audit['dropped']} DROPPED (see the log)"
     return line

@@ -78,6 +78,7 @@ KEYS: dict[str, dict[str, str]] = {
         "max_size": "audit_max_size",
         "backups": "audit_backups",
         "syslog": "audit_syslog",
+        "when_unwritable": "audit_when_unwritable",
     },
     "log": {"level": "log_level", "file": "log_file"},
 }

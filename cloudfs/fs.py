@@ -1021,6 +1021,7 @@ class ArchiveFS:
                     "audit_records_held": audit["held"],
                     "audit_records_dropped": audit["dropped"],
                     "audit_held_since": audit["held_since"] or 0.0,
+                    "audit_refusing": int(audit["refusing"]),
                 }
             return figures
 

@@ -289,8 +289,10 @@ class AuditedOperations(FuseOperations):
     """The same operations, each also recorded in the audit trail with the caller's uid, gid
     and pid (which only the kernel's request carries), the path, and the patient and study when
     the index knows them.  Failures are recorded with their errno.  Reads and writes are folded
-    per handle into one record at close.  Accesses the kernel refuses itself (with
-    ``default_permissions``) never reach the filesystem and are not recorded here."""
+    per handle into one record at close.  While the trail cannot be written and the options say
+    to fail closed, the operations it records are refused (EACCES), and so recorded.  Accesses
+    the kernel refuses itself (with ``default_permissions``) never reach the filesystem and are
+    not recorded here."""
 
     def __init__(self, fs: ArchiveFS, audit: AuditLog) -> None:
         super().__init__(fs)
@@ -312,6 +314,7 @@ class AuditedOperations(FuseOperations):
         accessor = _Accessor(ctx.uid, ctx.gid, ctx.pid, path or described, patient_id, study_uid)
         outcome = "success"
         try:
+            self._refuse_if_unrecordable(operation)
             return await call(), accessor
         except pyfuse3.FUSEError as exc:
             outcome = outcome_for(exc.errno)
@@ -327,6 +330,11 @@ class AuditedOperations(FuseOperations):
                 patient_id=accessor.patient_id,
                 study_uid=accessor.study_uid,
             )
+
+    def _refuse_if_unrecordable(self, operation: str) -> None:
+        """EACCES while the trail cannot be written, if the site chose to fail closed."""
+        if self.audit.refuses(operation):
+            raise pyfuse3.FUSEError(errno.EACCES)
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         info, accessor = await self._recorded(
@@ -361,6 +369,7 @@ class AuditedOperations(FuseOperations):
     async def _transfer(self, operation: str, fh: int, call: Callable[[], Any]) -> Any:
         accessor = self._accessors.get(fh)
         try:
+            self._refuse_if_unrecordable(operation)
             result = await call()
         except pyfuse3.FUSEError as exc:
             if accessor is not None:

@@ -211,6 +211,7 @@ class Snapshot(TypedDict, total=False):
     audit_records_held: int  # kept in memory while the log cannot be written
     audit_records_dropped: int
     audit_held_since: float  # 0 when nothing is held
+    audit_refusing: int  # 1 while audited accesses are refused (fail closed, log unwritable)
     # the mount
     open_files: int
     started_at: float
@@ -471,6 +472,13 @@ FIGURES: tuple[_Figure, ...] = (
         _one("audit_held_since"),
         age=True,
         idle_age=0.0,
+    ),
+    _Figure(
+        "cloudfs_audit_refusing_access",
+        "gauge",
+        "1 while audited accesses are refused because the audit log cannot be written "
+        "(--audit-when-unwritable refuse); 0 otherwise.",
+        _one("audit_refusing"),
     ),
     _Figure(
         "cloudfs_audit_records_dropped",

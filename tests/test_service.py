@@ -100,6 +100,7 @@ def test_example_configuration_is_valid(tmp_path: Path) -> None:
     settings = configfile.load(example)
     assert settings["source"][1].startswith("s3://")
     assert settings["mountpoint"][1] == "/mnt/archive"
+    assert settings["audit_log"][1].startswith("/var/log/cloudfs/")
 
 
 def state_change(listener: socket.socket) -> str:
@@ -369,6 +370,50 @@ def test_an_audit_log_on_a_full_disk_keeps_its_records_until_space_is_freed(
             records.append(json.loads(line))
     created = [r["path"] for r in records if r["operation"] == "create"]
     assert created == names
+
+
+def test_failing_closed_an_unwritable_audit_log_refuses_access_until_space_is_freed(
+    mount: Mounter, bucket: Bucket, small_disk: Path
+) -> None:
+    """``--audit-when-unwritable refuse``: once the log's disk refuses a record, opening a file
+    fails with EACCES (listing still works), status and metrics say accesses are refused; once
+    space is freed the same open succeeds, and the log, which verifies, holds the refusals."""
+    bucket.put("study.dcm", b"s" * 1000)
+    log_path = small_disk / "audit" / "access.jsonl"
+    port = free_port()
+    options = ["--audit-log", str(log_path), "--audit-when-unwritable", "refuse"]
+    m = mount(bucket, options=[*options, "--no-dicom-index", "--metrics", f"127.0.0.1:{port}"])
+    assert (m.path / "study.dcm").read_bytes() == b"s" * 1000
+    filler = fill(small_disk, leave=0)
+
+    def refused() -> bool:
+        try:
+            (m.path / "study.dcm").read_bytes()
+        except PermissionError:
+            return True
+        return False
+
+    assert wait_until(refused, 30)
+    assert os.listdir(m.path) == ["study.dcm"]
+    with pytest.raises(PermissionError):
+        (m.path / "new.dcm").write_bytes(b"n")
+    assert "audited accesses REFUSED (EACCES)" in cloudfs("status", m.path).stdout
+    assert wait_until(lambda: scrape(port)["cloudfs_audit_refusing_access"] == 1, 30)
+    filler.unlink()
+    assert wait_until(lambda: not refused(), 30)
+    (m.path / "new.dcm").write_bytes(b"n")
+    assert "REFUSED" not in cloudfs("status", m.path).stdout
+    assert wait_until(lambda: scrape(port)["cloudfs_audit_refusing_access"] == 0, 30)
+    m.unmount()
+    assert cloudfs("audit", "verify", log_path).returncode == 0
+    records = []
+    for line in log_path.read_bytes().splitlines():
+        with contextlib.suppress(ValueError):  # a line cut short by the full disk
+            records.append(json.loads(line))
+    outcomes = [(r["operation"], r["path"], r["outcome"]) for r in records]
+    assert ("open", "study.dcm", "EACCES") in outcomes
+    assert ("create", "new.dcm", "EACCES") in outcomes
+    assert ("create", "new.dcm", "success") in outcomes
 
 
 def test_allow_other_applies_modes_and_owner_mapping(mount: Mounter, bucket: Bucket) -> None:

@@ -342,6 +342,7 @@ def test_a_full_disk_holds_records_until_space_is_freed(small_disk: Path) -> Non
         state = log.state()
         assert state["held"] > 0 and state["held_since"] is not None
         assert "No space left" in state["last_error"]
+        assert not state["refusing"] and not log.refuses("open")  # serving is the default
         filler.unlink()
         log.flush()
         state = log.state()
@@ -385,6 +386,36 @@ def test_records_past_the_held_bound_or_still_held_at_close_are_counted_as_dropp
     assert state["held"] == 0 and state["written"] + state["dropped"] == 51
     assert state["dropped"] >= 5 and "audit records dropped" in caplog.text
     assert verify([path]).records == state["written"]
+
+
+def test_failing_closed_refuses_the_audited_operations_while_records_are_held(
+    small_disk: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With ``when_unwritable="refuse"``, from the moment the log refuses a record until the
+    held records are in it, the operations the level records are to be refused (reads are not
+    recorded at ``changes``, so they are not); the log says when refusing starts and ends."""
+    path = small_disk / "audit" / "audit.log"
+    with AuditLog(AuditOptions(path, when_unwritable="refuse"), host="pacs1") as log:
+        log.event("open", **who(), path="CT/before.dcm")
+        log.flush()
+        assert not log.refuses("open") and not log.state()["refusing"]
+        filler = fill(small_disk, leave=0)
+        with caplog.at_level(logging.WARNING, logger="cloudfs.audit"):
+            # the log file's last block may take a record or two more
+            for number in range(20):
+                log.event("open", **who(), path=f"CT/{number}-{'x' * 1000}.dcm")
+            deadline = time.monotonic() + 10
+            while not log.refuses("open") and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert log.refuses("open") and log.refuses("create") and log.refuses("write")
+            assert not log.refuses("read")
+            assert log.state()["refusing"]
+            assert "accesses through the mount are REFUSED" in caplog.text
+            filler.unlink()
+            log.flush()
+        assert not log.refuses("open") and not log.state()["refusing"]
+        assert "accesses are served again" in caplog.text
+    assert verify([path]).records == 21
 
 
 def test_second_writer_on_one_log_is_refused(log_path: Path, full_log: AuditLog) -> None:
@@ -504,7 +535,13 @@ def test_unreachable_syslog_never_stops_the_file(
 
 @pytest.mark.parametrize(
     "options",
-    [{"level": "some"}, {"max_bytes": -1}, {"syslog": "localhost"}, {"syslog": "host:99999"}],
+    [
+        {"level": "some"},
+        {"max_bytes": -1},
+        {"syslog": "localhost"},
+        {"syslog": "host:99999"},
+        {"when_unwritable": "block"},
+    ],
 )
 def test_bad_options_are_refused(tmp_path: Path, options: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
