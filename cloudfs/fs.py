@@ -255,9 +255,11 @@ class ArchiveFS:
         self._figures: dict[str, Any] = {}
         self._cache_served_bytes = 0
         self._reported_errors: dict[str, int] = {}
+        checkpoint = catalog.listing_checkpoint()
         self.listing = FirstListing(
             not catalog.get_meta("synced_at"),
-            catalog.listing_checkpoint(),
+            checkpoint,
+            catalog.counts()["files"] if checkpoint else 0,
             moved=self._listing_moved,
         )
         """The first listing of the store, while it fills the catalog (see ``listing``)."""

@@ -57,17 +57,19 @@ class FirstListing:
         self,
         running: bool,
         cursor: str = "",
+        objects: int = 0,
         wait: float = WAIT,
         moved: Callable[[], None] = lambda: None,
     ) -> None:
-        """``cursor``: where an earlier, interrupted attempt got to; ``moved``: called after
-        each batch cataloged and when the listing ends."""
+        """``cursor``: where an earlier, interrupted attempt got to, and ``objects`` how many it
+        cataloged; ``moved``: called after each batch cataloged and when the listing ends."""
         self.running = running
         """False once the catalog holds a complete listing (at once, for any later mount)."""
         self.cursor = cursor
         """The last key cataloged so far, in the store's (and Python's) key order."""
-        self.objects = 0
-        """Objects this daemon's listing has added to the catalog so far."""
+        self.objects = objects
+        """Objects the first listing has cataloged so far, those of an attempt a restart
+        interrupted included: the progress a status shows never starts over."""
         self.batches = 0
         """Batches cataloged so far: a request that looked in the catalog knows from this
         whether a batch has landed since."""
@@ -169,7 +171,8 @@ async def run_first_listing(
         else:
             listing.finish()
             log.info(
-                "catalog ready: %d objects added in %.1fs, %d keys not mappable",
+                "catalog ready: %d objects listed (the last %.1fs by this run), %d keys not "
+                "mappable",
                 listing.objects,
                 time.monotonic() - started,
                 report.rejected,

@@ -167,9 +167,13 @@ def test_a_listing_that_goes_on_knows_what_the_last_attempt_cataloged(tmp_path: 
     async def body(fs: ArchiveFS) -> None:
         fs.listing.wait = 0.2
         assert fs.listing.running and fs.listing.batches == 0
+        # the progress shown goes on from the objects the last attempt cataloged
+        assert (await fs.status())["catalog"]["first_listing"] == {"objects": 4, "at": "b2"}
         assert await fs.lookup(ROOT, "a0") is None  # absent, known without waiting
         assert await fs.lookup(ROOT, "b1") is not None
         store.resume()
+        assert await wait_until(lambda: not fs.listing.running)
+        assert fs.listing.objects == len(FILES)
 
     run_fs(rig, body)
     rig.close()
