@@ -80,18 +80,23 @@ def test_read_only_mount_modes(tmp_path: Path) -> None:
     rig.close()
 
 
-async def list_dir(fs: ArchiveFS, ino: int, take: int | None = None) -> list[str]:
-    """Every name of a directory through opendir/readdir/releasedir, following offsets as the
-    kernel does; with ``take``, only that many entries are consumed per request."""
+async def list_entries(fs: ArchiveFS, ino: int, take: int | None = None) -> list[Any]:
+    """Every (name, attributes) of a directory through opendir/readdir/releasedir, following
+    offsets as the kernel does; with ``take``, only that many entries are consumed per request."""
     handle = await fs.opendir(ino)
-    names: list[str] = []
+    listed: list[Any] = []
     offset = 0
     while entries := await fs.readdir(handle, offset):
         used = entries if take is None else entries[:take]
-        names.extend(name for name, _ in used)
+        listed.extend(used)
         offset = used[-1][1].ino
     fs.releasedir(handle)
-    return names
+    return listed
+
+
+async def list_dir(fs: ArchiveFS, ino: int, take: int | None = None) -> list[str]:
+    """Every name of a directory, as ``list_entries`` finds them."""
+    return [name for name, _ in await list_entries(fs, ino, take)]
 
 
 def test_readdir(rig: Rig) -> None:
@@ -455,14 +460,7 @@ def count_children_reads(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> list[tupl
 
 async def listed_sizes(fs: ArchiveFS, ino: int) -> dict[str, int]:
     """Name and size of every entry of a directory, as a whole listing shows them."""
-    handle = await fs.opendir(ino)
-    sizes: dict[str, int] = {}
-    offset = 0
-    while entries := await fs.readdir(handle, offset):
-        sizes.update((name, attributes.size) for name, attributes in entries)
-        offset = entries[-1][1].ino
-    fs.releasedir(handle)
-    return sizes
+    return {name: attributes.size for name, attributes in await list_entries(fs, ino)}
 
 
 def test_a_directory_listed_again_is_sent_from_kept_batches_until_anything_changes(
