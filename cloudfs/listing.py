@@ -149,6 +149,7 @@ async def run_first_listing(
     the last batch cataloged, until the listing is complete; ``listing`` follows each batch."""
     token = trio.lowlevel.current_trio_token()
     started = time.monotonic()
+    before = listing.objects  # what an attempt before a restart cataloged
     while True:
         earlier = listing.objects
 
@@ -171,9 +172,10 @@ async def run_first_listing(
         else:
             listing.finish()
             log.info(
-                "catalog ready: %d objects listed (the last %.1fs by this run), %d keys not "
+                "catalog ready: %d objects listed, %d of them in %.1fs by this run; %d keys not "
                 "mappable",
                 listing.objects,
+                listing.objects - before,
                 time.monotonic() - started,
                 report.rejected,
             )

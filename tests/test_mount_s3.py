@@ -705,7 +705,7 @@ def test_a_first_listing_killed_part_way_goes_on_where_it_stopped(
     mounted = mount(bucket, mountpoint, cache_dir)
     log = mounted.log_text()
     assert f"goes on after {checkpoint!r}" in log, mounted.log_tail()
-    assert "catalog ready: 500 objects" in log, mounted.log_tail()
+    assert "catalog ready: 1500 objects listed, 500 of them in" in log, mounted.log_tail()
     found = sorted(
         str(path.relative_to(mountpoint)) for path in mountpoint.rglob("*") if path.is_file()
     )
