@@ -29,6 +29,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -324,6 +325,17 @@ class Bucket:
         extra = {"StorageClass": storage_class} if storage_class else {}
         self.server.client().put_object(Bucket=self.name, Key=key, Body=data, **extra)
         self.objects[key] = data
+
+    def put_many(self, objects: dict[str, bytes]) -> None:
+        """Put many objects, eight at a time: moto answers each small PUT after some 40 ms."""
+        client = self.server.client()
+
+        def put(key: str) -> None:
+            client.put_object(Bucket=self.name, Key=key, Body=objects[key])
+
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(put, objects))
+        self.objects.update(objects)
 
     def listed_keys(self) -> list[str]:
         client = self.server.client()

@@ -665,9 +665,7 @@ def start_first_mount(
     it with a new cache, and return once the first page is cataloged (the second still on its
     way): the daemon, its mountpoint, its cache and the keys."""
     keys = [f"series{i % 3}/img{i:05d}.dcm" for i in range(1500)]
-    client = bucket.server.client()
-    with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda key: client.put_object(Bucket=bucket.name, Key=key, Body=b"x"), keys))
+    bucket.put_many(dict.fromkeys(keys, b"x"))
     mountpoint = mount.new_dir("mnt")
     cache_dir = tmp_path / "first-cache"
     args = mount.command(bucket, mountpoint, cache_dir, ["--foreground"], None, "1G")

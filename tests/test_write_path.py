@@ -325,13 +325,8 @@ def test_rename_directory_of_more_than_a_listing_page_and_rename_over_a_file(
     """A directory of 1,200 objects (more than one listing page or catalog batch of 1,000) is
     renamed at once in the namespace; the bucket converges to the new keys by server-side
     copies.  Renaming over an existing file replaces it."""
-    client = bucket.server.client()
-    expected = {}
-    for index in range(1200):
-        key = f"series/{index:04d}.dcm"
-        data = f"instance {index}".encode()
-        client.put_object(Bucket=bucket.name, Key=key, Body=data)
-        expected[key] = data
+    expected = {f"series/{index:04d}.dcm": f"instance {index}".encode() for index in range(1200)}
+    bucket.put_many(expected)
     bucket.put("a.txt", b"replacement")
     bucket.put("b.txt", b"old target")
     m = mount(bucket, options=FAST)
