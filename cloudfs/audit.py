@@ -1037,8 +1037,8 @@ class AuditLog:
             self._hold(record)
             if time.monotonic() >= self._retry_at:
                 self._write_held()
-        elif not self._guard(self._writer.write, record):
-            self._hold(record)
+        elif not self._guard(self._writer.write, record, report=False):
+            self._hold(record)  # logs why
 
     def _hold(self, record: Record) -> None:
         if not self._held:
@@ -1076,9 +1076,10 @@ class AuditLog:
             "; accesses are served again" if self._fail_closed else "",
         )
 
-    def _guard(self, action: Callable[..., object], *args: Any) -> bool:
+    def _guard(self, action: Callable[..., object], *args: Any, report: bool = True) -> bool:
         """Run one step of the writer; whether it worked.  A failure is logged and counted,
-        never ends the thread (a dead writer would leave every caller waiting on a full queue)."""
+        never ends the thread (a dead writer would leave every caller waiting on a full queue).
+        ``report=False``: the caller logs this failure itself."""
         assert self._writer is not None
         try:
             action(*args)
@@ -1086,7 +1087,7 @@ class AuditLog:
             self._last_error = str(exc)
             self._writer.failures += 1
             failures = self._writer.failures
-            if failures == 1 or failures % 1000 == 0:
+            if report and (failures == 1 or failures % 1000 == 0):
                 log.error("audit log %s: %s (%d failures so far)", self.options.path, exc, failures)
             return False
         return True

@@ -411,6 +411,7 @@ def test_failing_closed_refuses_the_audited_operations_while_records_are_held(
             assert not log.refuses("read")
             assert log.state()["refusing"]
             assert "accesses through the mount are REFUSED" in caplog.text
+            assert "failures so far" not in caplog.text  # one line says it, not two
             filler.unlink()
             log.flush()
         assert not log.refuses("open") and not log.state()["refusing"]
