@@ -33,10 +33,11 @@ keeps in memory (which would serve the study again without the disk cache)."""
 
 
 def seed(bucket: Bucket) -> None:
-    for key, data in STUDY.items():
-        bucket.put(key, data)
-    for index in range(ARCHIVE_FILES):
-        bucket.put(f"archive/{index:02d}.bin", payload(ARCHIVE_FILE_SIZE, f"archive-{index}"))
+    archive = {
+        f"archive/{index:02d}.bin": payload(ARCHIVE_FILE_SIZE, f"archive-{index}")
+        for index in range(ARCHIVE_FILES)
+    }
+    bucket.put_many(STUDY | archive)
 
 
 def view_study_then_back_up(mounted: Mount, tmp_path: Path) -> int:

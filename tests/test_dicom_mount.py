@@ -61,8 +61,7 @@ def wait_indexed(m: Mount, dicom: int, timeout: float = 120) -> dict[str, Any]:
 
 
 def put_all(bucket: Bucket, files: list[tuple[str, bytes]]) -> None:
-    for key, data in files:
-        bucket.put(key, data)
+    bucket.put_many(dict(files))
 
 
 def readable_offline(path: Path) -> bool:

@@ -383,11 +383,9 @@ def footprint(directory: Path) -> str:
 def test_eviction_keeps_the_cache_under_its_cap(bucket: Bucket, mount: Mounter) -> None:
     """Reading 96 MiB through a 64 MiB cache keeps the cache (as status reports it and as du
     measures its blocks directory) under the cap, and every read stays byte-exact."""
-    digests = {}
-    for index in range(24):
-        data = payload(4 * MiB, f"evict-{index}")
-        bucket.put(f"series/{index:02d}.dcm", data)
-        digests[f"series/{index:02d}.dcm"] = sha256(data)
+    objects = {f"series/{index:02d}.dcm": payload(4 * MiB, f"evict-{index}") for index in range(24)}
+    bucket.put_many(objects)
+    digests = {key: sha256(data) for key, data in objects.items()}
     mounted = mount(
         bucket, cache_size="64M", options=["--read-ahead", "8M", "--block-size", "256K"]
     )
