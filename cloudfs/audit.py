@@ -792,16 +792,21 @@ class AuditLog:
             "written": writer.records if writer else 0,
             "held": len(self._held),
             "held_since": self._held_since,
-            "refusing": self._fail_closed and bool(self._held),
+            "refusing": self.refusing,
             "dropped": self.dropped,
             "write_failures": writer.failures if writer else 0,
             "last_error": self._last_error,
         }
 
+    @property
+    def refusing(self) -> bool:
+        """Whether audited accesses are refused now: the options say to fail closed and the log
+        cannot be written (records are held)."""
+        return self._fail_closed and bool(self._held)
+
     def refuses(self, operation: str) -> bool:
-        """Whether ``operation`` must be refused now: the log cannot be written, the options say
-        to fail closed, and the level records this operation."""
-        return self._fail_closed and bool(self._held) and operation in self.operations
+        """Whether ``operation`` must be refused now: ``refusing``, and the level records it."""
+        return self.refusing and operation in self.operations
 
     def event(
         self,
